@@ -1,0 +1,1 @@
+"""reup: GitOps delivery of NixOS system closures to device fleets by binary delta."""

@@ -1,0 +1,168 @@
+"""One executor for every Nix call reup makes.
+
+Each Nix operation is a pure pair: a command builder (arguments -> argv) and an
+output parser (stdout -> typed result), golden-tested in tests/test_nix_commands.py.
+`NixExecutor` runs them; the delta encoder, the controller's builder and the
+benchmark all go through it, so options (`--option` from reup.toml, the
+experimental features, a `--store`) are applied in one place.
+Works with Nix 2.8 (no `--print-out-paths`) and newer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+FEATURES = ("--extra-experimental-features", "nix-command flakes")
+
+
+class NixError(RuntimeError):
+    """A Nix command failed; `stderr` holds Nix's own message."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        tail = stderr.strip().splitlines()[-8:]
+        super().__init__(f"{argv[0]} {argv[1] if len(argv) > 1 else ''} failed ({returncode}): " + "\n".join(tail))
+
+
+@dataclass(frozen=True)
+class PathInfo:
+    """What Nix knows of one valid store path (what a Nix database row holds)."""
+
+    path: str
+    nar_hash: str  # "sha256:<nix32 or base16 or SRI>", as Nix printed it
+    nar_size: int
+    references: tuple[str, ...]
+    deriver: str | None
+
+
+# --- command builders (pure) -------------------------------------------------
+
+
+def path_info_cmd(paths: Iterable[str], *, recursive: bool = False, store: str | None = None) -> list[str]:
+    argv = ["nix", *FEATURES, "path-info", "--json"]
+    if recursive:
+        argv.append("--recursive")
+    if store:
+        argv += ["--store", store]
+    return argv + list(paths)
+
+
+def build_cmd(installables: Iterable[str], *, options: Mapping[str, str] | None = None) -> list[str]:
+    argv = ["nix", *FEATURES, "build", "--json", "--no-link"]
+    argv += option_args(options)
+    return argv + list(installables)
+
+
+def eval_json_cmd(
+    installable: str, *, apply: str | None = None, options: Mapping[str, str] | None = None
+) -> list[str]:
+    argv = ["nix", *FEATURES, "eval", "--json"]
+    argv += option_args(options)
+    argv.append(installable)
+    if apply is not None:
+        argv += ["--apply", apply]
+    return argv
+
+
+def option_args(options: Mapping[str, str] | None) -> list[str]:
+    out: list[str] = []
+    for key, value in sorted((options or {}).items()):
+        out += ["--option", key, value]
+    return out
+
+
+# --- output parsers (pure) ---------------------------------------------------
+
+
+def parse_path_info(stdout: str) -> list[PathInfo]:
+    """Parse `nix path-info --json`: a list (Nix <= 2.18) or an object keyed by path (newer)."""
+    data = json.loads(stdout)
+    items: list[tuple[str, dict[str, object]]]
+    if isinstance(data, dict):
+        items = [(k, v) for k, v in data.items() if v is not None]
+    else:
+        items = [(str(d["path"]), d) for d in data if d.get("valid", True)]
+    out = []
+    for path, d in items:
+        refs = d.get("references") or []
+        assert isinstance(refs, list)
+        deriver = d.get("deriver")
+        out.append(
+            PathInfo(
+                path=path,
+                nar_hash=str(d["narHash"]),
+                nar_size=int(str(d["narSize"])),
+                references=tuple(sorted(_abs_store_path(path, str(r)) for r in refs)),
+                deriver=_abs_store_path(path, str(deriver)) if deriver else None,
+            )
+        )
+    return out
+
+
+def _abs_store_path(sibling: str, ref: str) -> str:
+    # Newer Nix may print references as base names.
+    return ref if ref.startswith("/") else os.path.join(os.path.dirname(sibling), ref)
+
+
+def parse_build_json(stdout: str) -> list[dict[str, str]]:
+    """Parse `nix build --json`: per installable, its outputs {name: path}."""
+    return [dict(item["outputs"]) for item in json.loads(stdout)]
+
+
+# --- the executor ------------------------------------------------------------
+
+
+@dataclass
+class NixExecutor:
+    """Runs Nix commands with shared options; raises NixError with Nix's message."""
+
+    options: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> str:
+        proc = subprocess.run(
+            list(argv),
+            capture_output=True,
+            text=True,
+            env=None if self.env is None else {**os.environ, **self.env},
+            cwd=self.cwd,
+            timeout=timeout,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise NixError(argv, proc.returncode, proc.stderr)
+        return proc.stdout
+
+    def path_info(self, paths: Sequence[str], *, recursive: bool = False) -> list[PathInfo]:
+        if not paths:
+            return []
+        return parse_path_info(self.run(path_info_cmd(paths, recursive=recursive)))
+
+    def closure(self, paths: Sequence[str]) -> dict[str, PathInfo]:
+        """All paths in the closures of `paths`, keyed by store path."""
+        return {p.path: p for p in self.path_info(paths, recursive=True)}
+
+    def build(self, installables: Sequence[str]) -> list[dict[str, str]]:
+        return parse_build_json(self.run(build_cmd(installables, options=self.options)))
+
+    def eval_json(self, installable: str, *, apply: str | None = None) -> object:
+        return json.loads(self.run(eval_json_cmd(installable, apply=apply, options=self.options)))
+
+
+def resolve_store_path(path: str, store_dir: str = "/nix/store") -> str:
+    """Accept a store path or a symlink to one (e.g. ./result); return the store path."""
+    real = os.path.realpath(path)
+    prefix = store_dir.rstrip("/") + "/"
+    if not real.startswith(prefix):
+        raise ValueError(f"{path}: not a store path (resolves to {real})")
+    top = prefix + real[len(prefix):].split("/", 1)[0]
+    if top.endswith(".drv"):
+        raise ValueError(f"{path}: is a derivation, not an output path")
+    return top
