@@ -1,0 +1,130 @@
+"""The controller's data model: desired state, observed state, actions, device states.
+
+Plain frozen dataclasses shared by the pure planner (planner.py), the state store
+(state.py, which builds `Desired` and `Observed` from SQLite) and the reconcile
+loop (controller.py, which executes the actions). No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class DeviceState(StrEnum):
+    IN_SYNC = "in_sync"
+    PENDING = "pending"
+    BUILDING = "building"
+    TRANSFERRING = "transferring"
+    ACTIVATING = "activating"
+    FAILED = "failed"
+    UNREACHABLE = "unreachable"
+
+
+ALL_STATES = tuple(DeviceState)
+# States in which `reup run --once` considers a device settled.
+SETTLED = frozenset({DeviceState.IN_SYNC, DeviceState.FAILED, DeviceState.UNREACHABLE})
+
+
+@dataclass(frozen=True)
+class Target:
+    """What one device should run at one revision (result of fleet.toml + nix eval)."""
+
+    device: str
+    commit: str
+    wave: str = "default"
+    drv_path: str | None = None
+    toplevel: str | None = None
+    error: str | None = None  # fleet.toml or evaluation error: the device stays where it is
+
+
+@dataclass(frozen=True)
+class Desired:
+    commit: str | None
+    seen_at: float = 0.0
+    targets: Mapping[str, Target] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    drv_path: str
+    commit: str  # the revision whose build produced this result
+    ok: bool
+    toplevel: str | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The last unsuccessful push of a device (cleared on success)."""
+
+    commit: str
+    toplevel: str
+    kind: str  # "transient", "unreachable" or "permanent"
+    error: str
+    failures: int = 1
+    retry_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class DeviceObservation:
+    name: str
+    acked_toplevel: str | None = None
+    acked_commit: str | None = None
+    busy: DeviceState | None = None  # an action in flight: transferring or activating
+    attempt: Attempt | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    devices: Mapping[str, DeviceObservation] = field(default_factory=dict)
+    builds: Mapping[str, BuildResult] = field(default_factory=dict)  # by drv path
+    building: frozenset[str] = frozenset()  # drv paths being built now
+
+
+@dataclass(frozen=True)
+class Build:
+    drv_path: str
+
+
+@dataclass(frozen=True)
+class Push:
+    device: str
+    commit: str
+    toplevel: str
+
+
+@dataclass(frozen=True)
+class Wait:
+    until: float
+
+
+Action = Build | Push | Wait
+
+
+@dataclass(frozen=True)
+class Decision:
+    device: str
+    state: DeviceState
+    action: Action | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Plan:
+    decisions: Mapping[str, Decision]
+    builds: tuple[str, ...] = ()  # drv paths to build now, each once
+
+    def pushes(self) -> list[Push]:
+        return [d.action for d in self.decisions.values() if isinstance(d.action, Push)]
+
+    def next_wakeup(self) -> float | None:
+        waits = [d.action.until for d in self.decisions.values() if isinstance(d.action, Wait)]
+        return min(waits) if waits else None
+
+    def settled(self) -> bool:
+        """Nothing left to do now: every device settled and no build or push to start."""
+        return not self.builds and all(
+            d.state in SETTLED and not isinstance(d.action, Build | Push) for d in self.decisions.values()
+        )
