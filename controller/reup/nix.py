@@ -209,3 +209,46 @@ def store_verify_cmd(paths: Iterable[str], *, store: str | None = None, recursiv
 def export_cmd(paths: Iterable[str]) -> list[str]:
     """`nix-store --export PATH...`: the NAR-with-metadata archive `nix copy` moves (stdout, binary)."""
     return ["nix-store", "--export", *paths]
+
+
+# --- builders used by the controller (reup run/plan) --------------------------
+
+
+def toplevels_apply(configs: Mapping[str, str]) -> str:
+    """A `--apply` function over `nixosConfigurations`: {device: [drvPath, outPath] or null}.
+
+    One evaluation for the whole fleet; a device whose configuration is missing or
+    throws gets null (its error text then comes from `toplevel_drv_installable` alone).
+    """
+    items = " ".join(
+        f"{{ name = {json.dumps(dev)}; value = f {json.dumps(cfg)}; }}" for dev, cfg in sorted(configs.items())
+    )
+    return (
+        "cs: let f = n: if cs ? ${n} then (let t = cs.${n}.config.system.build.toplevel;"
+        " r = builtins.tryEval (builtins.deepSeq [t.drvPath t.outPath] [t.drvPath t.outPath]);"
+        f" in if r.success then r.value else null) else null; in builtins.listToAttrs [ {items} ]"
+    )
+
+
+def toplevel_drv_installable(flake: str, config: str) -> str:
+    return f"{flake}#nixosConfigurations.{json.dumps(config)}.config.system.build.toplevel.drvPath"
+
+
+def parse_toplevels(value: object) -> dict[str, tuple[str, str] | None]:
+    """Parse the result of `toplevels_apply`: {device: (drvPath, outPath) or None}."""
+    if not isinstance(value, dict):
+        raise ValueError(f"expected an object, got {type(value).__name__}")
+    out: dict[str, tuple[str, str] | None] = {}
+    for dev, item in value.items():
+        if item is None:
+            out[str(dev)] = None
+        elif isinstance(item, list) and len(item) == 2 and all(isinstance(p, str) for p in item):
+            out[str(dev)] = (item[0], item[1])
+        else:
+            raise ValueError(f"{dev}: unexpected value {item!r}")
+    return out
+
+
+def add_root_cmd(path: str, link: str) -> list[str]:
+    """`nix-store --add-root LINK --realise PATH`: an indirect GC root at LINK keeping PATH alive."""
+    return ["nix-store", "--add-root", link, "--realise", path]
