@@ -1,0 +1,218 @@
+"""The delta encoder: (what the device holds, target toplevel) -> a reup stream.
+
+`encode` reads the local Nix store (through reup.nix for path metadata), works
+out which store paths the device lacks, and writes for each of them the
+operations that rebuild its tree on the device: whole-file dedup against the
+device's holdings and the stream itself, and the stream-wide zstd literal
+stream for new content. The per-file choice lives in `FileCoder` (strategy.py)
+so the delta engine's pairing, hash rewriting and patch codecs plug in there.
+Called by `reup delta` (delta/cli.py), the controller's push and the benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import stat
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from reup_receiver.model import (
+    KIND_DIR,
+    KIND_FILE,
+    KIND_SYMLINK,
+    Entry,
+    Manifest,
+    PathEntry,
+    encode_entry,
+    encode_manifest,
+)
+from reup_receiver.nar import parse_hash, walk_nar_order
+from reup_receiver.wire import (
+    T_ENTRY,
+    T_MANIFEST,
+    T_PATH,
+    T_PATH_END,
+    RecordWriter,
+    put_varint,
+    stream_size,
+)
+
+from ..nix import NixExecutor, PathInfo
+from .strategy import FileCoder, StoreFile
+
+
+@dataclass
+class DeltaStats:
+    stream_bytes: int = 0
+    nar_bytes: int = 0  # NAR bytes of the paths the device lacks (what `nix copy` would move)
+    paths: int = 0
+    files: int = 0
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    ops_by_kind: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + nbytes
+        self.ops_by_kind[kind] = self.ops_by_kind.get(kind, 0) + 1
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "stream_bytes": self.stream_bytes,
+            "nar_bytes": self.nar_bytes,
+            "ratio": round(self.stream_bytes / self.nar_bytes, 6) if self.nar_bytes else None,
+            "paths": self.paths,
+            "files": self.files,
+            "bytes_by_kind": self.bytes_by_kind,
+            "ops_by_kind": self.ops_by_kind,
+            "seconds": round(self.seconds, 3),
+            "peak_rss_bytes": self.peak_rss_bytes,
+        }
+
+
+def toposort(infos: dict[str, PathInfo], paths: Iterable[str]) -> list[str]:
+    """Paths ordered dependencies first (ties by name), so stream-internal bases come earlier."""
+    wanted = set(paths)
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(p: str) -> None:
+        if p in seen:
+            return
+        seen.add(p)
+        for ref in sorted(infos[p].references):
+            if ref in wanted and ref != p:
+                visit(ref)
+        order.append(p)
+
+    for p in sorted(wanted, key=lambda q: (os.path.basename(q)[33:], q)):
+        visit(p)
+    return order
+
+
+class _Table:
+    """Store-path table of a manifest: new paths first, then device paths as first used."""
+
+    def __init__(self, new: Sequence[str]) -> None:
+        self.index = {p: i for i, p in enumerate(new)}
+        self.known: list[str] = []
+
+    def __call__(self, path: str) -> int:
+        i = self.index.get(path)
+        if i is None:
+            i = self.index[path] = len(self.index)
+            self.known.append(path)
+        return i
+
+
+def encode(
+    held: Sequence[str],
+    target: str,
+    out: str | os.PathLike[str],
+    staged: Sequence[str] = (),
+    *,
+    executor: NixExecutor | None = None,
+    store_dir: str = "/nix/store",
+) -> DeltaStats:
+    """Write to `out` a stream taking a device holding `held` (closures) to `target`."""
+    start = time.monotonic()
+    nix = executor or NixExecutor()
+    target_closure = nix.closure([target])
+    held_local = [p for p in held if os.path.lexists(p)]  # the base is what we still have
+    held_closure = nix.closure(held_local) if held_local else {}
+    missing = toposort(target_closure, (p for p in target_closure if p not in held_closure))
+    staged_set = set(staged)
+
+    stats = DeltaStats(paths=len(missing), nar_bytes=sum(target_closure[p].nar_size for p in missing))
+    table = _Table(missing)
+    coder = FileCoder(held_closure, target_closure, missing, stats)
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
+        body = RecordWriter(body_fh, header=False)
+        for i, path in enumerate(missing):
+            if path in staged_set:
+                continue
+            _encode_path(body, i, path, coder, table)
+        coder.finish()
+        for ref in (r for p in missing for r in target_closure[p].references):
+            table(ref)
+        table(target)
+        manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir)
+        payload = encode_manifest(manifest)
+        manifest.stream_bytes = stream_size(len(payload), body.size)
+        payload = encode_manifest(manifest)
+        body_fh.seek(0)
+        with open(out_path, "wb") as fh:
+            final = RecordWriter(fh)
+            final.record(T_MANIFEST, payload)
+            final.copy_from(body_fh)
+            final.trailer()
+        assert final.size == manifest.stream_bytes
+    stats.add("manifest", len(payload))
+    stats.ops_by_kind["manifest"] = 1
+    stats.stream_bytes = final.size
+    framing = final.size - sum(stats.bytes_by_kind.values())
+    stats.bytes_by_kind["framing"] = framing
+    stats.seconds = time.monotonic() - start
+    stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return stats
+
+
+def _encode_path(body: RecordWriter, index: int, path: str, coder: FileCoder, table: _Table) -> None:
+    head = bytearray()
+    put_varint(head, index)
+    body.record(T_PATH, head)
+    bpath = os.fsencode(path)
+    for parts, st in walk_nar_order(path):
+        relpath = b"/".join(parts)
+        full = os.path.join(bpath, *parts) if parts else bpath
+        if stat.S_ISDIR(st.st_mode):
+            body.record(T_ENTRY, encode_entry(Entry(KIND_DIR, relpath)))
+        elif stat.S_ISLNK(st.st_mode):
+            body.record(T_ENTRY, encode_entry(Entry(KIND_SYMLINK, relpath, target=os.readlink(full))))
+        else:
+            f = StoreFile(path, relpath, bool(st.st_mode & 0o100), st.st_size)
+            entry, data, kind = coder.code(f, table)
+            assert entry.kind == KIND_FILE
+            before = body.size
+            body.record(T_ENTRY, encode_entry(entry))
+            body.data(data)
+            coder.stats.add(kind, body.size - before)
+    body.record(T_PATH_END, head)
+
+
+def _manifest(
+    missing: Sequence[str],
+    staged: set[str],
+    infos: dict[str, PathInfo],
+    table: _Table,
+    target: str,
+    store_dir: str,
+) -> Manifest:
+    def name(p: str) -> bytes:
+        return os.fsencode(os.path.basename(p))
+
+    paths = []
+    for p in missing:
+        info = infos[p]
+        paths.append(
+            PathEntry(
+                name=name(p),
+                nar_hash=parse_hash(info.nar_hash),
+                nar_size=info.nar_size,
+                references=tuple(sorted(table(r) for r in info.references)),
+                deriver=name(info.deriver) if info.deriver else b"",
+                carried=p not in staged,
+            )
+        )
+    return Manifest(
+        store_dir=os.fsencode(store_dir),
+        known=[name(p) for p in table.known],
+        paths=paths,
+        toplevel=table(target),
+    )

@@ -1,0 +1,286 @@
+"""Builds one new store path in the staging area from a stream's entries.
+
+Every write goes through directory file descriptors opened with O_NOFOLLOW, so
+no write (and no base-file read) ever passes through a symlink. File contents
+come from the literal zstd stream, a base file (copied or hard-linked, with the
+optional store-hash rewrite) or a binary patch of one; each file's sha256 and
+the path's NAR hash are computed while writing. Used by receive.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, cast
+
+import zstandard
+
+from .errors import Corrupt, HashMismatch, MissingBase, Oversized, UnsafeWrite, Unsupported
+from .model import F_REWRITE, KIND_DIR, KIND_SYMLINK, Codec, Entry, Method, split_relpath
+from .nar import NarHasher
+from .rewrite import rewrite_bytes, rewrite_chunks
+
+MAX_WINDOW = 1 << 31
+READ_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_beneath(root_fd: int, parts: list[bytes], what: str) -> int:
+    """Open a directory below root_fd, refusing symlinks at every step."""
+    fd = os.dup(root_fd)
+    try:
+        for part in parts:
+            try:
+                nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise UnsafeWrite(f"{what}: {part!r} is not a directory (symlink?)") from exc
+                raise
+            os.close(fd)
+            fd = nfd
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_base(host_root: str, parts: list[bytes], label: str) -> Iterator[bytes]:
+    """Yield a base file's bytes; MissingBase names it if it is absent or not a regular file."""
+    try:
+        rfd = os.open(host_root, _DIR_FLAGS)
+    except OSError as exc:
+        raise MissingBase(f"base file missing: {label}", label) from exc
+    try:
+        try:
+            dfd = open_beneath(rfd, parts[:-1], label)
+            try:
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            finally:
+                os.close(dfd)
+        except (OSError, UnsafeWrite) as exc:
+            raise MissingBase(f"base file missing: {label}", label) from exc
+    finally:
+        os.close(rfd)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise MissingBase(f"base file is not a regular file: {label}", label)
+        while chunk := fh.read(READ_CHUNK):
+            yield chunk
+
+
+class FileSink:
+    """Writes one file, hashing content (sha256) and NAR as it goes; enforces the size."""
+
+    def __init__(self, fd: int, entry: Entry, nar: NarHasher, label: str) -> None:
+        self.fh = os.fdopen(fd, "wb")
+        self.entry = entry
+        self.nar = nar
+        self.sha = hashlib.sha256()
+        self.written = 0
+        self.label = label
+
+    def write(self, data: bytes) -> int:
+        if self.written + len(data) > self.entry.size:
+            raise Oversized(f"{self.label}: more data than its declared {self.entry.size} bytes")
+        self.fh.write(data)
+        self.sha.update(data)
+        self.nar.file_data(data)
+        self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.written != self.entry.size:
+            raise Corrupt(f"{self.label}: {self.written} bytes, declared {self.entry.size}")
+        if self.sha.digest() != self.entry.sha256:
+            raise HashMismatch(f"content hash mismatch: {self.label}")
+
+
+class LiteralStream:
+    """The stream-wide zstd stream carrying all literal file contents, in order."""
+
+    def __init__(self) -> None:
+        self.sink: FileSink | None = None
+        self.writer = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_writer(
+            cast(IO[bytes], self), write_return_read=True
+        )
+
+    def write(self, data: bytes) -> int:  # called by the decompressor with output
+        if self.sink is None:
+            raise Oversized("literal stream has data beyond its files")
+        return self.sink.write(data)
+
+    def feed(self, sink: FileSink, data: bytes) -> None:
+        self.sink = sink
+        try:
+            self.writer.write(data)
+        except zstandard.ZstdError as exc:
+            raise Corrupt(f"literal data does not decompress: {exc}") from exc
+        finally:
+            self.sink = None
+
+
+@dataclass
+class _OpenFile:
+    entry: Entry
+    sink: FileSink
+    patch: bytearray = field(default_factory=bytearray)
+    received: int = 0
+
+
+# Resolves (table index, relpath) of a base file to (host dir of its store path, label).
+Resolver = Callable[[int, bytes], tuple[str, str]]
+
+
+class PathBuilder:
+    """Materialises one store path under `work_dir` from entries fed in NAR order."""
+
+    def __init__(self, work_dir: str, name: bytes, resolve: Resolver,
+                 rewrites: Mapping[bytes, bytes], literal: LiteralStream) -> None:
+        self.name = name
+        self.top = os.path.join(os.fsencode(work_dir), name)
+        self.work_fd = os.open(work_dir, _DIR_FLAGS)
+        self.resolve = resolve
+        self.rewrites = rewrites
+        self.literal = literal
+        self.nar = NarHasher()
+        self.file: _OpenFile | None = None
+
+    def label(self, relpath: bytes) -> str:
+        return os.fsdecode(self.name + (b"/" + relpath if relpath else b""))
+
+    def close(self) -> None:
+        os.close(self.work_fd)
+
+    # Each entry's parent is opened afresh beneath the path's root, never following symlinks.
+    def _parent(self, parts: list[bytes]) -> tuple[int, bytes]:
+        if not parts:
+            return os.dup(self.work_fd), self.name
+        root = open_beneath(self.work_fd, [self.name], self.label(b""))
+        try:
+            return open_beneath(root, parts[:-1], self.label(b"/".join(parts))), parts[-1]
+        finally:
+            os.close(root)
+
+    def entry(self, e: Entry) -> None:
+        if self.file is not None:
+            raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
+        parts = split_relpath(e.relpath, self.label(e.relpath))
+        label = self.label(e.relpath)
+        if e.kind == KIND_DIR:
+            self.nar.directory(parts)
+        elif e.kind == KIND_SYMLINK:
+            self.nar.symlink(parts, e.target)
+        else:
+            self.nar.file_start(parts, e.executable, e.size)
+        dfd, base = self._parent(parts)
+        try:
+            if e.kind == KIND_DIR:
+                os.mkdir(base, 0o755, dir_fd=dfd)
+            elif e.kind == KIND_SYMLINK:
+                os.symlink(e.target, base, dir_fd=dfd)
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(base, flags, 0o755 if e.executable else 0o644, dir_fd=dfd)
+                self.file = _OpenFile(e, FileSink(fd, e, self.nar, label))
+        except FileExistsError as exc:
+            raise UnsafeWrite(f"{label}: already exists") from exc
+        finally:
+            os.close(dfd)
+        if self.file is not None and (e.method == Method.COPY or e.data_len == 0):
+            self._complete()
+
+    def data(self, chunk: bytes) -> None:
+        f = self.file
+        if f is None:
+            raise Corrupt("data record outside a file")
+        if f.received + len(chunk) > f.entry.data_len:
+            raise Oversized(f"{f.sink.label}: more data than its declared {f.entry.data_len} bytes")
+        f.received += len(chunk)
+        if f.entry.method == Method.LITERAL:
+            self.literal.feed(f.sink, chunk)  # streamed straight into the file
+        else:
+            f.patch.extend(chunk)
+        if f.received == f.entry.data_len:
+            self._complete()
+
+    def _complete(self) -> None:
+        assert self.file is not None
+        e, sink, buf = self.file.entry, self.file.sink, self.file.patch
+        self.file = None
+        try:
+            if e.method == Method.COPY:
+                host, label = self.resolve(e.source, e.source_relpath)
+                chunks = read_base(host, split_relpath(e.source_relpath, label), label)
+                if e.flags & F_REWRITE:
+                    chunks = rewrite_chunks(chunks, self.rewrites)
+                for chunk in chunks:
+                    sink.write(chunk)
+            elif e.method == Method.PATCH:
+                self._patch(e, sink, bytes(buf))
+        except BaseException:
+            sink.fh.close()
+            raise
+        sink.close()
+
+    def _patch(self, e: Entry, sink: FileSink, patch: bytes) -> None:
+        host, label = self.resolve(e.source, e.source_relpath)
+        old = b"".join(read_base(host, split_relpath(e.source_relpath, label), label))
+        if e.flags & F_REWRITE:
+            old = rewrite_bytes(old, self.rewrites)
+        try:
+            if e.codec == Codec.BSDIFF4:
+                import bsdiff4
+
+                sink.write(bsdiff4.patch(old, patch))
+            elif e.codec == Codec.HDIFFPATCH:
+                import hdiffpatch
+
+                sink.write(hdiffpatch.apply(old, patch))
+            elif e.codec == Codec.ZSTD_PREFIX:
+                d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+                dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
+                with dctx.stream_writer(cast(IO[bytes], sink), closefd=False) as w:
+                    w.write(patch)
+            else:
+                raise Unsupported(f"unknown codec {e.codec}")
+        except (Oversized, HashMismatch, Unsupported):
+            raise
+        except Exception as exc:  # codec libraries raise their own types on bad input
+            raise Corrupt(f"{sink.label}: patch does not apply: {exc}") from exc
+
+    def finish(self) -> tuple[bytes, int]:
+        if self.file is not None:
+            raise Corrupt(f"{self.file.sink.label}: stream ended inside the file's data")
+        digest, size = self.nar.finish()
+        canonicalise(self.top)
+        return digest, size
+
+
+def canonicalise(top: bytes) -> None:
+    """Nix store metadata: read-only modes (exec bit kept), mtime 1, bottom-up."""
+    def fix(path: bytes, st: os.stat_result) -> None:
+        if stat.S_ISLNK(st.st_mode):
+            os.utime(path, (1, 1), follow_symlinks=False)
+            return
+        mode = 0o555 if stat.S_ISDIR(st.st_mode) or st.st_mode & 0o100 else 0o444
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(path, mode)
+        if st.st_mtime != 1:
+            os.utime(path, (1, 1))
+
+    st = os.lstat(top)
+    if stat.S_ISDIR(st.st_mode):
+        for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+            for name in dirnames + filenames:
+                full = os.path.join(dirpath, name)
+                fix(full, os.lstat(full))
+    fix(top, st)
+

@@ -1,0 +1,99 @@
+"""`reup-receive`: the device's command line, and sshd's forced command.
+
+Output is one JSON object on stdout; errors are one line on stderr and the
+exit codes of errors.py. With `--ssh-command` the verb comes from
+`SSH_ORIGINAL_COMMAND` and only the receiver's own verbs are accepted, so an
+`authorized_keys` entry `restrict,command="reup-receive --root DIR --ssh-command"`
+gives the controller these verbs and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from . import maintenance
+from .device import Device, translate_oserror
+from .errors import ReceiveError, UsageError
+from .receive import ACTIONS, receive
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reup-receive", description="Install a reup stream read on stdin.")
+    p.add_argument("--root", default="/", help="device filesystem root (default /)")
+    p.add_argument("--activate", choices=ACTIONS, default="switch",
+                   help="switch-to-configuration action after install (default switch)")
+    verbs = p.add_mutually_exclusive_group()
+    verbs.add_argument("--status", action="store_true", help="print the device's state as JSON")
+    verbs.add_argument("--rollback", action="store_true", help="go back to the previous generation")
+    verbs.add_argument("--gc", action="store_true", help="delete paths no kept generation needs")
+    verbs.add_argument("--ssh-command", action="store_true",
+                       help="run the verb in SSH_ORIGINAL_COMMAND (forced-command mode)")
+    p.add_argument("--keep", type=int, default=3, help="generations --gc keeps (default 3)")
+    return p
+
+
+def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
+    """Map SSH_ORIGINAL_COMMAND onto the same options; refuse anything else."""
+    original = os.environ.get("SSH_ORIGINAL_COMMAND", "")
+    try:
+        words = shlex.split(original)
+    except ValueError as exc:
+        raise UsageError(f"refused: cannot parse command {original!r}") from exc
+    if words and os.path.basename(words[0]) == "reup-receive":
+        words = words[1:]
+    verb = argparse.ArgumentParser(prog="reup-receive (ssh)", add_help=False, exit_on_error=False)
+    verb.add_argument("verb", choices=("status", "receive", "rollback", "gc"))
+    verb.add_argument("--activate", choices=ACTIONS, default=args.activate)
+    verb.add_argument("--keep", type=int, default=args.keep)
+    try:
+        parsed, extra = verb.parse_known_args(words)
+    except (argparse.ArgumentError, SystemExit) as exc:
+        raise UsageError(f"refused: {original!r} is not a reup-receive verb") from exc
+    if extra:
+        raise UsageError(f"refused: {original!r} is not a reup-receive verb")
+    args.status = parsed.verb == "status"
+    args.rollback = parsed.verb == "rollback"
+    args.gc = parsed.verb == "gc"
+    args.activate = parsed.activate
+    args.keep = parsed.keep
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    if args.ssh_command:
+        args = _ssh_verb(args)
+    device = Device(args.root)
+    if args.status:
+        return maintenance.status(device)
+    if args.rollback:
+        return maintenance.rollback(device, args.activate)
+    if args.gc:
+        return maintenance.gc(device, args.keep)
+    return receive(device, sys.stdin.buffer, args.activate).to_json()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        try:
+            result = run(args)
+        except OSError as exc:
+            raise translate_oserror(exc, "receiving") from exc
+    except ReceiveError as exc:
+        print(f"reup-receive: {exc.kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ValueError as exc:
+        print(f"reup-receive: usage: {exc}", file=sys.stderr)
+        return UsageError.exit_code
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Device verbs besides receiving: status, rollback and garbage collection.
+
+`status` is what the controller reads to choose a delta base; `rollback` and
+`gc` are for operators and the controller. Called by cli.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+
+from .device import Device
+from .errors import NoGeneration
+from .receive import switch_generation
+
+_HASH_RE = re.compile(rb"[0-9a-df-np-sv-z]{32}")
+
+
+def status(device: Device) -> dict[str, object]:
+    current = device.current()
+    return {
+        "current": current[1] if current else None,
+        "generation": current[0] if current else None,
+        "generations": [{"number": n, "toplevel": t} for n, t in device.generations()],
+        "paths": sorted(device.valid_paths()),
+        "staged": sorted(device.staged()),
+    }
+
+
+def rollback(device: Device, activate: str = "switch") -> dict[str, object]:
+    """Switch to the newest generation older than the current one (as a new generation)."""
+    with device.lock():
+        current = device.current()
+        older = [(n, t) for n, t in device.generations() if current is None or n < current[0]]
+        if not older:
+            raise NoGeneration("no earlier generation to roll back to")
+        number, toplevel = older[-1]
+        new = switch_generation(device, toplevel, activate)
+        return {"generation": new, "toplevel": toplevel, "rolled_back_to": number}
+
+
+def gc(device: Device, keep: int) -> dict[str, object]:
+    """Delete store paths no generation among the newest `keep` (and the current one) needs."""
+    if keep < 1:
+        raise ValueError("--keep must be at least 1")
+    with device.lock():
+        device.prepare_staging()
+        generations = device.generations()
+        current = device.current()
+        kept = generations[-keep:]
+        for number, _ in generations[:-keep]:
+            if current is None or number != current[0]:
+                device.drop_generation(number)
+        roots = {t for _, t in kept} | ({current[1]} if current else set())
+        valid = device.valid_paths()
+        live = closure(roots & valid, references(device, valid))
+        dead = sorted(valid - live)
+        device.db.unregister(dead)
+        for path in dead:
+            device.forget(path)
+            host = device.host(path)
+            if os.path.lexists(host):
+                device.remove_tree(host)
+        staged = list(device.staged())
+        for path in staged:
+            name = os.path.basename(path)
+            os.unlink(os.path.join(device.done, name + ".json"))
+            device.remove_tree(os.path.join(device.done, name))
+        return {"deleted": dead, "deleted_staged": sorted(staged),
+                "generations": [n for n, _ in device.generations()]}
+
+
+def references(device: Device, valid: set[str]) -> dict[str, set[str]]:
+    """Each valid path's references: the Nix DB, else our records, else a scan like Nix's."""
+    if device.db.exists():
+        return device.db.references()
+    recorded = {p: set(r.references) for p, r in device.records().items()}
+    by_hash = {os.path.basename(p)[:32].encode(): p for p in valid}
+    return {p: recorded[p] if p in recorded else scan_references(device.host(p), by_hash)
+            for p in valid}
+
+
+def scan_references(host_path: str, by_hash: dict[bytes, str]) -> set[str]:
+    found: set[str] = set()
+    for data in _tree_bytes(host_path):
+        for m in _HASH_RE.finditer(data):
+            ref = by_hash.get(m.group())
+            if ref:
+                found.add(ref)
+    return found
+
+
+def _tree_bytes(host_path: str) -> Iterable[bytes]:
+    if os.path.islink(host_path):
+        yield os.fsencode(os.readlink(host_path))
+    elif os.path.isfile(host_path):
+        with open(host_path, "rb") as fh:
+            yield fh.read()
+    elif os.path.isdir(host_path):
+        for name in os.listdir(host_path):
+            yield from _tree_bytes(os.path.join(host_path, name))
+
+
+def closure(roots: Iterable[str], refs: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(roots)
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        todo.extend(refs.get(p, ()))
+    return seen

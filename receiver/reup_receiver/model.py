@@ -1,0 +1,267 @@
+"""The manifest and the tree operations of a reup stream, and their byte encoding.
+
+Pure data + encode/decode; no I/O. The encoder (reup.delta) builds these and
+calls `encode_*`; the receiver (receive.py) calls `decode_*` on record payloads.
+Layout is specified in docs/stream-format.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+
+import zstandard
+
+from .errors import Corrupt, UnsafeName, Unsupported
+from .wire import STREAM_BYTES, Buf, put_bytes, put_varint
+
+HASH_LEN = 32  # characters of a store path's hash part
+MAX_MANIFEST_BODY = 1 << 30
+
+
+class Method(enum.IntEnum):
+    LITERAL = 0  # next bytes of the stream-wide zstd literal stream; DATA follows
+    COPY = 1  # the source file, byte for byte (after the optional hash rewrite)
+    PATCH = 2  # the source file patched with a codec; DATA holds the patch
+
+
+class Codec(enum.IntEnum):
+    BSDIFF4 = 1
+    HDIFFPATCH = 2
+    ZSTD_PREFIX = 3  # a zstd frame compressed with the source as raw-content prefix
+
+
+KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
+F_EXECUTABLE = 0x01
+F_REWRITE = 0x02  # apply the manifest's store-hash rewrite map to the source first
+
+
+@dataclass(frozen=True)
+class PathEntry:
+    """One store path the device must end up holding, with its Nix database row."""
+
+    name: bytes  # base name "<hash>-<name>"
+    nar_hash: bytes  # raw sha256 of the NAR serialisation
+    nar_size: int
+    references: tuple[int, ...]  # indices into Manifest.table
+    deriver: bytes = b""  # base name of the .drv, or empty
+    carried: bool = True  # False: the device has it staged already; no operations follow
+
+
+@dataclass
+class Manifest:
+    """What a stream installs. `table` = new paths, then `known` (already on the device)."""
+
+    store_dir: bytes
+    known: list[bytes]
+    paths: list[PathEntry]
+    toplevel: int  # index into table
+    rewrites: list[tuple[int, int]] = field(default_factory=list)  # (old, new) table indices
+    stream_bytes: int = 0
+
+    @property
+    def table(self) -> list[bytes]:
+        return [p.name for p in self.paths] + self.known
+
+    def store_path(self, index: int) -> str:
+        return os.fsdecode(self.store_dir + b"/" + self.table[index])
+
+    def rewrite_map(self) -> dict[bytes, bytes]:
+        table = self.table
+        return {table[o][:HASH_LEN]: table[n][:HASH_LEN] for o, n in self.rewrites}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One node of a new store path's tree, in NAR order. `relpath` b"" is the path itself."""
+
+    kind: int
+    relpath: bytes
+    target: bytes = b""  # symlinks
+    flags: int = 0  # files: F_*
+    size: int = 0
+    sha256: bytes = b""
+    method: Method = Method.LITERAL
+    source: int = -1  # table index of the source store path
+    source_relpath: bytes = b""
+    codec: Codec | None = None
+    data_len: int = 0
+
+    @property
+    def executable(self) -> bool:
+        return bool(self.flags & F_EXECUTABLE)
+
+
+# --- names -------------------------------------------------------------------
+
+
+def check_component(name: bytes, what: str) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise UnsafeName(f"unsafe name {name!r} in {what}")
+
+
+def split_relpath(relpath: bytes, what: str) -> list[bytes]:
+    if relpath == b"":
+        return []
+    parts = relpath.split(b"/")
+    for part in parts:
+        check_component(part, what)
+    return parts
+
+
+def check_store_name(name: bytes) -> None:
+    check_component(name, "store path name")
+    if len(name) < HASH_LEN + 2 or name[HASH_LEN : HASH_LEN + 1] != b"-" or name.startswith(b"."):
+        raise UnsafeName(f"not a store path name: {name!r}")
+
+
+# --- manifest ----------------------------------------------------------------
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    body = bytearray()
+    put_bytes(body, m.store_dir)
+    put_varint(body, len(m.known))
+    for name in m.known:
+        put_bytes(body, name)
+    put_varint(body, len(m.paths))
+    for p in m.paths:
+        put_bytes(body, p.name)
+        body += p.nar_hash
+        put_varint(body, p.nar_size)
+        put_bytes(body, p.deriver)
+        put_varint(body, len(p.references))
+        for ref in p.references:
+            put_varint(body, ref)
+        body.append(1 if p.carried else 0)
+    put_varint(body, m.toplevel)
+    put_varint(body, len(m.rewrites))
+    for old, new in m.rewrites:
+        put_varint(body, old)
+        put_varint(body, new)
+    return STREAM_BYTES.pack(m.stream_bytes) + zstandard.ZstdCompressor(level=19).compress(bytes(body))
+
+
+def decode_manifest(payload: bytes) -> Manifest:
+    if len(payload) < STREAM_BYTES.size:
+        raise Corrupt("manifest record too short")
+    (stream_bytes,) = STREAM_BYTES.unpack_from(payload)
+    try:
+        body = zstandard.ZstdDecompressor().decompress(
+            payload[STREAM_BYTES.size :], max_output_size=MAX_MANIFEST_BODY
+        )
+    except zstandard.ZstdError as exc:
+        raise Corrupt(f"manifest does not decompress: {exc}") from exc
+    buf = Buf(body, "manifest")
+    store_dir = buf.bytes()
+    if not store_dir.startswith(b"/") or b"\0" in store_dir:
+        raise UnsafeName(f"bad store dir {store_dir!r}")
+    known = [buf.bytes() for _ in range(buf.varint())]
+    n_paths = buf.varint()
+    paths = []
+    for _ in range(n_paths):
+        name = buf.bytes()
+        nar_hash = buf.raw(32)
+        nar_size = buf.varint()
+        deriver = buf.bytes()
+        refs = tuple(buf.varint() for _ in range(buf.varint()))
+        carried = buf.u8()
+        if carried > 1:
+            raise Corrupt("manifest: bad path flags")
+        paths.append(PathEntry(name, nar_hash, nar_size, refs, deriver, bool(carried)))
+    toplevel = buf.varint()
+    rewrites = [(buf.varint(), buf.varint()) for _ in range(buf.varint())]
+    buf.end()
+    m = Manifest(store_dir, known, paths, toplevel, rewrites, stream_bytes)
+    _validate_manifest(m)
+    return m
+
+
+def _validate_manifest(m: Manifest) -> None:
+    table = m.table
+    for name in table:
+        check_store_name(name)
+    if len(set(table)) != len(table):
+        raise Corrupt("manifest lists a store path twice")
+    for p in m.paths:
+        if p.deriver:
+            check_store_name(p.deriver)
+        if any(r >= len(table) for r in p.references):
+            raise Corrupt(f"manifest: reference out of range in {p.name!r}")
+    if m.toplevel >= len(table):
+        raise Corrupt("manifest: toplevel out of range")
+    if any(o >= len(table) or n >= len(table) for o, n in m.rewrites):
+        raise Corrupt("manifest: rewrite out of range")
+
+
+# --- entries -----------------------------------------------------------------
+
+
+def encode_entry(e: Entry) -> bytes:
+    out = bytearray([e.kind])
+    put_bytes(out, e.relpath)
+    if e.kind == KIND_SYMLINK:
+        put_bytes(out, e.target)
+    elif e.kind == KIND_FILE:
+        out.append(e.flags)
+        put_varint(out, e.size)
+        out += e.sha256
+        out.append(int(e.method))
+        if e.method in (Method.COPY, Method.PATCH):
+            put_varint(out, e.source)
+            put_bytes(out, e.source_relpath)
+        if e.method == Method.PATCH:
+            assert e.codec is not None
+            out.append(int(e.codec))
+        if e.method in (Method.LITERAL, Method.PATCH):
+            put_varint(out, e.data_len)
+    return bytes(out)
+
+
+def decode_entry(payload: bytes, table_len: int) -> Entry:
+    buf = Buf(payload, "entry")
+    kind = buf.u8()
+    relpath = buf.bytes(4096)
+    split_relpath(relpath, "entry path")
+    if kind == KIND_DIR:
+        buf.end()
+        return Entry(kind, relpath)
+    if kind == KIND_SYMLINK:
+        target = buf.bytes(4096)
+        if not target or b"\0" in target:
+            raise UnsafeName(f"bad symlink target {target!r}")
+        buf.end()
+        return Entry(kind, relpath, target=target)
+    if kind != KIND_FILE:
+        raise Unsupported(f"unknown entry kind {kind}")
+    flags = buf.u8()
+    if flags & ~(F_EXECUTABLE | F_REWRITE):
+        raise Unsupported(f"unknown file flags {flags:#x}")
+    size = buf.varint()
+    sha = buf.raw(32)
+    try:
+        method = Method(buf.u8())
+    except ValueError as exc:
+        raise Unsupported(f"unknown file method: {exc}") from exc
+    source, source_relpath, codec, data_len = -1, b"", None, 0
+    if method in (Method.COPY, Method.PATCH):
+        source = buf.varint()
+        if source >= table_len:
+            raise Corrupt("entry: source out of range")
+        source_relpath = buf.bytes(4096)
+        split_relpath(source_relpath, "source path")
+    elif flags & F_REWRITE:
+        raise Corrupt("entry: rewrite flag on a literal")
+    if method == Method.PATCH:
+        try:
+            codec = Codec(buf.u8())
+        except ValueError as exc:
+            raise Unsupported(f"unknown patch codec: {exc}") from exc
+    if method in (Method.LITERAL, Method.PATCH):
+        data_len = buf.varint()
+    buf.end()
+    return Entry(
+        kind, relpath, flags=flags, size=size, sha256=sha, method=method,
+        source=source, source_relpath=source_relpath, codec=codec, data_len=data_len,
+    )

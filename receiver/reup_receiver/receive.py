@@ -1,0 +1,230 @@
+"""Receive one stream: stage and verify every path, then install, switch, activate.
+
+The phases, each leaving the device on a complete generation if killed:
+1. read + verify: each carried path is built in `staging/work`, its files and
+   NAR hash checked, then renamed to `staging/done` (kept for resume);
+2. only after the trailer digest checks out: record, rename into the store,
+   register in the Nix DB;
+3. add `system-N-link`, swap `system` by rename, run the activation; on failure
+   swap back and re-activate the previous generation.
+Called by cli.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from .builder import LiteralStream, PathBuilder
+from .device import Device, PathRecord, write_atomic
+from .errors import ActivationFailed, Corrupt, HashMismatch, MissingBase, MissingPath
+from .model import Manifest, decode_entry, decode_manifest
+from .wire import T_DATA, T_ENTRY, T_MANIFEST, T_PATH, T_PATH_END, T_TRAILER, Buf, RecordReader
+
+ACTIONS = ("switch", "boot", "test", "none")
+
+
+@dataclass
+class Result:
+    generation: int
+    toplevel: str
+    installed: list[str]
+    bytes_read: int
+    seconds: float
+    unchanged: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "generation": self.generation,
+            "toplevel": self.toplevel,
+            "installed": self.installed,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+            "unchanged": self.unchanged,
+        }
+
+
+def receive(device: Device, inp: BinaryIO, activate: str = "switch") -> Result:
+    start = time.monotonic()
+    with device.lock():
+        device.prepare_staging()
+        reader = RecordReader(inp)
+        manifest = _read_manifest(reader, device)
+        _read_paths(reader, manifest, device)
+        installed = _install(manifest, device)
+        toplevel = manifest.store_path(manifest.toplevel)
+        current = device.current()
+        if current is not None and current[1] == toplevel:
+            return Result(current[0], toplevel, installed, reader.bytes_read,
+                          time.monotonic() - start, unchanged=True)
+        number = switch_generation(device, toplevel, activate)
+        return Result(number, toplevel, installed, reader.bytes_read, time.monotonic() - start)
+
+
+def _read_manifest(reader: RecordReader, device: Device) -> Manifest:
+    tag, payload = reader.next()
+    if tag != T_MANIFEST:
+        raise Corrupt("stream does not start with a manifest")
+    m = decode_manifest(payload)
+    if m.stream_bytes < reader.bytes_read:
+        raise Corrupt("manifest declares a stream shorter than its own header")
+    reader.limit = m.stream_bytes
+    if os.fsdecode(m.store_dir) != device.store_dir:
+        raise Corrupt(f"stream is for store {m.store_dir!r}, device has {device.store_dir}")
+    return m
+
+
+def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
+    """Phase 1: build and verify each carried path into staging/done."""
+    table = m.table
+    carried = {i for i, p in enumerate(m.paths) if p.carried}
+    built: set[int] = set()
+    literal = LiteralStream()
+    rewrites = m.rewrite_map()
+
+    def resolve(index: int, relpath: bytes) -> tuple[str, str]:
+        name = os.fsdecode(table[index])
+        label = f"{device.store_path(name)}/{os.fsdecode(relpath)}"
+        if index in carried and index not in built:
+            return os.path.join(device.work, name), label  # the path being built now
+        for base in (device.done, device.store):
+            if os.path.lexists(os.path.join(base, name)):
+                return os.path.join(base, name), label
+        raise MissingBase(f"base file missing: {label}", label)
+
+    while True:
+        tag, payload = reader.next()
+        if tag == T_TRAILER:
+            reader.check_trailer(payload)
+            break
+        if tag != T_PATH:
+            raise Corrupt(f"unexpected record {tag:#x} between store paths")
+        index = _index(payload)
+        if index not in carried or index in built:
+            raise Corrupt(f"stream carries path #{index} the manifest does not expect")
+        entry = m.paths[index]
+        builder = PathBuilder(device.work, entry.name, resolve, rewrites, literal)
+        try:
+            while True:
+                tag, payload = reader.next()
+                if tag == T_ENTRY:
+                    builder.entry(decode_entry(payload, len(table)))
+                elif tag == T_DATA:
+                    builder.data(payload)
+                elif tag == T_PATH_END and _index(payload) == index:
+                    break
+                else:
+                    raise Corrupt(f"unexpected record {tag:#x} inside {entry.name!r}")
+            nar_hash, nar_size = builder.finish()
+        finally:
+            builder.close()
+        if nar_hash != entry.nar_hash or nar_size != entry.nar_size:
+            raise HashMismatch(f"NAR hash mismatch: {device.store_path(os.fsdecode(entry.name))}")
+        _stage_done(device, _record(m, index, device))
+        built.add(index)
+    missing = carried - built
+    if missing:
+        raise Corrupt(f"stream ended without {len(missing)} path(s) its manifest announced")
+
+
+def _index(payload: bytes) -> int:
+    buf = Buf(payload, "path record")
+    index = buf.varint()
+    buf.end()
+    return index
+
+
+def _record(m: Manifest, i: int, device: Device) -> PathRecord:
+    p = m.paths[i]
+    return PathRecord(
+        path=m.store_path(i),
+        nar_hash=p.nar_hash,
+        nar_size=p.nar_size,
+        references=tuple(sorted(m.store_path(r) for r in p.references)),
+        deriver=device.store_path(os.fsdecode(p.deriver)) if p.deriver else None,
+    )
+
+
+def _stage_done(device: Device, rec: PathRecord) -> None:
+    name = os.path.basename(rec.path)
+    dest = os.path.join(device.done, name)
+    if os.path.lexists(dest):
+        device.remove_tree(dest)
+    write_atomic(dest + ".json", json.dumps(rec.to_json()).encode())
+    os.rename(os.path.join(device.work, name), dest)
+
+
+def _install(m: Manifest, device: Device) -> list[str]:
+    """Phase 2: every manifest path into the store (from staging), recorded and registered."""
+    valid = device.valid_paths()
+    staged = device.staged()
+    records = [_record(m, i, device) for i in range(len(m.paths))]
+    for rec in records:
+        if rec.path in valid:
+            continue
+        st = staged.get(rec.path)
+        if st is None or st.nar_hash != rec.nar_hash:
+            raise MissingPath(f"store path neither in the stream nor staged: {rec.path}")
+    new_paths = {r.path for r in records}
+    for rec in records:
+        for ref in rec.references:
+            if ref not in valid and ref not in new_paths:
+                raise MissingPath(f"{rec.path} references {ref}, which the device lacks")
+    installed = []
+    for rec in records:
+        if rec.path in valid:
+            if rec.path in staged:  # carried although present: the staged copy is surplus
+                name = os.path.basename(rec.path)
+                os.unlink(os.path.join(device.done, name + ".json"))
+                device.remove_tree(os.path.join(device.done, name))
+            continue
+        name = os.path.basename(rec.path)
+        device.record(rec)
+        dest = os.path.join(device.store, name)
+        if os.path.lexists(dest):  # present but not valid: an earlier, unregistered copy
+            device.remove_tree(dest)
+        os.rename(os.path.join(device.done, name), dest)
+        os.unlink(os.path.join(device.done, name + ".json"))
+        installed.append(rec.path)
+    if device.db.exists():
+        device.db.register([r for r in records if r.path not in valid])
+    return installed
+
+
+def switch_generation(device: Device, toplevel: str, activate: str) -> int:
+    """Phase 3: new generation, atomic profile swap, activation with roll-back on failure."""
+    previous = device.current()
+    number = device.add_generation(toplevel)
+    device.switch_to(number)
+    try:
+        run_activation(device, toplevel, activate)
+    except ActivationFailed as exc:
+        if previous is not None:
+            device.switch_to(previous[0])
+        device.drop_generation(number)
+        if previous is not None:
+            try:
+                run_activation(device, previous[1], activate)
+            except ActivationFailed as again:
+                raise ActivationFailed(f"{exc}; re-activating generation {previous[0]} "
+                                       f"also failed: {again}") from again
+        raise ActivationFailed(f"{exc}; rolled back to generation "
+                               f"{previous[0] if previous else 'none'}") from exc
+    return number
+
+
+def run_activation(device: Device, toplevel: str, activate: str) -> None:
+    if activate == "none":
+        return
+    script = device.host(toplevel + "/bin/switch-to-configuration")
+    if not os.path.exists(script):
+        raise ActivationFailed(f"activation failed: {toplevel} has no bin/switch-to-configuration")
+    env = {**os.environ, "REUP_ROOT": device.root, "REUP_TOPLEVEL": toplevel}
+    proc = subprocess.run([script, activate], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or [""])[-1]
+        raise ActivationFailed(f"activation failed ({activate}, exit {proc.returncode}): {detail}")
