@@ -15,7 +15,6 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, cast
 
 import zstandard
 
@@ -104,27 +103,30 @@ class FileSink:
 
 
 class LiteralStream:
-    """The stream-wide zstd stream carrying all literal file contents, in order."""
+    """The stream-wide zstd stream carrying all literal file contents, in order.
+
+    Input goes in small slices: zstd can expand a few bytes into a 128 KiB
+    block, so this bounds the output (and memory) of each step.
+    """
 
     def __init__(self) -> None:
-        self.sink: FileSink | None = None
-        self.writer = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).stream_writer(
-            cast(IO[bytes], self), write_return_read=True
-        )
-
-    def write(self, data: bytes) -> int:  # called by the decompressor with output
-        if self.sink is None:
-            raise Oversized("literal stream has data beyond its files")
-        return self.sink.write(data)
+        self.dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
 
     def feed(self, sink: FileSink, data: bytes) -> None:
-        self.sink = sink
         try:
-            self.writer.write(data)
+            zstd_feed(self.dobj, data, sink)
         except zstandard.ZstdError as exc:
             raise Corrupt(f"literal data does not decompress: {exc}") from exc
-        finally:
-            self.sink = None
+
+
+def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: FileSink) -> None:
+    """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
+    so this bounds each step's output (and memory) to about 3 MiB."""
+    view = memoryview(data)
+    for off in range(0, len(view), 64):
+        out = dobj.decompress(view[off : off + 64])
+        if out:
+            sink.write(out)
 
 
 @dataclass
@@ -247,8 +249,7 @@ class PathBuilder:
             elif e.codec == Codec.ZSTD_PREFIX:
                 d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
                 dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
-                with dctx.stream_writer(cast(IO[bytes], sink), closefd=False) as w:
-                    w.write(patch)
+                zstd_feed(dctx.decompressobj(), patch, sink)
             else:
                 raise Unsupported(f"unknown codec {e.codec}")
         except (Oversized, HashMismatch, Unsupported):
