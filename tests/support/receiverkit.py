@@ -1,0 +1,254 @@
+"""Helpers for the receiver's tests: device roots, running `reup-receive`, snapshots, streams.
+
+A device root is populated from the host's Nix store with `nix copy --to DIR`
+(which gives it a real Nix database) plus NixOS-style profile links. Streams
+come from the real encoder (`reup.delta.encode`) or are crafted record by
+record with the receiver's own wire/model modules (`parse_records`,
+`build_stream`), so a test can change one field and keep the framing valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from reup_receiver.model import decode_manifest, encode_manifest
+from reup_receiver.nar import nar_hash_tree
+from reup_receiver.wire import (
+    HEADER,
+    MAGIC,
+    RECORD,
+    T_MANIFEST,
+    T_TRAILER,
+    VERSION,
+    RecordWriter,
+)
+
+from .nixflake import nix_env
+
+BIN = os.path.dirname(sys.executable)
+RECEIVE = os.path.join(BIN, "reup-receive")
+REUP = os.path.join(BIN, "reup")
+STORE = "/nix/store"
+
+
+# --- device roots ------------------------------------------------------------
+
+
+def nix_copy(root: str, paths: Sequence[str]) -> None:
+    subprocess.run(["nix", "copy", "--no-check-sigs", "--to", root, *paths], env=nix_env(),
+                   check=True, capture_output=True)
+
+
+def set_generations(root: str, toplevels: Sequence[str], current: int | None = None) -> None:
+    """Profile links system-1..N-link -> toplevels; `system` -> the `current` one (default: last)."""
+    profiles = os.path.join(root, "nix/var/nix/profiles")
+    os.makedirs(profiles, exist_ok=True)
+    for i, top in enumerate(toplevels, 1):
+        os.symlink(top, os.path.join(profiles, f"system-{i}-link"))
+    if toplevels:
+        os.symlink(f"system-{current or len(toplevels)}-link", os.path.join(profiles, "system"))
+
+
+def copy_root(src: str, dest: str) -> str:
+    subprocess.run(["cp", "-a", src, dest], check=True)
+    return dest
+
+
+def host(root: str, store_path: str) -> str:
+    return os.path.join(root, store_path.lstrip("/"))
+
+
+def visible_paths(root: str) -> set[str]:
+    store = os.path.join(root, "nix/store")
+    if not os.path.isdir(store):
+        return set()
+    return {f"{STORE}/{n}" for n in os.listdir(store) if not n.startswith(".")}
+
+
+def db_rows(root: str) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """(ValidPaths rows, Refs rows as path pairs) of the device's Nix database, sorted."""
+    db = os.path.join(root, "nix/var/nix/db/db.sqlite")
+    if not os.path.exists(db):
+        return [], []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        paths = sorted(conn.execute("SELECT path, hash, narSize, deriver FROM ValidPaths"))
+        refs = sorted(conn.execute(
+            "SELECT a.path, b.path FROM Refs r JOIN ValidPaths a ON a.id = r.referrer"
+            " JOIN ValidPaths b ON b.id = r.reference"))
+    return paths, refs
+
+
+def profile_links(root: str) -> dict[str, str]:
+    profiles = os.path.join(root, "nix/var/nix/profiles")
+    if not os.path.isdir(profiles):
+        return {}
+    return {n: os.readlink(os.path.join(profiles, n)) for n in sorted(os.listdir(profiles))
+            if os.path.islink(os.path.join(profiles, n))}
+
+
+def read_activations(root: str) -> list[str]:
+    try:
+        with open(os.path.join(root, "activations")) as fh:
+            return fh.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def receiver_records(root: str) -> list[str]:
+    d = os.path.join(root, "nix/var/reup/paths")
+    return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def snapshot(root: str) -> dict[str, Any]:
+    """Everything a failed receive must leave as it was (staging is not part of it)."""
+    paths, refs = db_rows(root)
+    store = os.path.join(root, "nix/store")
+    tops = {}
+    for p in sorted(visible_paths(root)):
+        st = os.lstat(host(root, p))
+        tops[p] = (st.st_mode, st.st_ino, st.st_mtime_ns)
+    return {
+        "profiles": profile_links(root),
+        "store": tops,
+        "db_paths": paths,
+        "db_refs": refs,
+        "records": receiver_records(root),
+        "activations": read_activations(root),
+        "store_dir_entries": sorted(n for n in os.listdir(store) if not n.startswith("."))
+        if os.path.isdir(store) else [],
+    }
+
+
+def current_toplevel(root: str) -> str | None:
+    profiles = os.path.join(root, "nix/var/nix/profiles")
+    try:
+        link = os.readlink(os.path.join(profiles, "system"))
+        return os.readlink(os.path.join(profiles, link))
+    except OSError:
+        return None
+
+
+# --- running the receiver ----------------------------------------------------
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+def receive(root: str, stream: bytes | None, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> Run:
+    """Run `reup-receive --root ROOT ARGS` with `stream` on stdin (as a real subprocess)."""
+    proc = subprocess.run([RECEIVE, "--root", root, *args], input=stream or b"",
+                          capture_output=True, env=env or nix_env(), timeout=timeout,
+                          check=False)
+    return Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def status(root: str) -> dict[str, Any]:
+    run = receive(root, None, "--status")
+    assert run.returncode == 0, run.stderr
+    return run.json()  # type: ignore[no-any-return]
+
+
+def assert_one_line_error(run: Run, code: int, *needles: str) -> None:
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == code, (run.returncode, run.stderr)
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith("reup-receive: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert run.stdout == ""
+
+
+# --- Nix and NAR hashes ------------------------------------------------------
+
+
+def host_nar_hash(path: str) -> bytes:
+    """sha256 of `nix-store --dump PATH` from the host's store."""
+    proc = subprocess.run(["nix-store", "--dump", path], capture_output=True, check=True,
+                          env=nix_env())
+    return hashlib.sha256(proc.stdout).digest()
+
+
+def device_nar_hash(root: str, path: str) -> bytes:
+    return nar_hash_tree(host(root, path))[0]
+
+
+def nix_verify(root: str, path: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["nix", "store", "verify", "--no-trust", "--store", root, "-r", path],
+                          env=nix_env(), capture_output=True, text=True, check=False)
+
+
+# --- streams -----------------------------------------------------------------
+
+
+def encode_stream(held: Sequence[str], target: str, out: str,
+                  staged: Sequence[str] = ()) -> bytes:
+    from reup.delta.encode import encode
+
+    encode(list(held), target, out, staged=list(staged))
+    with open(out, "rb") as fh:
+        return fh.read()
+
+
+def parse_records(stream: bytes) -> list[tuple[int, bytes]]:
+    """The records of a well-formed stream (header skipped, trailer included), no checks."""
+    assert stream[:8] == MAGIC
+    out = []
+    pos = HEADER.size
+    while pos < len(stream):
+        tag, length = RECORD.unpack_from(stream, pos)
+        pos += RECORD.size
+        out.append((tag, stream[pos:pos + length]))
+        pos += length
+    assert out[-1][0] == T_TRAILER
+    return out
+
+
+def record_offsets(stream: bytes) -> list[int]:
+    """Byte offset of every record (and the end of the header)."""
+    offsets = []
+    pos = HEADER.size
+    while pos < len(stream):
+        offsets.append(pos)
+        _tag, length = RECORD.unpack_from(stream, pos)
+        pos += RECORD.size + length
+    return offsets
+
+
+def build_stream(records: Sequence[tuple[int, bytes]], *, version: int = VERSION,
+                 fix_size: bool = True, size_delta: int = 0) -> bytes:
+    """A stream of these records (trailer records dropped) with a correct trailer digest.
+
+    With `fix_size` the manifest's stream_bytes is recomputed (+ `size_delta`), so only a
+    deliberate change inside a record can make the receiver refuse the stream.
+    """
+    import io
+
+    body = [(t, p) for t, p in records if t != T_TRAILER]
+    if fix_size and body and body[0][0] == T_MANIFEST:
+        m = decode_manifest(body[0][1])
+        size = HEADER.size + sum(RECORD.size + len(p) for _, p in body) + RECORD.size + 32
+        m.stream_bytes = size + size_delta
+        body[0] = (T_MANIFEST, encode_manifest(m))
+    out = io.BytesIO()
+    w = RecordWriter(out, header=False)
+    w._write(HEADER.pack(MAGIC, version, 0))
+    for tag, payload in body:
+        w.record(tag, payload)
+    w.trailer()
+    return out.getvalue()
