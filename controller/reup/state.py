@@ -139,11 +139,16 @@ class Store:
 
     # --- planner inputs -------------------------------------------------------
 
-    def desired(self) -> Desired:
-        rev = self.revision()
-        if rev is None:
-            return Desired(commit=None)
-        commit, seen_at = rev
+    def desired(self, commit: str | None = None) -> Desired:
+        """The targets of `commit` (default: the current revision)."""
+        if commit is None:
+            rev = self.revision()
+            if rev is None:
+                return Desired(commit=None)
+            commit, seen_at = rev
+        else:
+            rows = self._exec("SELECT seen_at FROM revisions WHERE commit_id=?", (commit,))
+            seen_at = float(rows[0]["seen_at"]) if rows else 0.0
         rows = self._exec("SELECT * FROM targets WHERE commit_id=? ORDER BY device", (commit,))
         targets = {
             r["device"]: Target(r["device"], commit, r["wave"], r["drv_path"], r["toplevel"], r["error"]) for r in rows

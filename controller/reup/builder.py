@@ -1,0 +1,116 @@
+"""Evaluate and build device systems, and keep their GC roots: the controller's Nix executor.
+
+Called by the reconcile loop (controller.py) and `reup plan`; every Nix call goes
+through `reup.nix.NixExecutor`. `evaluate` makes one `nix eval` for the whole
+fleet (drvPath and outPath of each device's toplevel); if that fails or a device
+throws, each failing device is evaluated alone to get its own error text, so one
+broken device never fails the others. `build` realises one drvPath with
+`nix build --json --no-link`. `GcRoots` keeps an indirect root in
+`<state>/gcroots` for each needed toplevel and drops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+from .errors import PermanentError, TemporaryError
+from .fleet import Fleet
+from .model import Target
+from .nix import (
+    NixError,
+    NixExecutor,
+    add_root_cmd,
+    parse_toplevels,
+    toplevel_drv_installable,
+    toplevels_apply,
+)
+
+log = logging.getLogger(__name__)
+
+
+def nix_error_text(exc: NixError) -> str:
+    lines = [ln for ln in exc.stderr.strip().splitlines() if ln.strip()]
+    return "\n".join(lines[-12:]) or str(exc)
+
+
+class Builder:
+    def __init__(self, nix: NixExecutor, *, timeout: float = 3600.0) -> None:
+        self.nix = nix
+        self.timeout = timeout
+
+    def evaluate(self, flake: str, fleet: Fleet, commit: str) -> list[Target]:
+        """One Target per device of `fleet` at `commit`: drvPath and toplevel, or the error."""
+        configs = {name: dev.config for name, dev in fleet.devices.items()}
+        results: dict[str, tuple[str, str] | None]
+        try:
+            value = self.nix.eval_json(f"{flake}#nixosConfigurations", apply=toplevels_apply(configs))
+            results = parse_toplevels(value)
+        except (NixError, ValueError) as exc:
+            log.warning("fleet evaluation failed, evaluating devices one by one: %s", exc)
+            results = dict.fromkeys(configs)
+        targets = []
+        for name, dev in sorted(fleet.devices.items()):
+            res = results.get(name)
+            if res is not None:
+                targets.append(Target(name, commit, dev.wave, res[0], res[1]))
+            else:
+                targets.append(Target(name, commit, dev.wave, error=self._device_error(flake, dev.config)))
+        return targets
+
+    def _device_error(self, flake: str, config: str) -> str:
+        try:
+            self.nix.eval_json(toplevel_drv_installable(flake, config))
+        except NixError as exc:
+            return "evaluation failed: " + nix_error_text(exc)
+        return f"evaluation failed: nixosConfigurations.{config} has no usable toplevel"
+
+    def build(self, drv_path: str) -> str:
+        """Build one derivation; return its output path. Build errors are permanent for the revision."""
+        try:
+            outputs = self.nix.build([drv_path])
+        except NixError as exc:
+            raise PermanentError("build failed: " + nix_error_text(exc)) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise TemporaryError(f"build of {drv_path} timed out") from exc
+        out = outputs[0].get("out") if outputs else None
+        if not out:
+            raise PermanentError(f"build of {drv_path} returned no 'out' output: {outputs!r}")
+        return out
+
+
+class GcRoots:
+    """Indirect GC roots `<state>/gcroots/<name>` for the toplevels the controller needs."""
+
+    def __init__(self, nix: NixExecutor, root_dir: str) -> None:
+        self.nix = nix
+        self.dir = root_dir
+        os.makedirs(root_dir, exist_ok=True)
+
+    def current(self) -> dict[str, str]:
+        out = {}
+        for name in os.listdir(self.dir):
+            link = os.path.join(self.dir, name)
+            if os.path.islink(link):
+                out[name] = os.readlink(link)
+        return out
+
+    def sync(self, needed: dict[str, str]) -> tuple[list[str], list[str]]:
+        """Make the roots exactly `needed` ({name: store path}); returns (added, dropped)."""
+        have = self.current()
+        added, dropped = [], []
+        for name, path in sorted(needed.items()):
+            if have.get(name) == path:
+                continue
+            if not os.path.exists(path):
+                continue  # not built (yet): nothing to protect
+            link = os.path.join(self.dir, name)
+            if os.path.islink(link):
+                os.unlink(link)
+            self.nix.run(add_root_cmd(path, link))
+            added.append(name)
+        for name in sorted(set(have) - set(needed)):
+            os.unlink(os.path.join(self.dir, name))
+            dropped.append(name)
+        return added, dropped

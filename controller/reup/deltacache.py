@@ -1,0 +1,86 @@
+"""The delta cache: streams from the encoder, keyed by (held, target, staged), in `<state>/deltas`.
+
+Called by the push executor (push.py) and `reup plan` (which only needs the
+size). Several devices holding the same generation share one encoded stream;
+the cache keeps the newest `max_entries` streams. The encoder is
+`reup.delta.encode.encode(held, target, out, staged)` (out: a file path)
+unless one is injected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .nix import NixExecutor
+
+Encoder = Callable[[Sequence[str], str, str, Sequence[str]], Any]
+
+
+def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
+    """The real encoder, running its Nix queries through `nix`."""
+
+    def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str]) -> Any:
+        from reup.delta.encode import encode
+
+        return encode(held, target, out, staged=staged, executor=nix)
+
+    return encoder
+
+
+class DeltaCache:
+    @dataclass(frozen=True)
+    class Entry:
+        path: str
+        stream_bytes: int
+        nar_bytes: int
+        cached: bool
+
+    def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64) -> None:
+        self.dir = directory
+        self.encoder = encoder or nix_encoder()
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
+        os.makedirs(directory, exist_ok=True)
+
+    @staticmethod
+    def key(held: Sequence[str], target: str, staged: Sequence[str]) -> str:
+        blob = json.dumps([sorted(set(held)), target, sorted(set(staged))]).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def get(self, held: Sequence[str], target: str, staged: Sequence[str] = ()) -> DeltaCache.Entry:
+        key = self.key(held, target, staged)
+        with self._lock:
+            lock = self._building.setdefault(key, threading.Lock())
+        with lock:  # two devices needing the same stream encode it once
+            stream, meta = os.path.join(self.dir, key + ".stream"), os.path.join(self.dir, key + ".json")
+            if os.path.exists(stream) and os.path.exists(meta):
+                with open(meta, encoding="utf-8") as f:
+                    m = json.load(f)
+                os.utime(stream)
+                return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
+            tmp = stream + ".tmp"
+            stats = self.encoder(list(held), target, tmp, list(staged))
+            size = os.path.getsize(tmp)
+            stream_bytes = int(getattr(stats, "stream_bytes", size) or size)
+            nar_bytes = int(getattr(stats, "nar_bytes", 0) or 0)
+            os.replace(tmp, stream)
+            with open(meta, "w", encoding="utf-8") as f:
+                json.dump({"stream_bytes": stream_bytes, "nar_bytes": nar_bytes, "target": target}, f)
+            self._prune()
+            return self.Entry(stream, stream_bytes, nar_bytes, False)
+
+    def _prune(self) -> None:
+        streams = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.endswith(".stream")]
+        streams.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+        for old in streams[self.max_entries:]:
+            for path in (old, old[: -len(".stream")] + ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)

@@ -1,0 +1,247 @@
+"""Push executor: talk to a device's `reup-receive --ssh-command` over SSH (asyncssh).
+
+Called by the reconcile loop (controller.py) for each Push action and by
+`reup plan` (status only). A push is: connect (host key checked against
+fleet.toml, no trust on first use) -> `status` -> if the device already runs the
+target, adopt it (nothing sent) -> a stream from the delta encoder for what the
+device holds (deltacache.py) -> `receive --activate A` with the stream on stdin
+-> the receiver's JSON result. Failures are classified into `UnreachableError`,
+`TemporaryError` (retried by tenacity with jittered exponential backoff) and
+`PermanentError`; the command builders and parsers here are pure and unit-tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import asyncssh
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from .deltacache import DeltaCache
+from .errors import PermanentError, TemporaryError, UnreachableError
+from .fleet import Device
+from .model import DeviceState
+
+log = logging.getLogger(__name__)
+CHUNK = 256 * 1024
+
+# Receiver exit codes (receiver/reup_receiver/errors.py, docs/stream-format.md).
+TRANSIENT_EXITS = {10: "bad-magic", 11: "truncated", 12: "corrupt", 19: "locked"}
+FALLBACK_EXITS = {14: "missing-base", 21: "missing-path"}  # resend a full stream
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    current: str | None
+    generations: tuple[tuple[int, str], ...] = ()
+    paths: tuple[str, ...] = ()
+    staged: tuple[str, ...] = ()
+
+    def generation_of(self, toplevel: str) -> int | None:
+        numbers = [n for n, t in self.generations if t == toplevel]
+        return max(numbers) if numbers else None
+
+
+@dataclass(frozen=True)
+class ReceiveResult:
+    generation: int | None
+    toplevel: str
+    installed: tuple[str, ...] = ()
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PushOutcome:
+    toplevel: str
+    generation: int | None
+    stream_bytes: int = 0
+    nar_bytes: int = 0
+    adopted: bool = False  # the device already ran the target: nothing was sent
+    seconds: float = 0.0
+    installed: tuple[str, ...] = field(default=())
+
+
+# --- pure builders and parsers -------------------------------------------------
+
+
+def receive_command(activation: str = "switch") -> str:
+    return f"receive --activate {activation}"
+
+
+def parse_status(stdout: str | bytes) -> DeviceStatus:
+    d = json.loads(stdout)
+    gens = tuple((int(g["number"]), str(g["toplevel"])) for g in d.get("generations") or [])
+    return DeviceStatus(
+        current=d.get("current"),
+        generations=gens,
+        paths=tuple(d.get("paths") or ()),
+        staged=tuple(d.get("staged") or ()),
+    )
+
+
+def parse_receive(stdout: str | bytes) -> ReceiveResult:
+    d = json.loads(stdout)
+    gen = d.get("generation")
+    return ReceiveResult(
+        generation=int(gen) if gen is not None else None,
+        toplevel=str(d["toplevel"]),
+        installed=tuple(d.get("installed") or ()),
+        bytes_read=int(d.get("bytes_read") or 0),
+        seconds=float(d.get("seconds") or 0.0),
+    )
+
+
+def classify_exit(exit_status: int | None, stderr: str) -> Exception:
+    """Map a failed remote command to an error class (see the receiver's exit codes)."""
+    message = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {exit_status}"
+    if exit_status is None or exit_status == 255:
+        return UnreachableError(f"connection lost: {message}")
+    if exit_status in TRANSIENT_EXITS:
+        return TemporaryError(f"{TRANSIENT_EXITS[exit_status]}: {message}")
+    return PermanentError(message)
+
+
+# --- the executor --------------------------------------------------------------
+
+
+class SshPusher:
+    def __init__(
+        self,
+        deltas: DeltaCache,
+        *,
+        key: str | None,
+        connect_timeout: float = 10.0,
+        attempts: int = 3,
+        have_path: Callable[[str], bool] = os.path.exists,
+    ) -> None:
+        self.deltas = deltas
+        self.key = key
+        self.connect_timeout = connect_timeout
+        self.attempts = attempts
+        self.have_path = have_path
+
+    async def _connect(self, dev: Device) -> asyncssh.SSHClientConnection:
+        try:
+            trusted = [asyncssh.import_public_key(dev.host_key)]
+            return await asyncssh.connect(
+                dev.host,
+                dev.port,
+                username=dev.user,
+                client_keys=[self.key] if self.key else None,
+                known_hosts=(trusted, [], []),
+                agent_path=None,
+                config=[],
+                connect_timeout=self.connect_timeout,
+            )
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise PermanentError(f"{dev.name}: host key does not match fleet.toml: {exc}") from exc
+        except asyncssh.PermissionDenied as exc:
+            raise PermanentError(f"{dev.name}: SSH authentication refused: {exc}") from exc
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise UnreachableError(f"{dev.name} ({dev.host}:{dev.port}) unreachable: {exc or type(exc).__name__}") from exc
+
+    async def _run(self, conn: asyncssh.SSHClientConnection, command: str) -> str:
+        try:
+            res = await conn.run(command, check=False, timeout=self.connect_timeout * 6)
+        except (OSError, asyncssh.Error, TimeoutError) as exc:
+            raise UnreachableError(f"{command}: {exc}") from exc
+        if res.exit_status != 0:
+            raise classify_exit(res.exit_status, str(res.stderr or ""))
+        return str(res.stdout or "")
+
+    async def _retrying(self, fn: Callable[[], object]) -> object:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TemporaryError),
+            wait=wait_random_exponential(multiplier=0.2, max=5.0),
+            stop=stop_after_attempt(self.attempts),
+            reraise=True,
+        ):
+            with attempt:
+                result = fn()
+                return await result if asyncio.iscoroutine(result) else result
+        raise AssertionError("tenacity stopped without a result")  # pragma: no cover
+
+    async def status(self, dev: Device) -> DeviceStatus:
+        async def once() -> DeviceStatus:
+            conn = await self._connect(dev)
+            try:
+                return parse_status(await self._run(conn, "status"))
+            finally:
+                conn.close()
+
+        result = await self._retrying(once)
+        assert isinstance(result, DeviceStatus)
+        return result
+
+    async def push(
+        self,
+        dev: Device,
+        toplevel: str,
+        *,
+        activation: str = "switch",
+        on_phase: Callable[[DeviceState], None] = lambda s: None,
+    ) -> PushOutcome:
+        async def once() -> PushOutcome:
+            return await self._push_once(dev, toplevel, activation, on_phase)
+
+        result = await self._retrying(once)
+        assert isinstance(result, PushOutcome)
+        return result
+
+    async def _push_once(
+        self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None]
+    ) -> PushOutcome:
+        start = time.monotonic()
+        async with await self._connect(dev) as conn:
+            status = parse_status(await self._run(conn, "status"))
+            if status.current == toplevel:
+                return PushOutcome(toplevel, status.generation_of(toplevel), adopted=True)
+            held = tuple(p for p in status.paths if self.have_path(p))
+            on_phase(DeviceState.TRANSFERRING)
+            try:
+                result, entry = await self._send(conn, held, toplevel, status.staged, activation, on_phase)
+            except PermanentError as exc:
+                if not getattr(exc, "fallback", False):
+                    raise
+                log.warning("%s: %s; sending a full stream", dev.name, exc)
+                result, entry = await self._send(conn, (), toplevel, (), activation, on_phase)
+        if result.toplevel != toplevel:
+            raise PermanentError(f"receiver installed {result.toplevel}, expected {toplevel}")
+        return PushOutcome(toplevel, result.generation, entry.stream_bytes, entry.nar_bytes,
+                           seconds=time.monotonic() - start, installed=result.installed)
+
+    async def _send(self, conn: asyncssh.SSHClientConnection, held: tuple[str, ...], toplevel: str,
+                    staged: tuple[str, ...], activation: str,
+                    on_phase: Callable[[DeviceState], None]) -> tuple[ReceiveResult, DeltaCache.Entry]:
+        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged)
+        try:
+            proc = await conn.create_process(receive_command(activation), encoding=None)
+            with open(entry.path, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    proc.stdin.write(chunk)
+                    await proc.stdin.drain()
+            proc.stdin.write_eof()
+            on_phase(DeviceState.ACTIVATING)
+            res = await proc.wait(check=False)
+        except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
+            raise UnreachableError(f"transfer interrupted: {exc}") from exc
+        stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
+        if res.exit_status != 0:
+            err = classify_exit(res.exit_status, stderr)
+            if res.exit_status in FALLBACK_EXITS and held:
+                err.fallback = True  # type: ignore[attr-defined]
+            raise err
+        out = res.stdout if isinstance(res.stdout, bytes) else str(res.stdout or "").encode()
+        return parse_receive(out), entry
