@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 from support.nixflake import NIX_CONFIG, Generations, build_generations
-from support.receiverkit import copy_root, nix_copy, set_generations
+from support.receiverkit import StreamCache, copy_root, nix_copy, set_generations
 
 FLAKE_SALT = "t1"  # change to force fresh store paths for the test flake
 
@@ -35,3 +35,9 @@ def gen1_template(gens: Generations, tmp_path_factory: pytest.TempPathFactory) -
 def gen1_root(gen1_template: str, tmp_path: os.PathLike[str]) -> Iterator[str]:
     """A fresh device root on generation 1."""
     yield copy_root(gen1_template, os.path.join(tmp_path, "device"))
+
+
+@pytest.fixture(scope="session")
+def streams(tmp_path_factory: pytest.TempPathFactory) -> StreamCache:
+    """Encoder output cached per session: `streams.get(held, target, staged)`."""
+    return StreamCache(str(tmp_path_factory.mktemp("streams")))

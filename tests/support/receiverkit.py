@@ -252,3 +252,25 @@ def build_stream(records: Sequence[tuple[int, bytes]], *, version: int = VERSION
         w.record(tag, payload)
     w.trailer()
     return out.getvalue()
+
+
+class StreamCache:
+    """Streams from the real encoder, each encoded once per session."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.cache: dict[tuple[tuple[str, ...], str, tuple[str, ...]], bytes] = {}
+
+    def get(self, held: Sequence[str], target: str, staged: Sequence[str] = ()) -> bytes:
+        key = (tuple(held), target, tuple(staged))
+        if key not in self.cache:
+            out = os.path.join(self.directory, f"stream-{len(self.cache)}")
+            self.cache[key] = encode_stream(held, target, out, staged)
+        return self.cache[key]
+
+
+def empty_db_root(root: str) -> str:
+    """A device root with an empty Nix database (as Nix creates it) and no paths."""
+    subprocess.run(["nix", "store", "ping", "--store", root], env=nix_env(), check=True,
+                   capture_output=True)
+    return root
