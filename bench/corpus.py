@@ -53,6 +53,22 @@ def generations() -> dict[str, dict[str, Any]]:
     }
 
 
+# Which generation each one was derived from (for describing the changes).
+PARENTS = {"g1": "g0", "g2": "g1", "g3": "g1", "g4": "g1", "g5": "g1", "g9": "g5"}
+
+
+def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """`ruff 0.6.8->0.6.9, config.interval 60->30` (keys whose values differ)."""
+    parts = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            parts += [f"{key}.{k} {a.get(k)}->{b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
+            parts.append(f"{key} {a}->{b}")
+    return ", ".join(parts) or "none"
+
+
 @dataclass(frozen=True)
 class ScenarioSpec:
     number: int

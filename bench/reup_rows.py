@@ -1,0 +1,174 @@
+"""reup's own rows: encode (time, peak RSS, repeat), apply on a device root, verify.
+
+Called by `bench.run` once per scenario. The encoder runs in a child process
+(`bench.encode_child`) and the receiver as `reup-receive --root DIR --activate none`,
+both measured with `os.wait4` (wall seconds and peak RSS of the largest process in the
+child's tree). The device root is populated with `nix copy --to DIR` of the held
+closures plus NixOS profile links; the result is checked with
+`nix store verify --no-trust --store DIR -r TARGET`. A size counts only if it applies and
+verifies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from reup.nix import NixError, NixExecutor, copy_to_cmd, store_verify_cmd
+
+
+@dataclass
+class Measured:
+    returncode: int
+    seconds: float
+    peak_rss: int  # bytes
+    stdout: str
+    stderr: str
+
+
+def measure(argv: Sequence[str], *, stdin: IO[bytes] | None = None, env: dict[str, str] | None = None) -> Measured:
+    """Run a command; wall seconds and peak RSS (ru_maxrss of its process tree) via wait4."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=stdin if stdin is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    out, err = _drain(proc)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Measured(proc.returncode, seconds, usage.ru_maxrss * 1024, out, err)
+
+
+def _drain(proc: subprocess.Popen[bytes]) -> tuple[str, str]:
+    # communicate() would reap the child and lose its rusage; read both pipes by threads.
+    import threading
+
+    chunks: dict[str, bytes] = {}
+
+    def read(name: str, f: IO[bytes] | None) -> None:
+        chunks[name] = f.read() if f else b""
+
+    threads = [threading.Thread(target=read, args=(n, f)) for n, f in (("out", proc.stdout), ("err", proc.stderr))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return chunks["out"].decode(errors="replace"), chunks["err"].decode(errors="replace")
+
+
+@dataclass
+class ReupRow:
+    ok: bool = False
+    error: str = ""
+    bytes: int = 0
+    encode_seconds: float = 0.0
+    encode_peak_rss: int = 0
+    repeat_seconds: float | None = None
+    apply_seconds: float = 0.0
+    apply_peak_rss: int = 0
+    verified: bool = False
+    stats: object = None
+    receiver: dict[str, object] = field(default_factory=dict)
+
+
+def run_encode(held: Sequence[str], target: str, out: Path, env: dict[str, str]) -> tuple[ReupRow, Measured]:
+    req = {"held": list(held), "target": target, "out": str(out), "repeat_out": str(out) + ".repeat"}
+    m = measure([sys.executable, "-m", "bench.encode_child", json.dumps(req)], env=env)
+    row = ReupRow(encode_seconds=m.seconds, encode_peak_rss=m.peak_rss)
+    try:
+        res = json.loads(m.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        row.error = f"encoder child exited {m.returncode}: {m.stderr.strip()[-300:]}"
+        return row, m
+    if not res.get("ok"):
+        row.error = str(res.get("error"))
+        return row, m
+    row.encode_seconds = float(res["seconds"])  # the encode call itself, not interpreter start
+    row.repeat_seconds = res.get("repeat_seconds")
+    row.stats = res.get("stats")
+    row.bytes = out.stat().st_size
+    Path(str(out) + ".repeat").unlink(missing_ok=True)
+    return row, m
+
+
+def make_device_root(root: Path, held: Sequence[str], executor: NixExecutor) -> None:
+    """A device filesystem holding the closures of `held` (last = current generation)."""
+    if root.exists():
+        remove_tree(root)
+    root.mkdir(parents=True)
+    if not held:
+        return
+    executor.run(copy_to_cmd(held, str(root)), timeout=900)
+    profiles = root / "nix/var/nix/profiles"
+    profiles.mkdir(parents=True, exist_ok=True)
+    for i, top in enumerate(held, start=1):
+        os.symlink(top, profiles / f"system-{i}-link")
+    os.symlink(f"system-{len(held)}-link", profiles / "system")
+
+
+def remove_tree(root: Path) -> None:
+    """Store paths are read-only; make them writable, then delete."""
+    for dirpath, dirnames, _ in os.walk(root):
+        for d in dirnames:
+            p = os.path.join(dirpath, d)
+            if not os.path.islink(p):
+                os.chmod(p, 0o755)
+    os.chmod(root, 0o755)
+    shutil.rmtree(root)
+
+
+def receiver_argv(root: Path) -> list[str]:
+    exe = Path(sys.executable).parent / "reup-receive"
+    return [str(exe), "--root", str(root), "--activate", "none"]
+
+
+def apply_and_verify(row: ReupRow, stream: Path, root: Path, target: str, executor: NixExecutor,
+                     env: dict[str, str]) -> None:
+    with open(stream, "rb") as f:
+        m = measure(receiver_argv(root), stdin=f, env={**env, "REUP_ROOT": str(root)})
+    row.apply_seconds, row.apply_peak_rss = m.seconds, m.peak_rss
+    if m.returncode != 0:
+        row.error = f"reup-receive exited {m.returncode}: {m.stderr.strip()[-300:]}"
+        return
+    try:
+        row.receiver = json.loads(m.stdout)
+    except json.JSONDecodeError:
+        row.receiver = {"stdout": m.stdout[-300:]}
+    try:
+        executor.run(store_verify_cmd([target], store=str(root)), timeout=900)
+    except NixError as exc:
+        row.error = f"nix store verify failed: {exc}"
+        return
+    row.verified = True
+    row.ok = True
+
+
+def run_scenario(held: Sequence[str], target: str, work: Path, executor: NixExecutor,
+                 env: dict[str, str]) -> ReupRow:
+    """Encode, apply to a fresh device root and verify; the row records what failed."""
+    work.mkdir(parents=True, exist_ok=True)
+    stream = work / "stream.reup"
+    row, _ = run_encode(held, target, stream, env)
+    if row.error:
+        return row
+    root = work / "device"
+    try:
+        make_device_root(root, held, executor)
+        apply_and_verify(row, stream, root, target, executor, env)
+    finally:
+        if root.exists():
+            remove_tree(root)
+        stream.unlink(missing_ok=True)
+    return row

@@ -1,0 +1,145 @@
+"""`make bench`: build the corpus, run the baselines and reup on every scenario, write the report.
+
+usage: python -m bench.run --out bench/results.md [--only 1,5] [--skip-reup] [--workdir bench/.work]
+
+Runs from the repository root. Nix runs offline (no substituters, sandbox off) through
+`reup.nix.NixExecutor`. Scenarios run one after another so that each timing has the
+machine to itself. Also writes `<workdir>/results.json` with every measured number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from reup.nix import NixExecutor, PathInfo
+
+from bench import baseline_files, baselines, corpus, reup_rows, storefs
+from bench.report import ScenarioResult, fmt_bytes, render
+
+NIX_OPTIONS = {"sandbox": "false", "substituters": ""}
+REPO = Path(__file__).resolve().parent.parent
+
+
+def nix_env() -> dict[str, str]:
+    extra = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters ="
+    cur = os.environ.get("NIX_CONFIG", "")
+    return {"NIX_CONFIG": f"{cur}\n{extra}" if cur else extra}
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def largest_with_partner(missing: Sequence[str], held: Sequence[str]) -> tuple[int, int]:
+    """Size of the largest file of `missing`, and of its same-relative-path held partner."""
+    st = storefs.tree_stats(missing)
+    if not st.files:
+        return 0, 0
+    top = next(p for p in missing if st.largest_rel == p or st.largest_rel.startswith(p + "/"))
+    old = baseline_files.pair_paths([top], held).get(top)
+    if not old:
+        return st.largest, 0
+    partner = old + st.largest_rel[len(top):]
+    return st.largest, (os.path.getsize(partner) if os.path.isfile(partner) else 0)
+
+
+def corpus_rows(c: corpus.Corpus) -> list[list[str]]:
+    gens = corpus.generations()
+    rows = []
+    for label in sorted(c.toplevels):
+        closure = c.closures[label]
+        st = storefs.tree_stats(sorted(closure))
+        parent = corpus.PARENTS.get(label)
+        change = corpus.describe_changes(gens[parent], gens[label]) if parent else "base"
+        largest = f"{os.path.basename(st.largest_rel)} ({fmt_bytes(st.largest)})"
+        nar = sum(p.nar_size for p in closure.values())
+        rows.append([label, change, str(len(closure)), fmt_bytes(nar), str(st.files), largest])
+    return rows
+
+
+def run_scenario(sc: corpus.Scenario, labels: dict[str, str], closures: dict[str, dict[str, PathInfo]],
+                 executor: NixExecutor, env: dict[str, str], work: Path, skip_reup: bool) -> ScenarioResult:
+    by_top = {top: lab for lab, top in labels.items()}
+    held_closure: dict[str, PathInfo] = {}
+    for top in sc.held:
+        held_closure.update(closures[by_top[top]])
+    missing = corpus.missing_paths(closures[by_top[sc.target]], held_closure)
+    held_paths = sorted(held_closure)
+    big_new, big_partner = largest_with_partner(missing, held_paths)
+    res = ScenarioResult(
+        number=sc.number, title=sc.title, held="+".join(by_top[t] for t in sc.held),
+        target=by_top[sc.target], missing_paths=len(missing),
+        missing_nar_bytes=sum(closures[by_top[sc.target]][p].nar_size for p in missing),
+        changed_files=0, largest_new_file=big_new, largest_new_partner=big_partner,
+        largest_old_file=storefs.tree_stats(held_paths).largest,
+    )
+    for b in baselines.run_all(held_paths, missing, work / "baselines"):
+        res.baselines[b.method] = (b.bytes, b.seconds)
+        log(f"S{sc.number} {b.method}: {b.bytes} B in {b.seconds:.2f} s")
+        if b.method == "files+bsdiff4":
+            ops = b.detail.get("ops", {})
+            assert isinstance(ops, dict)
+            res.changed_files = int(ops.get("bsdiff", 0)) + int(ops.get("literal", 0))
+    if skip_reup:
+        res.reup_error = "skipped (--skip-reup)"
+        return res
+    row = reup_rows.run_scenario(sc.held, sc.target, work / "reup", executor, env)
+    res.reup_ok, res.reup_error, res.reup_bytes = row.ok, row.error, row.bytes
+    res.reup_encode_s, res.reup_repeat_s, res.reup_encode_rss = row.encode_seconds, row.repeat_seconds, row.encode_peak_rss
+    res.reup_apply_s, res.reup_apply_rss = row.apply_seconds, row.apply_peak_rss
+    log(f"S{sc.number} reup: {'ok' if row.ok else 'FAILED ' + row.error} {row.bytes} B, "
+        f"encode {row.encode_seconds:.2f} s, apply {row.apply_seconds:.2f} s")
+    return res
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/results.md")
+    ap.add_argument("--workdir", default="bench/.work")
+    ap.add_argument("--only", default="", help="comma-separated scenario numbers")
+    ap.add_argument("--skip-reup", action="store_true", help="baselines only")
+    args = ap.parse_args(argv)
+    only = [int(x) for x in args.only.split(",") if x]
+    started = time.perf_counter()
+    env = {**os.environ, **nix_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    executor = NixExecutor(options=NIX_OPTIONS, env=nix_env())
+    work = Path(args.workdir)
+    t0 = time.perf_counter()
+    c = corpus.build(work, executor)
+    corpus.load_closures(c, executor)
+    build_s = time.perf_counter() - t0
+    log(f"corpus built in {build_s:.1f} s: " + ", ".join(f"{k}={v}" for k, v in sorted(c.toplevels.items())))
+    results = [run_scenario(sc, c.toplevels, c.closures, executor, env, work / "tmp", args.skip_reup)
+               for sc in c.scenarios(only)]
+    total = time.perf_counter() - started
+    meta = {
+        "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
+                   f"{executor.run(['nix', '--version']).strip()}",
+        "corpus build (Nix, inputs cached)": f"{build_s:.1f} s",
+        "whole run": f"{total:.0f} s",
+        "encoder": "reup.delta.encode.encode at git " + _git_head(),
+    }
+    Path(args.out).write_text(render(results, meta, corpus_rows(c)))
+    (work / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    log(f"wrote {args.out} in {total:.0f} s")
+    return 0
+
+
+def _git_head() -> str:
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "controller/reup/delta"],
+                          capture_output=True, text=True, check=False)
+    return proc.stdout.strip() or "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
