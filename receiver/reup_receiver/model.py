@@ -35,6 +35,7 @@ class Codec(enum.IntEnum):
 KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
 F_EXECUTABLE = 0x01
 F_REWRITE = 0x02  # apply the manifest's store-hash rewrite map to the source first
+F_SAME_RELPATH = 0x04  # on the wire only: source_relpath equals relpath and is omitted
 
 
 @dataclass(frozen=True)
@@ -204,13 +205,16 @@ def encode_entry(e: Entry) -> bytes:
     if e.kind == KIND_SYMLINK:
         put_bytes(out, e.target)
     elif e.kind == KIND_FILE:
-        out.append(e.flags)
+        sourced = e.method in (Method.COPY, Method.PATCH)
+        same = sourced and e.source_relpath == e.relpath
+        out.append(e.flags | (F_SAME_RELPATH if same else 0))
         put_varint(out, e.size)
         out += e.sha256
         out.append(int(e.method))
-        if e.method in (Method.COPY, Method.PATCH):
+        if sourced:
             put_varint(out, e.source)
-            put_bytes(out, e.source_relpath)
+            if not same:
+                put_bytes(out, e.source_relpath)
         if e.method == Method.PATCH:
             assert e.codec is not None
             out.append(int(e.codec))
@@ -236,7 +240,7 @@ def decode_entry(payload: bytes, table_len: int) -> Entry:
     if kind != KIND_FILE:
         raise Unsupported(f"unknown entry kind {kind}")
     flags = buf.u8()
-    if flags & ~(F_EXECUTABLE | F_REWRITE):
+    if flags & ~(F_EXECUTABLE | F_REWRITE | F_SAME_RELPATH):
         raise Unsupported(f"unknown file flags {flags:#x}")
     size = buf.varint()
     sha = buf.raw(32)
@@ -249,10 +253,13 @@ def decode_entry(payload: bytes, table_len: int) -> Entry:
         source = buf.varint()
         if source >= table_len:
             raise Corrupt("entry: source out of range")
-        source_relpath = buf.bytes(4096)
-        split_relpath(source_relpath, "source path")
-    elif flags & F_REWRITE:
-        raise Corrupt("entry: rewrite flag on a literal")
+        if flags & F_SAME_RELPATH:
+            source_relpath = relpath
+        else:
+            source_relpath = buf.bytes(4096)
+            split_relpath(source_relpath, "source path")
+    elif flags & (F_REWRITE | F_SAME_RELPATH):
+        raise Corrupt("entry: source flags on a literal")
     if method == Method.PATCH:
         try:
             codec = Codec(buf.u8())
@@ -262,6 +269,6 @@ def decode_entry(payload: bytes, table_len: int) -> Entry:
         data_len = buf.varint()
     buf.end()
     return Entry(
-        kind, relpath, flags=flags, size=size, sha256=sha, method=method,
+        kind, relpath, flags=flags & ~F_SAME_RELPATH, size=size, sha256=sha, method=method,
         source=source, source_relpath=source_relpath, codec=codec, data_len=data_len,
     )

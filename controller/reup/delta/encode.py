@@ -11,18 +11,21 @@ Called by `reup delta` (delta/cli.py), the controller's push and the benchmark.
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 import resource
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from reup_receiver.model import (
     KIND_DIR,
-    KIND_FILE,
     KIND_SYMLINK,
     Entry,
     Manifest,
@@ -42,7 +45,7 @@ from reup_receiver.wire import (
 )
 
 from ..nix import NixExecutor, PathInfo
-from .strategy import FileCoder, StoreFile
+from .strategy import Decision, FileCoder, StoreFile
 
 
 @dataclass
@@ -98,6 +101,7 @@ class _Table:
     """Store-path table of a manifest: new paths first, then device paths as first used."""
 
     def __init__(self, new: Sequence[str]) -> None:
+        self.paths = list(new)
         self.index = {p: i for i, p in enumerate(new)}
         self.known: list[str] = []
 
@@ -117,8 +121,14 @@ def encode(
     *,
     executor: NixExecutor | None = None,
     store_dir: str = "/nix/store",
+    workers: int | None = None,
 ) -> DeltaStats:
-    """Write to `out` a stream taking a device holding `held` (closures) to `target`."""
+    """Write to `out` a stream taking a device holding `held` (closures) to `target`.
+
+    `held` is ordered: its first entries are the device's current and newest
+    generations, which pairing tries first. `workers` sizes the diff process
+    pool (default: one per CPU; 0 runs diffs inline).
+    """
     start = time.monotonic()
     nix = executor or NixExecutor()
     target_closure = nix.closure([target])
@@ -129,20 +139,21 @@ def encode(
 
     stats = DeltaStats(paths=len(missing), nar_bytes=sum(target_closure[p].nar_size for p in missing))
     table = _Table(missing)
-    coder = FileCoder(held_closure, target_closure, missing, stats)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
+    with _pool(workers) as pool, tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
+        coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
+                          held_local, target)
+        plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
         body = RecordWriter(body_fh, header=False)
-        for i, path in enumerate(missing):
-            if path in staged_set:
-                continue
-            _encode_path(body, i, path, coder, table)
-        coder.finish()
+        for i, nodes in plans:
+            _emit_path(body, i, nodes, coder, table)
         for ref in (r for p in missing for r in target_closure[p].references):
             table(ref)
-        table(target)
         manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir)
+        manifest.rewrites = sorted(
+            (table(o), table(n)) for o, n in coder.rewrite_paths.items() if n in table.index
+        )
         payload = encode_manifest(manifest)
         manifest.stream_bytes = stream_size(len(payload), body.size)
         payload = encode_manifest(manifest)
@@ -154,35 +165,86 @@ def encode(
             final.trailer()
         assert final.size == manifest.stream_bytes
     stats.add("manifest", len(payload))
-    stats.ops_by_kind["manifest"] = 1
     stats.stream_bytes = final.size
-    framing = final.size - sum(stats.bytes_by_kind.values())
-    stats.bytes_by_kind["framing"] = framing
+    stats.bytes_by_kind["framing"] = final.size - sum(stats.bytes_by_kind.values())
     stats.seconds = time.monotonic() - start
-    stats.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats.peak_rss_bytes = 1024 * max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
     return stats
 
 
-def _encode_path(body: RecordWriter, index: int, path: str, coder: FileCoder, table: _Table) -> None:
+@contextlib.contextmanager
+def _pool(workers: int | None) -> Iterator[Executor]:
+    if workers == 0:
+        yield InlineExecutor()
+        return
+    pool = _LazyPool(workers or os.cpu_count() or 1)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+class _LazyPool(Executor):
+    """A process pool started on the first submit: most small updates never need one."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self.pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+        return self.pool.submit(fn, *args, **kwargs)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+class InlineExecutor(Executor):
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+
+Node = tuple[bytes, os.stat_result, Decision | None]
+
+
+def _plan_path(path: str, coder: FileCoder) -> list[Node]:
+    """The path's nodes in NAR order, each file with its coding decision (diffs started)."""
+    nodes = walk_nar_order(path)
+    files = [StoreFile(path, b"/".join(parts), bool(st.st_mode & 0o100), st.st_size)
+             for parts, st in nodes if stat.S_ISREG(st.st_mode)]
+    partners = coder.file_pairs(path, files)
+    decisions = iter([coder.plan(f, partners.get(f.relpath)) for f in files])
+    return [(b"/".join(parts), st, next(decisions) if stat.S_ISREG(st.st_mode) else None)
+            for parts, st in nodes]
+
+
+def _emit_path(body: RecordWriter, index: int, nodes: list[Node], coder: FileCoder, table: _Table) -> None:
     head = bytearray()
     put_varint(head, index)
     body.record(T_PATH, head)
-    bpath = os.fsencode(path)
-    for parts, st in walk_nar_order(path):
-        relpath = b"/".join(parts)
-        full = os.path.join(bpath, *parts) if parts else bpath
-        if stat.S_ISDIR(st.st_mode):
-            body.record(T_ENTRY, encode_entry(Entry(KIND_DIR, relpath)))
-        elif stat.S_ISLNK(st.st_mode):
-            body.record(T_ENTRY, encode_entry(Entry(KIND_SYMLINK, relpath, target=os.readlink(full))))
-        else:
-            f = StoreFile(path, relpath, bool(st.st_mode & 0o100), st.st_size)
-            entry, data, kind = coder.code(f, table)
-            assert entry.kind == KIND_FILE
+    for relpath, st, decision in nodes:
+        if decision is not None:
+            entry, data, kind = coder.emit(decision, table)
             before = body.size
             body.record(T_ENTRY, encode_entry(entry))
             body.data(data)
             coder.stats.add(kind, body.size - before)
+        elif stat.S_ISDIR(st.st_mode):
+            body.record(T_ENTRY, encode_entry(Entry(KIND_DIR, relpath)))
+        else:
+            full = os.path.join(os.fsencode(table.paths[index]), relpath) if relpath else os.fsencode(table.paths[index])
+            body.record(T_ENTRY, encode_entry(Entry(KIND_SYMLINK, relpath, target=os.readlink(full))))
     body.record(T_PATH_END, head)
 
 

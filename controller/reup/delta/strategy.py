@@ -1,10 +1,12 @@
 """Per-file coding decisions of the encoder: how each new file reaches the device.
 
-`FileCoder.code` returns the stream entry for one new file plus its data
-bytes. Today: whole-file dedup (by sha256 + executable bit) against the
-device's holdings and everything earlier in the stream, else the stream-wide
-zstd literal stream. The delta engine adds pairing, store-hash rewriting and
-patch codecs here. Called by encode.py.
+In order of preference: whole-file dedup (sha256 + executable bit) against
+the device's holdings and everything earlier in the stream; a COPY of the
+paired old file after store-hash rewriting (no data); a binary patch of the
+rewritten old file (codecs.py, on a process pool); the stream-wide zstd
+literal stream. `FileCoder.plan` decides in stream order and starts the
+expensive diffs; `FileCoder.emit` turns a decision into the entry + data,
+waiting for its diff. Called by encode.py.
 """
 
 from __future__ import annotations
@@ -12,21 +14,26 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zstandard
-from reup_receiver.model import F_EXECUTABLE, KIND_FILE, Entry, Method
+from reup_receiver.model import F_EXECUTABLE, F_REWRITE, KIND_FILE, Codec, Entry, Method
 from reup_receiver.nar import walk_nar_order
 
 from ..nix import PathInfo
+from .codecs import DiffResult, diff_job
+from .pairing import Graph, pair_files, pair_paths, parse_drv_name, rewrite_pairs, store_name
 
 if TYPE_CHECKING:
     from .encode import DeltaStats
 
 LITERAL_LEVEL = 19
 LITERAL_WINDOW_LOG = 25  # 32 MiB: the receiver's decoder memory stays bounded
+HASH_LEN = 32
+INLINE_MAX = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -51,21 +58,27 @@ class ContentIndex:
     the same size shows up, so a large base costs a stat per file, not a read.
     """
 
-    def __init__(self, base_paths: Sequence[str]) -> None:
+    def __init__(self, base_files: Sequence[StoreFile]) -> None:
         self.by_key: dict[Key, tuple[str, bytes]] = {}
         self.unhashed: dict[tuple[int, bool], list[StoreFile]] = {}
-        for path in base_paths:
-            for f in iter_files(path):
-                self.unhashed.setdefault((f.size, f.executable), []).append(f)
+        for f in base_files:
+            self.unhashed.setdefault((f.size, f.executable), []).append(f)
 
     def add(self, key: Key, f: StoreFile) -> None:
         self.by_key.setdefault(key, (f.path, f.relpath))
 
     def find(self, key: Key, size: int) -> tuple[str, bytes] | None:
         for f in self.unhashed.pop((size, key[1]), []):
-            with open(f.host, "rb") as fh:
-                self.add((hashlib.sha256(fh.read()).digest(), f.executable), f)
+            self.add((file_sha256(f.host), f.executable), f)
         return self.by_key.get(key)
+
+
+def file_sha256(path: bytes) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.digest()
 
 
 def iter_files(path: str) -> list[StoreFile]:
@@ -76,41 +89,100 @@ def iter_files(path: str) -> list[StoreFile]:
     return out
 
 
+@dataclass
+class Decision:
+    """How one new file is coded; `diff` is pending work on the pool."""
+
+    file: StoreFile
+    sha: bytes
+    kind: str  # "dedup", "diff" or "literal"
+    source: tuple[str, bytes] | None = None
+    diff: Future[DiffResult] | None = None
+
+
 class FileCoder:
     def __init__(
         self,
-        held: dict[str, PathInfo],
-        target: dict[str, PathInfo],
+        held: Mapping[str, PathInfo],
+        target: Mapping[str, PathInfo],
         missing: Sequence[str],
         stats: DeltaStats,
+        pool: Executor,
+        inline: Executor,
+        held_roots: Sequence[str],
+        target_root: str,
     ) -> None:
-        self.index = ContentIndex(sorted(held))
         self.stats = stats
+        self.pool = pool
+        self.inline = inline
+        self.old_files = {p: iter_files(p) for p in sorted(held)}
+        self.index = ContentIndex([f for fs in self.old_files.values() for f in fs])
+        self.pairs = pair_paths(
+            missing,
+            Graph({p: i.references for p, i in target.items()}, {p: i.nar_size for p, i in target.items()}),
+            [target_root],
+            Graph({p: i.references for p, i in held.items()}, {p: i.nar_size for p, i in held.items()}),
+            list(held_roots),
+        )
+        self.rewrite_paths = rewrite_pairs(self.pairs)  # old path -> new path
+        self.rewrites = {
+            os.path.basename(o)[:HASH_LEN].encode(): os.path.basename(n)[:HASH_LEN].encode()
+            for o, n in self.rewrite_paths.items()
+        }
         self.literal = zstandard.ZstdCompressor(
             compression_params=zstandard.ZstdCompressionParameters.from_level(
                 LITERAL_LEVEL, window_log=LITERAL_WINDOW_LOG, enable_ldm=True
             )
         ).compressobj()
 
-    def code(self, f: StoreFile, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
-        """(entry, data, kind) for one new file."""
-        with open(f.host, "rb") as fh:
-            content = fh.read()
-        sha = hashlib.sha256(content).digest()
+    def file_pairs(self, new_path: str, new_files: Sequence[StoreFile]) -> dict[bytes, bytes]:
+        old = self.pairs.get(new_path)
+        if old is None:
+            return {}
+        new_version = parse_drv_name(store_name(new_path))[1]
+        old_version = parse_drv_name(store_name(old))[1]
+        return pair_files([f.relpath for f in new_files], [f.relpath for f in self.old_files[old]],
+                          new_version, old_version)
+
+    def plan(self, f: StoreFile, partner: bytes | None) -> Decision:
+        """Decide for one new file, in stream order; starts its diff on the pool."""
+        sha = file_sha256(f.host)
         key = (sha, f.executable)
-        flags = F_EXECUTABLE if f.executable else 0
         self.stats.files += 1
-        found = self.index.find(key, len(content))
+        found = self.index.find(key, f.size)
         self.index.add(key, f)
         if found is not None:
-            src_path, src_rel = found
-            entry = Entry(KIND_FILE, f.relpath, flags=flags, size=len(content), sha256=sha,
-                          method=Method.COPY, source=table(src_path), source_relpath=src_rel)
-            return entry, b"", "dedup"
-        data = self.literal.compress(content) + self.literal.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        entry = Entry(KIND_FILE, f.relpath, flags=flags, size=len(content), sha256=sha,
-                      method=Method.LITERAL, data_len=len(data))
-        return entry, data, "literal"
+            return Decision(f, sha, "dedup", source=found)
+        if partner is not None:
+            old = self.pairs[f.path]
+            old_host = os.path.join(os.fsencode(old), partner) if partner else os.fsencode(old)
+            # Small pairs cost less to diff here than to ship to a worker.
+            pool = self.inline if f.size < INLINE_MAX else self.pool
+            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha)
+            return Decision(f, sha, "diff", source=(old, partner), diff=future)
+        return Decision(f, sha, "literal")
 
-    def finish(self) -> None:
-        """Nothing buffered: every file's literal data was flushed with it."""
+    def emit(self, d: Decision, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
+        """(entry, data, stats kind) for a planned file."""
+        f = d.file
+        flags = F_EXECUTABLE if f.executable else 0
+
+        def entry(method: Method, source: tuple[str, bytes] | None = None,
+                  codec: Codec | None = None, data: bytes = b"") -> Entry:
+            index, relpath = (table(source[0]), source[1]) if source else (-1, b"")
+            return Entry(KIND_FILE, f.relpath, flags=flags, size=f.size, sha256=d.sha, method=method,
+                         source=index, source_relpath=relpath, codec=codec, data_len=len(data))
+
+        if d.kind == "dedup":
+            return entry(Method.COPY, d.source), b"", "dedup"
+        if d.diff is not None:
+            result = d.diff.result()
+            if result.kind != "literal":
+                flags |= F_REWRITE if result.rewritten else 0
+                if result.codec is None:
+                    return entry(Method.COPY, d.source), b"", "rewrite"
+                return entry(Method.PATCH, d.source, result.codec, result.data), result.data, result.kind
+        with open(f.host, "rb") as fh:
+            content = fh.read()
+        data = self.literal.compress(content) + self.literal.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return entry(Method.LITERAL, data=data), data, "literal"
