@@ -19,11 +19,12 @@ from .errors import PermanentError, TemporaryError
 from .fleet import Fleet
 from .model import Target
 from .nix import (
+    TOPLEVEL_PATHS_APPLY,
     NixError,
     NixExecutor,
     add_root_cmd,
     parse_toplevels,
-    toplevel_drv_installable,
+    toplevel_installable,
     toplevels_apply,
 )
 
@@ -53,17 +54,23 @@ class Builder:
         targets = []
         for name, dev in sorted(fleet.devices.items()):
             res = results.get(name)
-            if res is not None:
-                targets.append(Target(name, commit, dev.wave, res[0], res[1]))
-            else:
-                targets.append(Target(name, commit, dev.wave, error=self._device_error(flake, dev.config)))
+            if res is None:
+                res_or_error = self._evaluate_one(flake, dev.config)
+                if isinstance(res_or_error, str):
+                    targets.append(Target(name, commit, dev.wave, error=res_or_error))
+                    continue
+                res = res_or_error
+            targets.append(Target(name, commit, dev.wave, res[0], res[1]))
         return targets
 
-    def _device_error(self, flake: str, config: str) -> str:
+    def _evaluate_one(self, flake: str, config: str) -> tuple[str, str] | str:
+        """(drvPath, outPath) of one configuration, or its evaluation error text."""
         try:
-            self.nix.eval_json(toplevel_drv_installable(flake, config))
+            value = self.nix.eval_json(toplevel_installable(flake, config), apply=TOPLEVEL_PATHS_APPLY)
         except NixError as exc:
             return "evaluation failed: " + nix_error_text(exc)
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            return str(value[0]), str(value[1])
         return f"evaluation failed: nixosConfigurations.{config} has no usable toplevel"
 
     def build(self, drv_path: str) -> str:

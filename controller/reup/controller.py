@@ -155,13 +155,12 @@ class Controller:
             for t in targets:
                 if t.error is not None:
                     self.bus.emit(ReconcileError(self.clock(), "fleet" if fleet_error else "eval", t.error, t.device))
-            seen = self.clock()
         else:  # seen before (a branch moved back): reuse its evaluation
             fleet, fleet_error = None, None
             with contextlib.suppress(ConfigError, KeyError):
                 fleet = self.load_fleet(head)
             targets = list(self.store.desired(head).targets.values())
-            seen = self.clock()
+        seen = now  # when the fetch that found it started
         self.store.record_revision(head, seen, targets, fleet_error)
         if fleet is not None:
             self.fleet = fleet
@@ -203,7 +202,7 @@ class Controller:
         self.bus.emit(DevicesSnapshot(now, tuple(
             (d["name"], d["state"], d["wave"], str(d["generation"] or "")) for d in status["devices"])))
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
-            log.info("revision %s: rollout complete", desired.commit[:12])
+            log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
         return plan
 

@@ -230,8 +230,15 @@ def toplevels_apply(configs: Mapping[str, str]) -> str:
     )
 
 
+def toplevel_installable(flake: str, config: str) -> str:
+    return f"{flake}#nixosConfigurations.{json.dumps(config)}.config.system.build.toplevel"
+
+
 def toplevel_drv_installable(flake: str, config: str) -> str:
-    return f"{flake}#nixosConfigurations.{json.dumps(config)}.config.system.build.toplevel.drvPath"
+    return toplevel_installable(flake, config) + ".drvPath"
+
+
+TOPLEVEL_PATHS_APPLY = "t: [ t.drvPath t.outPath ]"  # with toplevel_installable: one device's [drvPath, outPath]
 
 
 def parse_toplevels(value: object) -> dict[str, tuple[str, str] | None]:
