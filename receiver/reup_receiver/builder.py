@@ -48,7 +48,17 @@ def open_beneath(root_fd: int, parts: list[bytes], what: str) -> int:
 
 
 def read_base(host_root: str, parts: list[bytes], label: str) -> Iterator[bytes]:
-    """Yield a base file's bytes; MissingBase names it if it is absent or not a regular file."""
+    """Yield a base file's bytes; MissingBase names it if it is absent or not a regular file.
+
+    Empty `parts`: the store path itself is the file (a single-file store path).
+    """
+    if not parts:
+        try:
+            fd = os.open(host_root, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise MissingBase(f"base file missing: {label}", label) from exc
+        yield from _read_regular(fd, label)
+        return
     try:
         rfd = os.open(host_root, _DIR_FLAGS)
     except OSError as exc:
@@ -64,9 +74,14 @@ def read_base(host_root: str, parts: list[bytes], label: str) -> Iterator[bytes]
             raise MissingBase(f"base file missing: {label}", label) from exc
     finally:
         os.close(rfd)
+    yield from _read_regular(fd, label)
+
+
+def _read_regular(fd: int, label: str) -> Iterator[bytes]:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise MissingBase(f"base file is not a regular file: {label}", label)
     with os.fdopen(fd, "rb") as fh:
-        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
-            raise MissingBase(f"base file is not a regular file: {label}", label)
         while chunk := fh.read(READ_CHUNK):
             yield chunk
 
