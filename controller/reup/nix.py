@@ -259,3 +259,8 @@ def parse_toplevels(value: object) -> dict[str, tuple[str, str] | None]:
 def add_root_cmd(path: str, link: str) -> list[str]:
     """`nix-store --add-root LINK --realise PATH`: an indirect GC root at LINK keeping PATH alive."""
     return ["nix-store", "--add-root", link, "--realise", path]
+
+
+def init_store_cmd(root: str) -> list[str]:
+    """`nix-store --store ROOT --init`: an empty Nix store and database under ROOT (a simulated device)."""
+    return ["nix-store", "--store", root, "--init"]

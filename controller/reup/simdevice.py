@@ -17,6 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from .nix import NixExecutor, init_store_cmd
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -59,6 +61,8 @@ class SimDevice:
 
     def prepare(self) -> None:
         os.makedirs(self.root, exist_ok=True)
+        if shutil.which("nix-store") and not os.path.exists(os.path.join(self.root, "nix/var/nix/db/db.sqlite")):
+            NixExecutor().run(init_store_cmd(self.root))  # a device with a Nix database, as NixOS has
         os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         self.host_key  # noqa: B018 - generates the host key
         command = f"{self.receiver} --root {self.root} --ssh-command"
