@@ -28,6 +28,7 @@ def _stats_json(stats: Any) -> object:
 def main(argv: list[str]) -> int:
     req = json.loads(argv[1])
     try:
+        import reup.delta.encode as mod
         from reup.delta.encode import encode
     except Exception as exc:  # noqa: BLE001 - any import failure is a row "encoder unavailable"
         print(json.dumps({"ok": False, "error": f"import reup.delta.encode: {exc!r}"}))
@@ -45,7 +46,8 @@ def main(argv: list[str]) -> int:
         tb = traceback.format_exc().strip().splitlines()[-3:]
         print(json.dumps({"ok": False, "error": f"encode failed: {exc!r}", "trace": tb}))
         return 0
-    print(json.dumps({"ok": True, "seconds": seconds, "repeat_seconds": repeat, "stats": _stats_json(stats)},
+    print(json.dumps({"ok": True, "seconds": seconds, "repeat_seconds": repeat, "stats": _stats_json(stats),
+                      "module_file": mod.__file__},
                      default=str))
     return 0
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from reup.nix import NixError, NixExecutor, copy_to_cmd, store_verify_cmd
+from reup.nix import NixError, NixExecutor, copy_to_cmd, store_ping_cmd, store_verify_cmd
 
 
 @dataclass
@@ -80,6 +80,7 @@ class ReupRow:
     apply_peak_rss: int = 0
     verified: bool = False
     stats: object = None
+    encoder_file: str = ""
     receiver: dict[str, object] = field(default_factory=dict)
 
 
@@ -98,17 +99,22 @@ def run_encode(held: Sequence[str], target: str, out: Path, env: dict[str, str])
     row.encode_seconds = float(res["seconds"])  # the encode call itself, not interpreter start
     row.repeat_seconds = res.get("repeat_seconds")
     row.stats = res.get("stats")
+    row.encoder_file = str(res.get("module_file", ""))
     row.bytes = out.stat().st_size
     Path(str(out) + ".repeat").unlink(missing_ok=True)
     return row, m
 
 
 def make_device_root(root: Path, held: Sequence[str], executor: NixExecutor) -> None:
-    """A device filesystem holding the closures of `held` (last = current generation)."""
+    """A device filesystem holding the closures of `held` (last = current generation).
+
+    With nothing held it is a freshly installed NixOS device: an empty Nix database.
+    """
     if root.exists():
         remove_tree(root)
     root.mkdir(parents=True)
     if not held:
+        executor.run(store_ping_cmd(str(root)))
         return
     executor.run(copy_to_cmd(held, str(root)), timeout=900)
     profiles = root / "nix/var/nix/profiles"
@@ -130,8 +136,8 @@ def remove_tree(root: Path) -> None:
 
 
 def receiver_argv(root: Path) -> list[str]:
-    exe = Path(sys.executable).parent / "reup-receive"
-    return [str(exe), "--root", str(root), "--activate", "none"]
+    # `python -m` (not the console script) so that PYTHONPATH selects the code measured.
+    return [sys.executable, "-m", "reup_receiver.cli", "--root", str(root), "--activate", "none"]
 
 
 def apply_and_verify(row: ReupRow, stream: Path, root: Path, target: str, executor: NixExecutor,

@@ -1,10 +1,13 @@
 """`make bench`: build the corpus, run the baselines and reup on every scenario, write the report.
 
 usage: python -m bench.run --out bench/results.md [--only 1,5] [--skip-reup] [--workdir bench/.work]
+                           [--code HEAD|worktree]
 
 Runs from the repository root. Nix runs offline (no substituters, sandbox off) through
 `reup.nix.NixExecutor`. Scenarios run one after another so that each timing has the
-machine to itself. Also writes `<workdir>/results.json` with every measured number.
+machine to itself. The encoder and receiver measured are those of a git ref (default
+HEAD, extracted under the workdir), so uncommitted edits in the tree do not leak into the
+published numbers; `--code worktree` measures the working tree instead. Also writes `<workdir>/results.json` with every measured number.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +37,25 @@ def nix_env() -> dict[str, str]:
     extra = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters ="
     cur = os.environ.get("NIX_CONFIG", "")
     return {"NIX_CONFIG": f"{cur}\n{extra}" if cur else extra}
+
+
+def code_snapshot(ref: str, work: Path) -> tuple[str, list[str]]:
+    """Extract controller/ and receiver/ at `ref`; return (description, PYTHONPATH entries)."""
+    if ref == "worktree":
+        return "working tree", []
+    sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", ref], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    dest = (work / "code" / sha[:12]).resolve()
+    if not dest.exists():
+        tmp = dest.with_suffix(".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", sha, "controller", "receiver"],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive, check=True)
+        tmp.rename(dest)
+    return f"git {sha[:12]}", [str(dest / "controller"), str(dest / "receiver")]
 
 
 def log(msg: str) -> None:
@@ -95,6 +119,8 @@ def run_scenario(sc: corpus.Scenario, labels: dict[str, str], closures: dict[str
     res.reup_ok, res.reup_error, res.reup_bytes = row.ok, row.error, row.bytes
     res.reup_encode_s, res.reup_repeat_s, res.reup_encode_rss = row.encode_seconds, row.repeat_seconds, row.encode_peak_rss
     res.reup_apply_s, res.reup_apply_rss = row.apply_seconds, row.apply_peak_rss
+    if row.encoder_file:
+        log(f"S{sc.number} encoder module: {row.encoder_file}")
     log(f"S{sc.number} reup: {'ok' if row.ok else 'FAILED ' + row.error} {row.bytes} B, "
         f"encode {row.encode_seconds:.2f} s, apply {row.apply_seconds:.2f} s")
     return res
@@ -106,12 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", default="bench/.work")
     ap.add_argument("--only", default="", help="comma-separated scenario numbers")
     ap.add_argument("--skip-reup", action="store_true", help="baselines only")
+    ap.add_argument("--code", default="HEAD", help="git ref whose encoder/receiver to measure, or 'worktree'")
     args = ap.parse_args(argv)
     only = [int(x) for x in args.only.split(",") if x]
     started = time.perf_counter()
-    env = {**os.environ, **nix_env(), "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    executor = NixExecutor(options=NIX_OPTIONS, env=nix_env())
+    load_start = os.getloadavg()[0]
     work = Path(args.workdir)
+    code_desc, code_path = code_snapshot(args.code, work)
+    pypath = [*code_path, str(REPO), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, **nix_env(), "PYTHONPATH": os.pathsep.join(filter(None, pypath))}
+    executor = NixExecutor(options=NIX_OPTIONS, env=nix_env())
     t0 = time.perf_counter()
     c = corpus.build(work, executor)
     corpus.load_closures(c, executor)
@@ -125,20 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"{executor.run(['nix', '--version']).strip()}",
         "corpus build (Nix, inputs cached)": f"{build_s:.1f} s",
         "whole run": f"{total:.0f} s",
-        "encoder": "reup.delta.encode.encode at git " + _git_head(),
+        "1-min load average at start / end (other work on the machine skews times)":
+            f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
+        "encoder and receiver measured": code_desc,
     }
     Path(args.out).write_text(render(results, meta, corpus_rows(c)))
     (work / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
     log(f"wrote {args.out} in {total:.0f} s")
     return 0
-
-
-def _git_head() -> str:
-    import subprocess
-
-    proc = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h", "--", "controller/reup/delta"],
-                          capture_output=True, text=True, check=False)
-    return proc.stdout.strip() or "unknown"
 
 
 if __name__ == "__main__":
