@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from reup.nix import NixError, NixExecutor, copy_to_cmd, store_ping_cmd, store_verify_cmd
+from reup.nix import NixError, NixExecutor, copy_to_cmd, init_store_cmd, store_verify_cmd
 
 
 @dataclass
@@ -114,7 +114,7 @@ def make_device_root(root: Path, held: Sequence[str], executor: NixExecutor) -> 
         remove_tree(root)
     root.mkdir(parents=True)
     if not held:
-        executor.run(store_ping_cmd(str(root)))
+        executor.run(init_store_cmd(str(root)))
         return
     executor.run(copy_to_cmd(held, str(root)), timeout=900)
     profiles = root / "nix/var/nix/profiles"

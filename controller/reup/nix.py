@@ -264,8 +264,3 @@ def add_root_cmd(path: str, link: str) -> list[str]:
 def init_store_cmd(root: str) -> list[str]:
     """`nix-store --store ROOT --init`: an empty Nix store and database under ROOT (a simulated device)."""
     return ["nix-store", "--store", root, "--init"]
-
-
-def store_ping_cmd(store: str) -> list[str]:
-    """`nix store ping --store STORE`: opening a local (chroot) store creates its empty database."""
-    return ["nix", *FEATURES, "store", "ping", "--store", store]
