@@ -15,7 +15,7 @@ from reup.model import (
     Target,
     Wait,
 )
-from reup.planner import plan
+from reup.planner import MAX_TRANSIENT, plan
 
 C1, C2 = "c1" * 20, "c2" * 20
 POLICY = RolloutPolicy()
@@ -146,3 +146,13 @@ def test_max_parallel_limits_pushes_in_wave_order() -> None:
 def test_no_revision_plans_nothing() -> None:
     p = plan(Desired(None), Observed(), POLICY, 0.0)
     assert p.decisions == {} and p.settled()
+
+
+def test_transient_failures_give_up_but_unreachable_never_does() -> None:
+    desired = Desired(C2, 1.0, {"a": t("a", 1)})
+    flaky = Attempt(C2, "/nix/store/1-sys", "transient", "corrupt", failures=MAX_TRANSIENT, retry_at=0.0)
+    p = plan(desired, Observed(devices={"a": DeviceObservation("a", attempt=flaky)}, builds=built(1)), POLICY, 100.0)
+    assert p.decisions["a"].state == S.FAILED and "gave up after 5 attempts: corrupt" in p.decisions["a"].reason
+    offline = Attempt(C2, "/nix/store/1-sys", "unreachable", "refused", failures=50, retry_at=0.0)
+    p = plan(desired, Observed(devices={"a": DeviceObservation("a", attempt=offline)}, builds=built(1)), POLICY, 100.0)
+    assert p.decisions["a"].state == S.UNREACHABLE and isinstance(p.decisions["a"].action, Push)

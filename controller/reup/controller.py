@@ -284,10 +284,11 @@ class Controller:
 
     def _push_failed(self, push: Push, kind: str, error: str) -> None:
         now = self.clock()
-        rows = self.store.observed({}).devices.get(push.device)
-        failures = (rows.attempt.failures if rows and rows.attempt else 0) + 1
-        delay = 0.0 if kind == "permanent" else min(self.cfg.ssh.retry_max, 2.0 ** failures) * random.uniform(0.5, 1.0)
-        self.store.record_failure(push.device, push.commit, push.toplevel, kind, error, now, delay)
+
+        def backoff(failures: int) -> float:  # jittered exponential, capped by [ssh] retry_max
+            return 0.0 if kind == "permanent" else min(self.cfg.ssh.retry_max, 2.0 ** failures) * random.uniform(0.5, 1.0)
+
+        self.store.record_failure(push.device, push.commit, push.toplevel, kind, error, now, backoff)
         result = {"permanent": "failed", "unreachable": "unreachable"}.get(kind, "retry")
         self.bus.emit(DeviceUpdated(now, push.device, result, push.commit, push.toplevel, error=error))
         self.bus.emit(ReconcileError(now, "push", error, push.device))

@@ -10,7 +10,8 @@ golden-tested in tests/test_planner.py. Rules, per device, first match wins:
 4. target not built: build failed at this revision        -> failed
                      build running or needed              -> building (+ Build, once per drv)
 5. last push of this revision failed permanently          -> failed (quarantined until a new commit)
-6. last push failed transiently, retry time not reached   -> unreachable/pending (+ Wait)
+6. last push failed transiently MAX_TRANSIENT times       -> failed (gave up until a new commit)
+   last push failed transiently, retry time not reached   -> unreachable/pending (+ Wait)
 7. otherwise                                              -> pending + Push, within policy.max_parallel
 
 The rollout issue adds waves, thresholds and confirmation as further rules
@@ -34,6 +35,8 @@ from .model import (
 )
 
 S = DeviceState
+# Consecutive transient failures (not unreachability) of one revision before giving up on it.
+MAX_TRANSIENT = 5
 
 
 def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float) -> Plan:
@@ -81,6 +84,8 @@ def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: flo
     if attempt is not None and attempt.commit == target.commit and attempt.toplevel == target.toplevel:
         if attempt.kind == "permanent":
             return Decision(name, S.FAILED, None, attempt.error)
+        if attempt.kind == "transient" and attempt.failures >= MAX_TRANSIENT:
+            return Decision(name, S.FAILED, None, f"gave up after {attempt.failures} attempts: {attempt.error}")
         if now < attempt.retry_at:
             state = S.UNREACHABLE if attempt.kind == "unreachable" else S.PENDING
             return Decision(name, state, Wait(attempt.retry_at), attempt.error)

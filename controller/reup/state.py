@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .model import (
@@ -192,14 +192,16 @@ class Store:
         ])
 
     def record_failure(self, device: str, commit: str, toplevel: str, kind: str, error: str, at: float,
-                       retry_delay: float) -> int:
-        """Record a failed push; returns the number of consecutive failures."""
-        rows = self._exec("SELECT attempt_failures FROM devices WHERE name=?", (device,))
-        failures = (int(rows[0]["attempt_failures"]) if rows else 0) + 1
+                       retry_delay: Callable[[int], float] | float) -> int:
+        """Record a failed push; returns the consecutive failures of this (commit, toplevel)."""
+        rows = self._exec("SELECT attempt_commit, attempt_toplevel, attempt_failures FROM devices WHERE name=?", (device,))
+        same = bool(rows) and rows[0]["attempt_commit"] == commit and rows[0]["attempt_toplevel"] == toplevel
+        failures = (int(rows[0]["attempt_failures"]) if same else 0) + 1
+        delay = retry_delay(failures) if callable(retry_delay) else retry_delay
         self._tx([
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
              "attempt_failures=?, retry_at=?, last_error=?, updated_at=? WHERE name=?",
-             (commit, toplevel, kind, error, failures, at + retry_delay, error, at, device)),
+             (commit, toplevel, kind, error, failures, at + delay, error, at, device)),
             ("INSERT INTO history(device, commit_id, toplevel, result, error, at) VALUES(?, ?, ?, ?, ?, ?)",
              (device, commit, toplevel, kind, error, at)),
         ])
