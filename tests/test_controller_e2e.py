@@ -6,7 +6,9 @@ inside a test depend on each other, which is why they are not separate tests.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -19,6 +21,7 @@ from support.sshd import (
     nix_verify,
     parse_metrics,
     post,
+    reup_bin,
     run_once,
     start_controller,
     states,
@@ -195,6 +198,22 @@ def test_unreachable_device_and_kill_9_restart(tmp_path: os.PathLike[str]) -> No
         assert lab.activations("d4")[:2] == ["switch d4 1", "switch d4 2"]
         d4_rows = [h for h in store_history(lab) if h["device"] == "d4" and h["commit_id"] == c2]
         assert [h["result"] for h in d4_rows][-1] in ("committed", "adopted")
+
+        # 3. `reup plan` (dry run) predicts the stream bytes of a change; `reup status` shows the fleet.
+        lab.commit("d1 to 3", {"d1": "3", "d2": "2", "d3": "2", "d4": "2!slow"})
+        r = subprocess.run([reup_bin(), "plan", "--build", "--json", "--config", lab.config_path],
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 0, r.stderr
+        plan = {row["device"]: row for row in json.loads(r.stdout)}
+        assert plan["d1"]["action"] == "push" and 0 < plan["d1"]["stream_bytes"] < plan["d1"]["nar_bytes"]
+        assert {plan[n]["action"] for n in ("d2", "d3", "d4")} == {"none"}
+        assert lab.activations("d1")[-1] == "switch d1 2"  # a dry run changes nothing
+        r = subprocess.run([reup_bin(), "status", "--config", lab.config_path],
+                           capture_output=True, text=True, timeout=60, check=True)
+        assert r.stdout.splitlines()[0] == f"revision {c2[:12]}: 4/4 devices in sync"
+        r = subprocess.run([reup_bin(), "status", "--json", "--config", lab.config_path],
+                           capture_output=True, text=True, timeout=60, check=True)
+        assert json.loads(r.stdout) == store_status(lab)
     except BaseException:
         print(controller_log(lab))
         raise
