@@ -1,0 +1,4 @@
+{ ... }: {
+  networking.hostName = "gateway";
+  services.mosquitto.enable = true;
+}
