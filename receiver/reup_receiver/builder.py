@@ -19,8 +19,20 @@ from dataclasses import dataclass, field
 import zstandard
 
 from .errors import Corrupt, HashMismatch, MissingBase, Oversized, UnsafeWrite, Unsupported
-from .model import F_REWRITE, KIND_DIR, KIND_SYMLINK, Codec, Entry, Method, split_relpath
-from .nar import NarHasher
+from .model import (
+    F_EXECUTABLE,
+    F_REWRITE,
+    FILE_HASH_LEN,
+    KIND_DIR,
+    KIND_FILE,
+    KIND_MIRROR,
+    KIND_SYMLINK,
+    Codec,
+    Entry,
+    Method,
+    split_relpath,
+)
+from .nar import NarHasher, walk_nar_order
 from .rewrite import rewrite_bytes, rewrite_chunks
 
 MAX_WINDOW = 1 << 31
@@ -113,7 +125,7 @@ class FileSink:
         self.fh.close()
         if self.written != self.entry.size:
             raise Corrupt(f"{self.label}: {self.written} bytes, declared {self.entry.size}")
-        if self.sha.digest() != self.entry.sha256:
+        if self.sha.digest()[:FILE_HASH_LEN] != self.entry.sha256:
             raise HashMismatch(f"content hash mismatch: {self.label}")
 
 
@@ -169,6 +181,7 @@ class PathBuilder:
         self.literal = literal
         self.nar = NarHasher()
         self.file: _OpenFile | None = None
+        self.pending: Iterator[Entry] | None = None  # entries a MIRROR still has to produce
 
     def label(self, relpath: bytes) -> str:
         return os.fsdecode(self.name + (b"/" + relpath if relpath else b""))
@@ -187,6 +200,53 @@ class PathBuilder:
             os.close(root)
 
     def entry(self, e: Entry) -> None:
+        if self.pending is not None:
+            raise Corrupt(f"{self.label(b'')}: entry inside a mirrored tree")
+        if e.kind == KIND_MIRROR:
+            self.pending = self._expand(e)
+            self._pump()
+        else:
+            self._entry(e)
+
+    def _pump(self) -> None:
+        """Feed a mirror's entries until one waits for DATA or the tree is done."""
+        while self.pending is not None and self.file is None:
+            nxt = next(self.pending, None)
+            if nxt is None:
+                self.pending = None
+            else:
+                self._entry(nxt)
+
+    def _expand(self, m: Entry) -> Iterator[Entry]:
+        """The entries of a mirror: the source tree's nodes, each file per its spec."""
+        host, label = self.resolve(m.source, b"")
+        if not os.path.lexists(host):
+            raise MissingBase(f"base path missing: {label}", label)
+        specs = iter(m.mirror)
+        rewrite = m.flags & F_REWRITE
+        for parts, st in walk_nar_order(host):
+            relpath = b"/".join(parts)
+            if stat.S_ISDIR(st.st_mode):
+                yield Entry(KIND_DIR, relpath)
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(os.path.join(os.fsencode(host), relpath) if parts else os.fsencode(host))
+                yield Entry(KIND_SYMLINK, relpath,
+                            target=rewrite_bytes(target, self.rewrites) if rewrite else target)
+            elif stat.S_ISREG(st.st_mode):
+                spec = next(specs, None)
+                if spec is None:
+                    raise Corrupt(f"{self.label(b'')}: mirror lists fewer files than {label} has")
+                flags = (F_EXECUTABLE if st.st_mode & 0o100 else 0) | rewrite
+                size = st.st_size if spec.method == Method.COPY else spec.size
+                yield Entry(KIND_FILE, relpath, flags=flags, size=size, sha256=spec.sha256,
+                            method=spec.method, source=m.source, source_relpath=relpath,
+                            codec=spec.codec, data_len=spec.data_len)
+            else:
+                raise MissingBase(f"base path has a special file: {label}", label)
+        if next(specs, None) is not None:
+            raise Corrupt(f"{self.label(b'')}: mirror lists more files than {label} has")
+
+    def _entry(self, e: Entry) -> None:
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
         parts = split_relpath(e.relpath, self.label(e.relpath))
@@ -227,6 +287,7 @@ class PathBuilder:
             f.patch.extend(chunk)
         if f.received == f.entry.data_len:
             self._complete()
+            self._pump()
 
     def _complete(self) -> None:
         assert self.file is not None
@@ -273,6 +334,8 @@ class PathBuilder:
             raise Corrupt(f"{sink.label}: patch does not apply: {exc}") from exc
 
     def finish(self) -> tuple[bytes, int]:
+        if self.pending is not None:
+            raise Corrupt(f"{self.label(b'')}: path ended before its mirrored tree")
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: stream ended inside the file's data")
         digest, size = self.nar.finish()

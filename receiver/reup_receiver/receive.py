@@ -22,7 +22,7 @@ from typing import BinaryIO
 from .builder import LiteralStream, PathBuilder
 from .device import Device, PathRecord, write_atomic
 from .errors import ActivationFailed, Corrupt, HashMismatch, MissingBase, MissingPath
-from .model import Manifest, decode_entry, decode_manifest
+from .model import EntryCoder, Manifest, decode_manifest
 from .wire import T_DATA, T_ENTRY, T_MANIFEST, T_PATH, T_PATH_END, T_TRAILER, Buf, RecordReader
 
 ACTIONS = ("switch", "boot", "test", "none")
@@ -108,11 +108,12 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
             raise Corrupt(f"stream carries path #{index} the manifest does not expect")
         entry = m.paths[index]
         builder = PathBuilder(device.work, entry.name, resolve, rewrites, literal)
+        entries = EntryCoder(table, m.store_dir)
         try:
             while True:
                 tag, payload = reader.next()
                 if tag == T_ENTRY:
-                    builder.entry(decode_entry(payload, len(table)))
+                    builder.entry(entries.decode(payload))
                 elif tag == T_DATA:
                     builder.data(payload)
                 elif tag == T_PATH_END and _index(payload) == index:

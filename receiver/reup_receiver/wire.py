@@ -17,7 +17,6 @@ from .errors import BadMagic, Corrupt, Oversized, Truncated
 MAGIC = b"\x89REUP\r\n\x1a"
 VERSION = 1
 HEADER = struct.Struct("<8sHH")
-RECORD = struct.Struct("<BI")
 STREAM_BYTES = struct.Struct("<Q")  # first field of the MANIFEST record
 
 # Record tags.
@@ -33,7 +32,7 @@ DATA_CHUNK = 1 << 20  # encoder's DATA record size
 MAX_PAYLOAD = {
     T_MANIFEST: 256 << 20,
     T_PATH: 16,
-    T_ENTRY: 1 << 16,
+    T_ENTRY: 1 << 20,
     T_DATA: DATA_CHUNK,
     T_PATH_END: 16,
     T_TRAILER: 32,
@@ -132,9 +131,10 @@ class RecordWriter:
     def record(self, tag: int, payload: bytes | bytearray | memoryview) -> None:
         if len(payload) > MAX_PAYLOAD[tag]:
             raise ValueError(f"record {tag:#x} of {len(payload)} bytes exceeds the limit")
-        self._write(RECORD.pack(tag, len(payload)))
+        head = record_head(tag, len(payload))
+        self._write(head)
         self._write(payload)
-        self.counts[tag] = self.counts.get(tag, 0) + RECORD.size + len(payload)
+        self.counts[tag] = self.counts.get(tag, 0) + len(head) + len(payload)
 
     def data(self, blob: bytes | bytearray | memoryview) -> None:
         view = memoryview(blob)
@@ -147,15 +147,23 @@ class RecordWriter:
 
     def trailer(self) -> None:
         """The digest covers every byte before it, the trailer's own record header included."""
-        self._write(RECORD.pack(T_TRAILER, DIGEST_SIZE))
+        self._write(record_head(T_TRAILER, DIGEST_SIZE))
         digest = self.digest.digest()
         self.out.write(digest)
         self.size += DIGEST_SIZE
 
 
+def record_head(tag: int, length: int) -> bytes:
+    head = bytearray([tag])
+    put_varint(head, length)
+    return bytes(head)
+
+
 def stream_size(manifest_payload_len: int, body_len: int) -> int:
     """Total bytes of a stream with this manifest payload and body."""
-    return HEADER.size + RECORD.size + manifest_payload_len + body_len + RECORD.size + DIGEST_SIZE
+    manifest = len(record_head(T_MANIFEST, manifest_payload_len)) + manifest_payload_len
+    trailer = len(record_head(T_TRAILER, DIGEST_SIZE)) + DIGEST_SIZE
+    return HEADER.size + manifest + body_len + trailer
 
 
 # --- reader ------------------------------------------------------------------
@@ -201,13 +209,22 @@ class RecordReader:
 
     def next(self) -> tuple[int, bytes]:
         """The next record as (tag, payload). The trailer's payload is not hashed."""
-        head = self._read(RECORD.size, "record header", hash_it=True)
-        tag, length = RECORD.unpack(head)
+        at = self.bytes_read
+        tag = self._read(1, "record header", hash_it=True)[0]
         cap = MAX_PAYLOAD.get(tag)
         if cap is None:
-            raise Corrupt(f"unknown record tag {tag:#x} at byte {self.bytes_read - RECORD.size}")
-        if length > cap:
-            raise Corrupt(f"record {tag:#x} declares {length} bytes (limit {cap})")
+            raise Corrupt(f"unknown record tag {tag:#x} at byte {at}")
+        length = shift = 0
+        while True:  # varint, bounded by the tag's cap so a corrupt length stops early
+            byte = self._read(1, "record header", hash_it=True)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if length > cap:
+                raise Corrupt(f"record {tag:#x} at byte {at} declares more than {cap} bytes")
+            if not byte & 0x80:
+                break
+            if shift > 28:
+                raise Corrupt(f"record {tag:#x} at byte {at}: length varint too long")
         payload = self._read(length, f"record {tag:#x}", hash_it=tag != T_TRAILER)
         return tag, payload
 

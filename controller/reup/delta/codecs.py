@@ -58,7 +58,7 @@ def candidates(old: bytes, new: bytes) -> list[tuple[Codec, bytes]]:
     out = [(Codec.HDIFFPATCH, hdiff(old, new))]
     if len(old) <= SMALL and len(new) <= SMALL:
         out.append((Codec.BSDIFF4, bsdiff4.diff(old, new)))
-        if old:
+        if len(old) >= 8:  # zstd's minimum prefix
             out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_SMALL)))
     return out
 

@@ -28,10 +28,11 @@ from reup_receiver.model import (
     KIND_DIR,
     KIND_SYMLINK,
     Entry,
+    EntryCoder,
     Manifest,
     PathEntry,
-    encode_entry,
     encode_manifest,
+    is_store_name,
 )
 from reup_receiver.nar import parse_hash, walk_nar_order
 from reup_receiver.wire import (
@@ -146,14 +147,15 @@ def encode(
                           held_local, target)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
         body = RecordWriter(body_fh, header=False)
-        for i, nodes in plans:
-            _emit_path(body, i, nodes, coder, table)
+        entries = _Entries(table, store_dir)
+        for i, plan in plans:
+            _emit_path(body, i, plan, coder, entries)
         for ref in (r for p in missing for r in target_closure[p].references):
             table(ref)
+        rewrites = sorted((table(o), table(n)) for o, n in coder.rewrite_paths.items())
+        table(target)
         manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir)
-        manifest.rewrites = sorted(
-            (table(o), table(n)) for o, n in coder.rewrite_paths.items() if n in table.index
-        )
+        manifest.rewrites = rewrites
         payload = encode_manifest(manifest)
         manifest.stream_bytes = stream_size(len(payload), body.size)
         payload = encode_manifest(manifest)
@@ -218,33 +220,72 @@ class InlineExecutor(Executor):
 Node = tuple[bytes, os.stat_result, Decision | None]
 
 
-def _plan_path(path: str, coder: FileCoder) -> list[Node]:
+@dataclass
+class PathPlan:
+    nodes: list[Node]
+    mirror: list[Decision] | None = None
+
+
+def _plan_path(path: str, coder: FileCoder) -> PathPlan:
     """The path's nodes in NAR order, each file with its coding decision (diffs started)."""
-    nodes = walk_nar_order(path)
+    walked = walk_nar_order(path)
+    mirror = coder.mirror_plan(path, walked)
+    if mirror is not None:
+        return PathPlan([], mirror)
     files = [StoreFile(path, b"/".join(parts), bool(st.st_mode & 0o100), st.st_size)
-             for parts, st in nodes if stat.S_ISREG(st.st_mode)]
+             for parts, st in walked if stat.S_ISREG(st.st_mode)]
     partners = coder.file_pairs(path, files)
     decisions = iter([coder.plan(f, partners.get(f.relpath)) for f in files])
-    return [(b"/".join(parts), st, next(decisions) if stat.S_ISREG(st.st_mode) else None)
-            for parts, st in nodes]
+    return PathPlan([(b"/".join(parts), st, next(decisions) if stat.S_ISREG(st.st_mode) else None)
+                     for parts, st in walked])
 
 
-def _emit_path(body: RecordWriter, index: int, nodes: list[Node], coder: FileCoder, table: _Table) -> None:
+class _Entries(EntryCoder):
+    """Entry encoder whose store-symlink targets enter the (growing) table."""
+
+    def __init__(self, table: _Table, store_dir: str) -> None:
+        super().__init__((), os.fsencode(store_dir))
+        self.paths = table
+        self.store_dir = store_dir
+
+    def _store_target(self, target: bytes) -> tuple[int, bytes] | None:
+        if not target.startswith(self.store_prefix):
+            return None
+        name, sep, rest = target[len(self.store_prefix) :].partition(b"/")
+        if not is_store_name(name):
+            return None
+        return self.paths(f"{self.store_dir}/{os.fsdecode(name)}"), sep + rest
+
+
+def _emit_path(body: RecordWriter, index: int, plan: PathPlan, coder: FileCoder,
+               entries: _Entries) -> None:
     head = bytearray()
     put_varint(head, index)
     body.record(T_PATH, head)
-    for relpath, st, decision in nodes:
+    entries.prev = b""
+    path = entries.paths.paths[index]
+    top = os.fsencode(path)
+    if plan.mirror is not None:
+        entry, datas, kinds = coder.emit_mirror(coder.pairs[path], plan.mirror, entries.paths)
+        before = body.size
+        body.record(T_ENTRY, entries.encode(entry))
+        for data in datas:
+            body.data(data)
+        for kind, nbytes in kinds.items():
+            coder.stats.add(kind, nbytes)
+        coder.stats.add("mirror", body.size - before - sum(kinds.values()))
+    for relpath, st, decision in plan.nodes:
         if decision is not None:
-            entry, data, kind = coder.emit(decision, table)
+            entry, data, kind = coder.emit(decision, entries.paths)
             before = body.size
-            body.record(T_ENTRY, encode_entry(entry))
+            body.record(T_ENTRY, entries.encode(entry))
             body.data(data)
             coder.stats.add(kind, body.size - before)
         elif stat.S_ISDIR(st.st_mode):
-            body.record(T_ENTRY, encode_entry(Entry(KIND_DIR, relpath)))
+            body.record(T_ENTRY, entries.encode(Entry(KIND_DIR, relpath)))
         else:
-            full = os.path.join(os.fsencode(table.paths[index]), relpath) if relpath else os.fsencode(table.paths[index])
-            body.record(T_ENTRY, encode_entry(Entry(KIND_SYMLINK, relpath, target=os.readlink(full))))
+            target = os.readlink(os.path.join(top, relpath) if relpath else top)
+            body.record(T_ENTRY, entries.encode(Entry(KIND_SYMLINK, relpath, target=target)))
     body.record(T_PATH_END, head)
 
 

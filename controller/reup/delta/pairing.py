@@ -71,10 +71,13 @@ def pair_paths(
 
     # 1. Walk both graphs in step from the toplevels: structure disambiguates names.
     queue: deque[tuple[str, str]] = deque()
+    held_roots = [o for o in old_roots if o in old_paths]
     for root in new_roots:
-        cands = candidates(root, [o for o in old_roots if o in old_paths])
+        cands = candidates(root, held_roots)
         if cands:
             queue.append((root, closest(root, cands)))
+        elif held_roots:  # system toplevels pair even when their names differ
+            queue.append((root, held_roots[0]))
     visited: set[tuple[str, str]] = set()
     while queue:
         n, o = queue.popleft()

@@ -20,8 +20,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import zstandard
-from reup_receiver.model import F_EXECUTABLE, F_REWRITE, KIND_FILE, Codec, Entry, Method
+from reup_receiver.model import (
+    F_EXECUTABLE,
+    F_REWRITE,
+    FILE_HASH_LEN,
+    KIND_FILE,
+    KIND_MIRROR,
+    Codec,
+    Entry,
+    Method,
+    MirrorFile,
+)
 from reup_receiver.nar import walk_nar_order
+from reup_receiver.rewrite import rewrite_bytes
 
 from ..nix import PathInfo
 from .codecs import DiffResult, diff_job
@@ -162,6 +173,74 @@ class FileCoder:
             return Decision(f, sha, "diff", source=(old, partner), diff=future)
         return Decision(f, sha, "literal")
 
+    def mirror_plan(self, path: str, nodes: Sequence[tuple[list[bytes], os.stat_result]]) -> list[Decision] | None:
+        """Decisions for a path whose tree has the same shape as its old partner's, else None.
+
+        Such a path travels as one MIRROR entry: the receiver takes the tree from
+        the old path (symlink targets rewritten) and only per-file specs travel.
+        """
+        old = self.pairs.get(path)
+        if old is None:
+            return None
+        old_nodes = walk_nar_order(old)
+        if len(old_nodes) != len(nodes):
+            return None
+        bold, bnew = os.fsencode(old), os.fsencode(path)
+        files = []
+        for (parts, st), (old_parts, old_st) in zip(nodes, old_nodes, strict=True):
+            if parts != old_parts or stat.S_IFMT(st.st_mode) != stat.S_IFMT(old_st.st_mode):
+                return None
+            rel = b"/".join(parts)
+            if stat.S_ISLNK(st.st_mode):
+                new_target = os.readlink(os.path.join(bnew, rel) if rel else bnew)
+                old_target = os.readlink(os.path.join(bold, rel) if rel else bold)
+                if rewrite_bytes(old_target, self.rewrites) != new_target:
+                    return None
+            elif stat.S_ISREG(st.st_mode):
+                if (st.st_mode ^ old_st.st_mode) & 0o100:
+                    return None
+                files.append(StoreFile(path, rel, bool(st.st_mode & 0o100), st.st_size))
+        decisions = []
+        for f in files:
+            sha = file_sha256(f.host)
+            self.stats.files += 1
+            self.index.add((sha, f.executable), f)
+            old_host = os.path.join(bold, f.relpath) if f.relpath else bold
+            pool = self.inline if f.size < INLINE_MAX else self.pool
+            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha)
+            decisions.append(Decision(f, sha, "diff", source=(old, f.relpath), diff=future))
+        return decisions
+
+    def emit_mirror(self, old: str, decisions: Sequence[Decision],
+                    table: Callable[[str], int]) -> tuple[Entry, list[bytes], dict[str, int]]:
+        """The MIRROR entry, the DATA of its patched/literal files in order, bytes per kind."""
+        specs: list[MirrorFile] = []
+        datas: list[bytes] = []
+        kinds: dict[str, int] = {}
+        for d in decisions:
+            assert d.diff is not None
+            result = d.diff.result()
+            sha = d.sha[:FILE_HASH_LEN]
+            if result.kind == "rewrite":
+                specs.append(MirrorFile(Method.COPY, sha))
+                data = b""
+            elif result.codec is not None:
+                data = result.data
+                specs.append(MirrorFile(Method.PATCH, sha, d.file.size, result.codec, len(data)))
+            else:
+                data = self._literal(d.file)
+                specs.append(MirrorFile(Method.LITERAL, sha, d.file.size, None, len(data)))
+            kind = result.kind if result.kind != "rewrite" else "mirror"
+            kinds[kind] = kinds.get(kind, 0) + len(data)
+            datas.append(data)
+        entry = Entry(KIND_MIRROR, b"", flags=F_REWRITE, source=table(old), mirror=tuple(specs))
+        return entry, datas, kinds
+
+    def _literal(self, f: StoreFile) -> bytes:
+        with open(f.host, "rb") as fh:
+            content = fh.read()
+        return self.literal.compress(content) + self.literal.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
     def emit(self, d: Decision, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
         """(entry, data, stats kind) for a planned file."""
         f = d.file
@@ -170,7 +249,8 @@ class FileCoder:
         def entry(method: Method, source: tuple[str, bytes] | None = None,
                   codec: Codec | None = None, data: bytes = b"") -> Entry:
             index, relpath = (table(source[0]), source[1]) if source else (-1, b"")
-            return Entry(KIND_FILE, f.relpath, flags=flags, size=f.size, sha256=d.sha, method=method,
+            return Entry(KIND_FILE, f.relpath, flags=flags, size=f.size, sha256=d.sha[:FILE_HASH_LEN],
+                         method=method,
                          source=index, source_relpath=relpath, codec=codec, data_len=len(data))
 
         if d.kind == "dedup":
@@ -182,7 +262,5 @@ class FileCoder:
                 if result.codec is None:
                     return entry(Method.COPY, d.source), b"", "rewrite"
                 return entry(Method.PATCH, d.source, result.codec, result.data), result.data, result.kind
-        with open(f.host, "rb") as fh:
-            content = fh.read()
-        data = self.literal.compress(content) + self.literal.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        data = self._literal(f)
         return entry(Method.LITERAL, data=data), data, "literal"
