@@ -8,7 +8,7 @@ Each generation is a NixOS-like toplevel made of plain `derivation`s (builder
   RPATH into the store (so its binary embeds the library's store hash);
 - `etc-N`: config files, a symlink, an empty directory, an executable script
   and files whose names hold a space, UTF-8 and a leading dash;
-- `data`: a few hundred KiB of poorly compressible bytes shared by every
+- `data`: 768 KiB of incompressible (xorshift) bytes shared by every
   generation (dedup, and receives that last long enough to be killed);
 - `system-N`: the toplevel, with `bin/switch-to-configuration` that appends
   "$1 $REUP_TOPLEVEL" to `$REUP_ROOT/activations` (generation 3 fails: exit 1).
@@ -51,7 +51,11 @@ def flake_text(salt: str = "") -> str:
     lines = ["{\n  outputs = { self }: let\n"]
     lines.append(_drv(
         "data",
-        f"mkdir -p $out/share; seq 1 250000 | sed 's/$/ {salt}data/' | gzip -n -9 > $out/share/blob.gz; "
+        "mkdir -p $out/share; cd $TMPDIR; "
+        "printf '%s\\n' '#include <stdio.h>' '#include <stdint.h>' "
+        "'int main(void) { uint64_t x = 88172645463325252ULL; for (long i = 0; i < 98304; i++) {' "
+        "'x ^= x << 13; x ^= x >> 7; x ^= x << 17; fwrite(&x, 8, 1, stdout); } return 0; }' > rnd.c; "
+        f"gcc -O1 -o rnd rnd.c; ./rnd > $out/share/random.bin; echo {salt} >> $out/share/random.bin; "
         "seq 1 4000 > $out/share/numbers.txt",
     ))
     for gen in (1, 2):
