@@ -46,6 +46,7 @@ class ScenarioResult:
     reup_encode_rss: int = 0
     reup_apply_s: float = 0.0
     reup_apply_rss: int = 0
+    reup_kinds: dict[str, int] = field(default_factory=dict)  # stream bytes by operation kind
 
     def best_baseline(self) -> tuple[str, int]:
         method = min(self.baselines, key=lambda m: (self.baselines[m][0], m))
@@ -71,6 +72,12 @@ def fmt_bytes(n: int) -> str:
     if n >= 10 * 1024:
         return f"{n / 1024:.1f} KiB"
     return f"{n} B"
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """An error message fit for a table cell: one line, no pipes, bounded."""
+    flat = " ".join(text.split()).replace("|", "/")
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _mark(met: bool | None) -> str:
@@ -153,7 +160,7 @@ def render(results: Sequence[ScenarioResult], meta: dict[str, str], corpus_rows:
         if r.reup_ok:
             cells += [f"{r.reup_bytes:,}", f"{r.ratio():.3f}"]
         else:
-            cells += [f"failed: {r.reup_error[:120]}", "-"]
+            cells += [f"failed: {one_line(r.reup_error)}", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Bytes are exact; the smallest baseline is in bold. reup's size counts only when the stream "
               "applied with `reup-receive` and `nix store verify` passed on the device root.", ""]
@@ -171,7 +178,14 @@ def render(results: Sequence[ScenarioResult], meta: dict[str, str], corpus_rows:
         else:
             cells += ["-"] * 5
         lines.append("| " + " | ".join(cells) + " |")
+    kinds = sorted({k for r in results if r.reup_ok for k in r.reup_kinds})
+    if kinds:
+        lines += ["", "## reup stream bytes by operation kind (encoder's own stats)", ""]
+        lines += ["| # | " + " | ".join(kinds) + " |", "|" + "|".join(["--:"] * (len(kinds) + 1)) + "|"]
+        for r in results:
+            if r.reup_ok:
+                lines.append(f"| {r.number} | " + " | ".join(f"{r.reup_kinds.get(k, 0):,}" for k in kinds) + " |")
     lines += ["", "## Targets (issue 3)", "", "| target | result | numbers |", "|---|---|---|"]
-    lines += [f"| {c.target} | {_mark(c.met)} | {c.detail} |" for c in check_targets(results)]
+    lines += [f"| {c.target} | {_mark(c.met)} | {one_line(c.detail)} |" for c in check_targets(results)]
     lines.append("")
     return "\n".join(lines)

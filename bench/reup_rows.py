@@ -2,7 +2,7 @@
 
 Called by `bench.run` once per scenario. The encoder runs in a child process
 (`bench.encode_child`) and the receiver as `reup-receive --root DIR --activate none`,
-both measured with `os.wait4` (wall seconds and peak RSS of the largest process in the
+both measured with GNU time (wall seconds and peak RSS of the largest process in the
 child's tree). The device root is populated with `nix copy --to DIR` of the held
 closures plus NixOS profile links; the result is checked with
 `nix store verify --no-trust --store DIR -r TARGET`. A size counts only if it applies and
@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,38 +35,30 @@ class Measured:
     stderr: str
 
 
+GNU_TIME = "/usr/bin/time"
+
+
 def measure(argv: Sequence[str], *, stdin: IO[bytes] | None = None, env: dict[str, str] | None = None) -> Measured:
-    """Run a command; wall seconds and peak RSS (ru_maxrss of its process tree) via wait4."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        list(argv),
-        stdin=stdin if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    out, err = _drain(proc)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(proc.returncode, seconds, usage.ru_maxrss * 1024, out, err)
+    """Run a command; wall seconds and peak RSS of its process tree.
 
-
-def _drain(proc: subprocess.Popen[bytes]) -> tuple[str, str]:
-    # communicate() would reap the child and lose its rusage; read both pipes by threads.
-    import threading
-
-    chunks: dict[str, bytes] = {}
-
-    def read(name: str, f: IO[bytes] | None) -> None:
-        chunks[name] = f.read() if f else b""
-
-    threads = [threading.Thread(target=read, args=(n, f)) for n, f in (("out", proc.stdout), ("err", proc.stderr))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return chunks["out"].decode(errors="replace"), chunks["err"].decode(errors="replace")
+    The peak comes from GNU time (`%M`): a child forked straight from this (large) Python
+    process would inherit its high-water RSS mark across exec, and ru_maxrss would report
+    the harness's memory instead of the command's.
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [GNU_TIME, "-f", "%M", "-o", rss.name, *argv],
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            capture_output=True,
+            env=env,
+            check=False,
+        )
+        seconds = time.perf_counter() - t0
+        lines = [ln for ln in rss.read().splitlines() if ln.strip()]
+    peak_kib = int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
+    return Measured(proc.returncode, seconds, peak_kib * 1024,
+                    proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace"))
 
 
 @dataclass
@@ -155,7 +148,7 @@ def apply_and_verify(row: ReupRow, stream: Path, root: Path, target: str, execut
     try:
         executor.run(store_verify_cmd([target], store=str(root)), timeout=900)
     except NixError as exc:
-        row.error = f"nix store verify failed: {exc}"
+        row.error = "nix store verify failed: " + (exc.stderr.strip().splitlines() or ["?"])[-1]
         return
     row.verified = True
     row.ok = True

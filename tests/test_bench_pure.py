@@ -90,3 +90,12 @@ def test_targets_and_render() -> None:
     md = report.render(results, {"whole run": "1 s"}, [["g0", "base", "1", "1 B", "1", "x (1 B)"]])
     assert "| 2 | s2 | g1 -> g5 | 3 (10000 B) | 2,000 | - | **1,000** | - | 900 | 0.900 |" in md
     assert "failed: boom" in md
+
+
+def test_error_cells_and_kind_table() -> None:
+    assert report.one_line("a\n  b | c") == "a b / c"
+    assert len(report.one_line("x" * 500)) == 160
+    r = _result(3, 10, 100)
+    r.reup_kinds = {"literal": 7, "manifest": 3}
+    md = report.render([r], {}, [])
+    assert "| # | literal | manifest |" in md and "| 3 | 7 | 3 |" in md
