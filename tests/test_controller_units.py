@@ -268,3 +268,40 @@ def test_format_status() -> None:
     assert lines[1].split() == ["DEVICE", "STATE", "WAVE", "GEN", "ACKNOWLEDGED", "TARGET", "UPDATED", "ERROR"]
     assert lines[2].split()[:4] == ["a", "in_sync", "default", "2"] and "10s ago" in lines[2]
     assert lines[3].split()[:4] == ["b", "failed", "default", "-"] and lines[3].endswith("error: boom")
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+
+def test_retrying_retries_only_temporary_errors() -> None:
+    import asyncio
+
+    from reup.retry import retrying
+
+    calls: list[str] = []
+
+    async def flaky() -> str:
+        calls.append("flaky")
+        if len(calls) < 3:
+            raise UnreachableError("refused")
+        return "ok"
+
+    assert asyncio.run(retrying(flaky, attempts=3, multiplier=0.001, max_wait=0.01)) == "ok" and len(calls) == 3
+
+    async def broken() -> str:
+        calls.append("broken")
+        raise PermanentError("activation failed")
+
+    calls.clear()
+    with pytest.raises(PermanentError):
+        asyncio.run(retrying(broken, attempts=5, multiplier=0.001, max_wait=0.01))
+    assert calls == ["broken"]
+
+    async def down() -> str:
+        calls.append("down")
+        raise TemporaryError("locked")
+
+    calls.clear()
+    with pytest.raises(TemporaryError, match="locked"):
+        asyncio.run(retrying(down, attempts=2, multiplier=0.001, max_wait=0.01))
+    assert calls == ["down", "down"]

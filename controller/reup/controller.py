@@ -48,6 +48,7 @@ from .metrics import Metrics
 from .model import BuildResult, DeviceState, Observed, Plan, Push, Target
 from .nix import NixExecutor
 from .push import SshPusher
+from .retry import retrying
 from .source import GitSource
 from .state import Store
 
@@ -141,7 +142,7 @@ class Controller:
         self._fetch_requested = False
         self._next_poll = now + self.cfg.source.poll_interval
         try:
-            head = await asyncio.to_thread(self.source.fetch)
+            head = await retrying(lambda: asyncio.to_thread(self.source.fetch), attempts=3, max_wait=2.0)
         except TemporaryError as exc:
             self.bus.emit(GitFetched(now, "error", error=str(exc)))
             self.bus.emit(ReconcileError(now, "fetch", str(exc)))

@@ -65,8 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"reup: {exc}", file=sys.stderr)
         return 2
     ctrl = Controller(cfg)
-    if sys.stderr.isatty():
+    if sys.stderr.isatty():  # a progress bar instead of one log line per event
         ctrl.bus.subscribe(TerminalProgress())
+        logging.getLogger("reup.events").setLevel(logging.WARNING)
     server = ctrl.start_http()
     try:
         return asyncio.run(ctrl.run(once=args.once))

@@ -21,17 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncssh
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from .deltacache import DeltaCache
 from .errors import PermanentError, TemporaryError, UnreachableError
 from .fleet import Device
 from .model import DeviceState
+from .retry import retrying
 
 log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
@@ -161,18 +156,6 @@ class SshPusher:
             raise classify_exit(res.exit_status, str(res.stderr or ""))
         return str(res.stdout or "")
 
-    async def _retrying(self, fn: Callable[[], object]) -> object:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TemporaryError),
-            wait=wait_random_exponential(multiplier=0.2, max=5.0),
-            stop=stop_after_attempt(self.attempts),
-            reraise=True,
-        ):
-            with attempt:
-                result = fn()
-                return await result if asyncio.iscoroutine(result) else result
-        raise AssertionError("tenacity stopped without a result")  # pragma: no cover
-
     async def status(self, dev: Device) -> DeviceStatus:
         async def once() -> DeviceStatus:
             conn = await self._connect(dev)
@@ -181,9 +164,7 @@ class SshPusher:
             finally:
                 conn.close()
 
-        result = await self._retrying(once)
-        assert isinstance(result, DeviceStatus)
-        return result
+        return await retrying(once, attempts=self.attempts)
 
     async def push(
         self,
@@ -196,9 +177,7 @@ class SshPusher:
         async def once() -> PushOutcome:
             return await self._push_once(dev, toplevel, activation, on_phase)
 
-        result = await self._retrying(once)
-        assert isinstance(result, PushOutcome)
-        return result
+        return await retrying(once, attempts=self.attempts)
 
     async def _push_once(
         self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None]
