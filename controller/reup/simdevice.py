@@ -63,7 +63,8 @@ class SimDevice:
         os.makedirs(self.root, exist_ok=True)
         if shutil.which("nix-store") and not os.path.exists(os.path.join(self.root, "nix/var/nix/db/db.sqlite")):
             NixExecutor().run(init_store_cmd(self.root))  # a device with a Nix database, as NixOS has
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
         self.host_key  # noqa: B018 - generates the host key
         command = f"{self.receiver} --root {self.root} --ssh-command"
         with open(os.path.join(self.base, "authorized_keys"), "w", encoding="ascii") as f:
