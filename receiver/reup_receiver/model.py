@@ -55,6 +55,7 @@ class PathEntry:
     references: tuple[int, ...]  # indices into Manifest.table
     deriver: bytes = b""  # base name of the .drv, or empty
     carried: bool = True  # False: the device has it staged already; no operations follow
+    replace: bool = False  # the device's copy is broken: install this one over it
 
 
 @dataclass
@@ -179,7 +180,7 @@ def encode_manifest(m: Manifest) -> bytes:
         put_varint(body, len(p.references))
         for ref in p.references:
             put_varint(body, ref)
-        body.append(1 if p.carried else 0)
+        body.append((1 if p.carried else 0) | (2 if p.replace else 0))
     put_varint(body, m.toplevel)
     put_varint(body, len(m.rewrites))
     for old, new in m.rewrites:
@@ -221,10 +222,10 @@ def decode_manifest(payload: bytes) -> Manifest:
             raise Corrupt("manifest: bad deriver flag")
         deriver = get_store_name(buf) if has_deriver else b""
         refs = tuple(buf.varint() for _ in range(buf.varint()))
-        carried = buf.u8()
-        if carried > 1:
+        flags = buf.u8()
+        if flags > 3:
             raise Corrupt("manifest: bad path flags")
-        paths.append(PathEntry(name, nar_hash, nar_size, refs, deriver, bool(carried)))
+        paths.append(PathEntry(name, nar_hash, nar_size, refs, deriver, bool(flags & 1), bool(flags & 2)))
     toplevel = buf.varint()
     rewrites = [(buf.varint(), buf.varint()) for _ in range(buf.varint())]
     buf.end()

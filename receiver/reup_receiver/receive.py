@@ -160,15 +160,18 @@ def _stage_done(device: Device, rec: PathRecord) -> None:
 
 
 def _install(m: Manifest, device: Device) -> list[str]:
-    """Phase 2: every manifest path into the store (from staging), recorded and registered."""
-    valid = device.valid_paths()
+    """Phase 2: every manifest path into the store (from staging), recorded and registered.
+
+    A valid path is kept unless the manifest marks it `replace` (the device
+    reported its copy broken), so a repeated stream is a no-op.
+    """
+    valid = {p for p in device.valid_paths() if os.path.lexists(device.host(p))}
     staged = device.staged()
     records = [_record(m, i, device) for i in range(len(m.paths))]
+    replace = {rec.path for rec, p in zip(records, m.paths, strict=True) if p.replace}
     for rec in records:
-        if rec.path in valid:
-            continue
         st = staged.get(rec.path)
-        if st is None or st.nar_hash != rec.nar_hash:
+        if rec.path not in valid and (st is None or st.nar_hash != rec.nar_hash):
             raise MissingPath(f"store path neither in the stream nor staged: {rec.path}")
     new_paths = {r.path for r in records}
     for rec in records:
@@ -177,16 +180,15 @@ def _install(m: Manifest, device: Device) -> list[str]:
                 raise MissingPath(f"{rec.path} references {ref}, which the device lacks")
     installed = []
     for rec in records:
-        if rec.path in valid:
+        name = os.path.basename(rec.path)
+        if rec.path in valid and rec.path not in replace:
             if rec.path in staged:  # carried although present: the staged copy is surplus
-                name = os.path.basename(rec.path)
                 os.unlink(os.path.join(device.done, name + ".json"))
                 device.remove_tree(os.path.join(device.done, name))
             continue
-        name = os.path.basename(rec.path)
         device.record(rec)
         dest = os.path.join(device.store, name)
-        if os.path.lexists(dest):  # present but not valid: an earlier, unregistered copy
+        if os.path.lexists(dest):  # an unregistered leftover, or a copy reported broken
             device.remove_tree(dest)
         os.rename(os.path.join(device.done, name), dest)
         os.unlink(os.path.join(device.done, name + ".json"))

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import time
 from typing import Any
 
 from ..nix import resolve_store_path
@@ -24,6 +27,10 @@ def register(sub: Any) -> None:
                    help="store paths the device has staged and verified already (not sent again)")
     p.add_argument("--to", dest="target", required=True, metavar="PATH", help="target toplevel")
     p.add_argument("-o", "--output", required=True, help="stream file to write")
+    p.add_argument("--avoid", nargs="*", default=[], metavar="PATH",
+                   help="store paths the device reported broken: never used as bases, re-sent if needed")
+    p.add_argument("--cache", metavar="DIR",
+                   help="delta cache: a request seen before is served from DIR without encoding")
     p.add_argument("--stats", action="store_true", help="print statistics as JSON on stdout")
     p.set_defaults(func=run)
 
@@ -35,8 +42,23 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"reup delta: {exc}", file=sys.stderr)
         return 2
-    stats = encode(held, target, args.output, staged=args.staged)
+    if args.cache and not args.avoid:
+        report = _cached(args.cache, held, target, args.staged, args.output)
+    else:
+        report = encode(held, target, args.output, staged=args.staged, avoid=args.avoid).to_json()
     if args.stats:
-        json.dump(stats.to_json(), sys.stdout, indent=1)
+        json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
     return 0
+
+
+def _cached(cache_dir: str, held: list[str], target: str, staged: list[str], output: str) -> dict[str, object]:
+    from ..deltacache import DeltaCache
+
+    start = time.monotonic()
+    entry = DeltaCache(cache_dir).get(held, target, staged)
+    tmp = f"{output}.tmp"
+    shutil.copyfile(entry.path, tmp)
+    os.replace(tmp, output)
+    return {"stream_bytes": entry.stream_bytes, "nar_bytes": entry.nar_bytes, "cached": entry.cached,
+            "seconds": round(time.monotonic() - start, 3)}

@@ -123,18 +123,23 @@ def encode(
     executor: NixExecutor | None = None,
     store_dir: str = "/nix/store",
     workers: int | None = None,
+    avoid: Sequence[str] = (),
 ) -> DeltaStats:
     """Write to `out` a stream taking a device holding `held` (closures) to `target`.
 
     `held` is ordered: its first entries are the device's current and newest
     generations, which pairing tries first. `workers` sizes the diff process
-    pool (default: one per CPU; 0 runs diffs inline).
+    pool (default: one per CPU; 0 runs diffs inline). `avoid` are paths the
+    device reported broken (a missing base file): treated as not held, so
+    they are neither bases nor assumed present, and are sent again if needed.
     """
     start = time.monotonic()
     nix = executor or NixExecutor()
     target_closure = nix.closure([target])
     held_local = [p for p in held if os.path.lexists(p)]  # the base is what we still have
     held_closure = nix.closure(held_local) if held_local else {}
+    for p in avoid:
+        held_closure.pop(p, None)
     missing = toposort(target_closure, (p for p in target_closure if p not in held_closure))
     staged_set = set(staged)
 
@@ -154,7 +159,7 @@ def encode(
             table(ref)
         rewrites = sorted((table(o), table(n)) for o, n in coder.rewrite_paths.items())
         table(target)
-        manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir)
+        manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir, set(avoid))
         manifest.rewrites = rewrites
         payload = encode_manifest(manifest)
         manifest.stream_bytes = stream_size(len(payload), body.size)
@@ -296,6 +301,7 @@ def _manifest(
     table: _Table,
     target: str,
     store_dir: str,
+    replace: set[str],
 ) -> Manifest:
     def name(p: str) -> bytes:
         return os.fsencode(os.path.basename(p))
@@ -311,6 +317,7 @@ def _manifest(
                 references=tuple(sorted(table(r) for r in info.references)),
                 deriver=name(info.deriver) if info.deriver else b"",
                 carried=p not in staged,
+                replace=p in replace,
             )
         )
     return Manifest(
