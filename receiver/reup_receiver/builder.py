@@ -15,6 +15,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import zstandard
 
@@ -146,7 +147,7 @@ class LiteralStream:
             raise Corrupt(f"literal data does not decompress: {exc}") from exc
 
 
-def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: FileSink) -> None:
+def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> None:
     """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
     so this bounds each step's output (and memory) to about 3 MiB."""
     view = memoryview(data)
@@ -162,6 +163,28 @@ class _OpenFile:
     sink: FileSink
     patch: bytearray = field(default_factory=bytearray)
     received: int = 0
+
+
+class Sink(Protocol):
+    def write(self, data: bytes) -> int: ...
+
+
+def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
+    """Write `old` patched with `patch` to `sink`; codec errors propagate as the library raises them."""
+    if codec == Codec.BSDIFF4:
+        import bsdiff4
+
+        sink.write(bsdiff4.patch(old, patch))
+    elif codec == Codec.HDIFFPATCH:
+        import hdiffpatch
+
+        sink.write(hdiffpatch.apply(old, patch))
+    elif codec == Codec.ZSTD_PREFIX:
+        d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
+        zstd_feed(dctx.decompressobj(), patch, sink)
+    else:
+        raise Unsupported(f"unknown codec {codec}")
 
 
 # Resolves (table index, relpath) of a base file to (host dir of its store path, label).
@@ -313,21 +336,9 @@ class PathBuilder:
         old = b"".join(read_base(host, split_relpath(e.source_relpath, label), label))
         if e.flags & F_REWRITE:
             old = rewrite_bytes(old, self.rewrites)
+        assert e.codec is not None
         try:
-            if e.codec == Codec.BSDIFF4:
-                import bsdiff4
-
-                sink.write(bsdiff4.patch(old, patch))
-            elif e.codec == Codec.HDIFFPATCH:
-                import hdiffpatch
-
-                sink.write(hdiffpatch.apply(old, patch))
-            elif e.codec == Codec.ZSTD_PREFIX:
-                d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-                dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
-                zstd_feed(dctx.decompressobj(), patch, sink)
-            else:
-                raise Unsupported(f"unknown codec {e.codec}")
+            apply_patch(e.codec, old, patch, sink)
         except (Oversized, HashMismatch, Unsupported):
             raise
         except Exception as exc:  # codec libraries raise their own types on bad input

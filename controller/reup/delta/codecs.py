@@ -12,6 +12,7 @@ receiver's decoders for all of them are in reup_receiver/builder.py.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import bsdiff4
@@ -52,12 +53,23 @@ def hdiff(old: bytes, new: bytes) -> bytes:
     return hdiffpatch.diff(old, new, hdiffpatch.COMPRESSION_LZMA2, validate=False, big_cache_match=True)
 
 
-def candidates(old: bytes, new: bytes) -> list[tuple[Codec, bytes]]:
+def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
+    if codec == Codec.HDIFFPATCH:
+        return hdiff(old, new)
+    if codec == Codec.BSDIFF4:
+        return bytes(bsdiff4.diff(old, new))
+    return zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_SMALL)
+
+
+def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None) -> list[tuple[Codec, bytes]]:
+    """Patches to compare; `only` forces given codecs (tests, benchmarks)."""
+    if only is not None:
+        return [(c, make_patch(c, old, new)) for c in only if c != Codec.ZSTD_PREFIX or len(old) >= 8]
     if len(old) > HDIFF_MAX or len(new) > HDIFF_MAX:
         return [(Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE))]
     out = [(Codec.HDIFFPATCH, hdiff(old, new))]
     if len(old) <= SMALL and len(new) <= SMALL:
-        out.append((Codec.BSDIFF4, bsdiff4.diff(old, new)))
+        out.append((Codec.BSDIFF4, make_patch(Codec.BSDIFF4, old, new)))
         if len(old) >= 8:  # zstd's minimum prefix
             out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_SMALL)))
     return out
@@ -68,8 +80,12 @@ def literal_estimate(new: bytes) -> int:
     return len(zstandard.ZstdCompressor(level=level).compress(new))
 
 
-def diff_job(old_path: bytes, new_path: bytes, rewrites: dict[bytes, bytes], new_sha: bytes) -> DiffResult:
-    """Run in a worker: rewrite the old file, then COPY if equal, else the best patch."""
+def diff_job(old_path: bytes, new_path: bytes, rewrites: dict[bytes, bytes], new_sha: bytes,
+             only: Sequence[Codec] | None = None) -> DiffResult:
+    """Run in a worker: rewrite the old file, then COPY if equal, else the best patch.
+
+    With `only`, those codecs are used even where a literal would be smaller.
+    """
     with open(old_path, "rb") as fh:
         old = fh.read()
     with open(new_path, "rb") as fh:
@@ -78,7 +94,10 @@ def diff_job(old_path: bytes, new_path: bytes, rewrites: dict[bytes, bytes], new
     changed = rewritten != old
     if len(rewritten) == len(new) and hashlib.sha256(rewritten).digest() == new_sha:
         return DiffResult("rewrite", None, b"", changed)
-    codec, data = min(candidates(rewritten, new), key=lambda c: (len(c[1]), c[0]))
-    if len(data) >= literal_estimate(new):
+    patches = candidates(rewritten, new, only)
+    if not patches:
+        return DiffResult("literal", None, b"", changed)
+    codec, data = min(patches, key=lambda c: (len(c[1]), c[0]))
+    if only is None and len(data) >= literal_estimate(new):
         return DiffResult("literal", None, b"", changed)
     return DiffResult(f"patch:{codec.name.lower()}", codec, data, changed)

@@ -27,6 +27,7 @@ from typing import Any
 from reup_receiver.model import (
     KIND_DIR,
     KIND_SYMLINK,
+    Codec,
     Entry,
     EntryCoder,
     Manifest,
@@ -124,6 +125,7 @@ def encode(
     store_dir: str = "/nix/store",
     workers: int | None = None,
     avoid: Sequence[str] = (),
+    codecs: Sequence[Codec] | None = None,
 ) -> DeltaStats:
     """Write to `out` a stream taking a device holding `held` (closures) to `target`.
 
@@ -132,6 +134,7 @@ def encode(
     pool (default: one per CPU; 0 runs diffs inline). `avoid` are paths the
     device reported broken (a missing base file): treated as not held, so
     they are neither bases nor assumed present, and are sent again if needed.
+    `codecs` forces the patch codecs (tests and benchmarks); default: the best.
     """
     start = time.monotonic()
     nix = executor or NixExecutor()
@@ -149,7 +152,7 @@ def encode(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with _pool(workers) as pool, tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
-                          held_local, target)
+                          held_local, target, codecs)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
         body = RecordWriter(body_fh, header=False)
         entries = _Entries(table, store_dir)
