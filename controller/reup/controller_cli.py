@@ -70,7 +70,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("reup.events").setLevel(logging.WARNING)
     server = ctrl.start_http()
     try:
-        return asyncio.run(ctrl.run(once=args.once))
+        rc = asyncio.run(ctrl.run(once=args.once))
+        if args.once:
+            print(format_status(ctrl.store.status()))
+        return rc
     finally:
         if server is not None:
             server.stop()
