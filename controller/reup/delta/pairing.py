@@ -90,7 +90,7 @@ def pair_paths(
         for rn in sorted(new_graph.refs.get(n, ())):
             if rn in pairs or rn == n:
                 continue
-            cands = candidates(rn, [r for r in old_graph.refs.get(o, ()) if r != o])
+            cands = candidates(rn, [r for r in old_graph.refs.get(o, ()) if r != o and r in old_paths])
             if len(cands) == 1 or (cands and len({store_name(c) for c in cands}) == 1):
                 queue.append((rn, closest(rn, cands)))
 
