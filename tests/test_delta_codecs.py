@@ -13,7 +13,6 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from reup.delta.codecs import candidates, diff_job, make_patch
 from reup_receiver.builder import apply_patch
 from reup_receiver.model import Codec

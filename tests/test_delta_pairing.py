@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import pytest
-
-from reup.delta.pairing import Graph, pair_files, pair_paths, parse_drv_name, rewrite_pairs, store_name
+from reup.delta.pairing import (
+    Graph,
+    pair_files,
+    pair_paths,
+    parse_drv_name,
+    rewrite_pairs,
+    store_name,
+)
 
 H = "/nix/store/"
 

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from reup.delta.encode import DeltaStats, encode
+from reup_receiver.model import Codec, EntryCoder, Method, decode_manifest
+from reup_receiver.wire import T_ENTRY, T_MANIFEST, T_PATH, T_TRAILER, RecordReader
 from support.nixflake import nix_env
 from support.receiverkit import (
     REUP,
@@ -33,10 +36,6 @@ from support.receiverkit import (
     snapshot,
 )
 
-from reup.delta.encode import DeltaStats, encode
-from reup_receiver.model import Codec, EntryCoder, Method, decode_manifest
-from reup_receiver.wire import T_ENTRY, T_MANIFEST, T_PATH, T_TRAILER, RecordReader
-
 pytestmark = pytest.mark.slow
 
 DATA = (
@@ -48,7 +47,7 @@ DATA = (
 
 
 def flake(version: str, edits: int, base_tag: str) -> str:
-    lib_c = "int foo_version(void) { return %s; }" % version.replace(".", "")
+    lib_c = "int foo_version(void) { return " + version.replace(".", "") + "; }"
     return f"""
     base = derivation {{ name = "libbase-1.0"; system = "x86_64-linux"; builder = "/bin/sh";
       tag = "{base_tag}";
