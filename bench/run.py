@@ -75,6 +75,15 @@ def largest_with_partner(missing: Sequence[str], held: Sequence[str]) -> tuple[i
     return st.largest, (os.path.getsize(partner) if os.path.isfile(partner) else 0)
 
 
+def inputs_line(workdir: Path) -> str:
+    """What the corpus was built from, read back from the inputs manifest."""
+    m = json.loads((workdir / "inputs" / "manifest.json").read_text())
+    wheels = ", ".join(f"{d} {'/'.join(sorted(v))}" for d, v in sorted(m["wheels"].items()))
+    debs = ", ".join(f"{p} {d['version']}" for p, d in sorted(m["debs"].items()))
+    return f"PyPI wheels: {wheels}; Debian packages: {debs}; C built by gcc in the derivations: " \
+           "libbase, libfoo (versioned soname, RPATH), foo-tools, sensord"
+
+
 def corpus_rows(c: corpus.Corpus) -> list[list[str]]:
     gens = corpus.generations()
     rows = []
@@ -155,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = {
         "machine": f"{os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}, "
                    f"{executor.run(['nix', '--version']).strip()}",
+        "corpus inputs": inputs_line(work),
         "corpus build (Nix, inputs cached)": f"{build_s:.1f} s",
         "whole run": f"{total:.0f} s",
         "1-min load average at start / end (other work on the machine skews times)":
