@@ -205,6 +205,7 @@ class PathBuilder:
         self.nar = NarHasher()
         self.file: _OpenFile | None = None
         self.pending: Iterator[Entry] | None = None  # entries a MIRROR still has to produce
+        self.links: set[bytes] = set()  # relpaths of the symlinks made so far
 
     def label(self, relpath: bytes) -> str:
         return os.fsdecode(self.name + (b"/" + relpath if relpath else b""))
@@ -274,6 +275,10 @@ class PathBuilder:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
         parts = split_relpath(e.relpath, self.label(e.relpath))
         label = self.label(e.relpath)
+        for depth in range(len(parts)):  # named as what it is, before the NAR order check
+            if b"/".join(parts[:depth]) in self.links:
+                raise UnsafeWrite(f"{label}: would write through the symlink "
+                                  f"{self.label(b'/'.join(parts[:depth]))}")
         if e.kind == KIND_DIR:
             self.nar.directory(parts)
         elif e.kind == KIND_SYMLINK:
@@ -286,6 +291,7 @@ class PathBuilder:
                 os.mkdir(base, 0o755, dir_fd=dfd)
             elif e.kind == KIND_SYMLINK:
                 os.symlink(e.target, base, dir_fd=dfd)
+                self.links.add(e.relpath)
             else:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                 fd = os.open(base, flags, 0o755 if e.executable else 0o644, dir_fd=dfd)
