@@ -28,7 +28,6 @@ from support.receiverkit import (
     empty_db_root,
     host_nar_hash,
     nix_verify,
-    parse_records,
     profile_links,
     read_activations,
     receive,
@@ -36,6 +35,7 @@ from support.receiverkit import (
     status,
     visible_paths,
 )
+from support.streams import parse_records
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +108,8 @@ def test_delta_gen1_to_gen2_via_cli(gens: Generations, gen1_root: str, tmp_path:
 
 
 def test_fresh_install_into_empty_db(gens: Generations, streams: StreamCache,
-                                     tmp_path: object) -> None:
-    root = empty_db_root(os.path.join(str(tmp_path), "device"))
+                                     dev_tmp: str) -> None:
+    root = empty_db_root(os.path.join(dev_tmp, "device"))
     stream = streams.get([], gens.gen2)
     run = receive(root, stream, "--activate", "boot")
     assert run.returncode == 0, run.stderr
@@ -123,8 +123,8 @@ def test_fresh_install_into_empty_db(gens: Generations, streams: StreamCache,
 
 
 def test_fresh_install_without_db_keeps_own_records(gens: Generations, streams: StreamCache,
-                                                    tmp_path: object) -> None:
-    root = os.path.join(str(tmp_path), "device")
+                                                    dev_tmp: str) -> None:
+    root = os.path.join(dev_tmp, "device")
     os.makedirs(root)
     run = receive(root, streams.get([], gens.gen1), "--activate", "none")
     assert run.returncode == 0, run.stderr

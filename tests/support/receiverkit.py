@@ -2,9 +2,8 @@
 
 A device root is populated from the host's Nix store with `nix copy --to DIR`
 (which gives it a real Nix database) plus NixOS-style profile links. Streams
-come from the real encoder (`reup.delta.encode`) or are crafted record by
-record with the receiver's own wire/model modules (`parse_records`,
-`build_stream`), so a test can change one field and keep the framing valid.
+come from the real encoder (`reup.delta.encode`) or are crafted with
+support/streams.py.
 """
 
 from __future__ import annotations
@@ -19,17 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reup_receiver.model import decode_manifest, encode_manifest
 from reup_receiver.nar import nar_hash_tree
-from reup_receiver.wire import (
-    HEADER,
-    MAGIC,
-    RECORD,
-    T_MANIFEST,
-    T_TRAILER,
-    VERSION,
-    RecordWriter,
-)
 
 from .nixflake import nix_env
 
@@ -37,6 +26,9 @@ BIN = os.path.dirname(sys.executable)
 RECEIVE = os.path.join(BIN, "reup-receive")
 REUP = os.path.join(BIN, "reup")
 STORE = "/nix/store"
+# Device roots live on a RAM disk where there is one: the receiver fsyncs every record and
+# link, which costs tens of ms each on this machine's disk and would dominate the suite.
+SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 # --- device roots ------------------------------------------------------------
@@ -203,55 +195,6 @@ def encode_stream(held: Sequence[str], target: str, out: str,
     encode(list(held), target, out, staged=list(staged))
     with open(out, "rb") as fh:
         return fh.read()
-
-
-def parse_records(stream: bytes) -> list[tuple[int, bytes]]:
-    """The records of a well-formed stream (header skipped, trailer included), no checks."""
-    assert stream[:8] == MAGIC
-    out = []
-    pos = HEADER.size
-    while pos < len(stream):
-        tag, length = RECORD.unpack_from(stream, pos)
-        pos += RECORD.size
-        out.append((tag, stream[pos:pos + length]))
-        pos += length
-    assert out[-1][0] == T_TRAILER
-    return out
-
-
-def record_offsets(stream: bytes) -> list[int]:
-    """Byte offset of every record (and the end of the header)."""
-    offsets = []
-    pos = HEADER.size
-    while pos < len(stream):
-        offsets.append(pos)
-        _tag, length = RECORD.unpack_from(stream, pos)
-        pos += RECORD.size + length
-    return offsets
-
-
-def build_stream(records: Sequence[tuple[int, bytes]], *, version: int = VERSION,
-                 fix_size: bool = True, size_delta: int = 0) -> bytes:
-    """A stream of these records (trailer records dropped) with a correct trailer digest.
-
-    With `fix_size` the manifest's stream_bytes is recomputed (+ `size_delta`), so only a
-    deliberate change inside a record can make the receiver refuse the stream.
-    """
-    import io
-
-    body = [(t, p) for t, p in records if t != T_TRAILER]
-    if fix_size and body and body[0][0] == T_MANIFEST:
-        m = decode_manifest(body[0][1])
-        size = HEADER.size + sum(RECORD.size + len(p) for _, p in body) + RECORD.size + 32
-        m.stream_bytes = size + size_delta
-        body[0] = (T_MANIFEST, encode_manifest(m))
-    out = io.BytesIO()
-    w = RecordWriter(out, header=False)
-    w._write(HEADER.pack(MAGIC, version, 0))
-    for tag, payload in body:
-        w.record(tag, payload)
-    w.trailer()
-    return out.getvalue()
 
 
 class StreamCache:

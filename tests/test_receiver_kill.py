@@ -1,0 +1,232 @@
+"""Issue 2, Tests: SIGKILL the receiver at random points; the device stays consistent; resume.
+
+Each kill runs a real `reup-receive` fed through a pipe and kills it with
+SIGKILL either after a random number of stream bytes (while it reads, builds
+and stages) or at a random moment after the whole stream was written (while it
+verifies, installs, registers, switches or activates). After every kill:
+
+- every visible store path is an old valid one or a complete new one (its NAR
+  hash equals the host's), and every Nix DB row names a complete path;
+- the profile points at a complete generation (all of its closure registered);
+- whatever is staged is complete and verified;
+- a re-run of the same stream completes and `nix store verify` passes.
+
+Resume: a receive killed after the big path was staged reports it in
+`--status`, and `reup delta --staged` then writes a much smaller stream that
+completes the install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+
+import pytest
+from reup_receiver.model import decode_manifest
+from reup_receiver.nar import nar_hash_tree
+from reup_receiver.wire import T_MANIFEST, T_PATH_END, Buf
+from support.nixflake import Generations, nix_env
+from support.receiverkit import (
+    RECEIVE,
+    REUP,
+    SCRATCH,
+    StreamCache,
+    copy_root,
+    current_toplevel,
+    db_rows,
+    empty_db_root,
+    host_nar_hash,
+    nix_verify,
+    profile_links,
+    receive,
+    status,
+    visible_paths,
+)
+from support.streams import parse_records, record_offsets
+
+pytestmark = pytest.mark.slow
+
+KILLS = 25
+
+
+@pytest.fixture(scope="module")
+def nar_hashes(gens: Generations) -> Callable[[str], bytes]:
+    cache: dict[str, bytes] = {}
+
+    def get(path: str) -> bytes:
+        if path not in cache:
+            cache[path] = host_nar_hash(path)
+        return cache[path]
+
+    return get
+
+
+def start(root: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([RECEIVE, "--root", root], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=nix_env())
+
+
+def kill(proc: subprocess.Popen[bytes]) -> bool:
+    """SIGKILL; True if the receiver was still running."""
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None and not pipe.closed:
+            with contextlib.suppress(BrokenPipeError):
+                pipe.close()
+    return running
+
+
+def feed(proc: subprocess.Popen[bytes], data: bytes) -> None:
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+    except BrokenPipeError:
+        pass
+
+
+def assert_consistent(root: str, gens: Generations, old_valid: set[str],
+                      nar: Callable[[str], bytes]) -> None:
+    allowed = old_valid | set(gens.closure(gens.gen2))
+    visible = visible_paths(root)
+    assert visible <= allowed, visible - allowed
+    for path in visible - old_valid:  # new ones must be complete
+        assert nar_hash_tree(os.path.join(root, path.lstrip("/")))[0] == nar(path), path
+    registered = {row[0] for row in db_rows(root)[0]}
+    assert registered <= visible
+    links = profile_links(root)
+    if "system" in links:
+        assert links["system"] in links, links  # never dangling
+    current = current_toplevel(root)
+    assert current in (None, gens.gen1, gens.gen2)
+    if current is not None:
+        assert set(gens.closure(current)) <= registered, current
+    done = os.path.join(root, "nix/store/.reup-staging/done")
+    if os.path.isdir(done):
+        for name in os.listdir(done):
+            if not name.endswith(".json"):
+                continue
+            if not os.path.lexists(os.path.join(done, name[:-5])):
+                continue  # a record without its tree is cleaned up by the next receive
+            with open(os.path.join(done, name)) as fh:
+                rec = json.load(fh)
+            assert nar_hash_tree(os.path.join(done, name[:-5]))[0].hex() == rec["narHash"]
+
+
+def scenario(kind: str, gens: Generations, streams: StreamCache, gen1_template: str,
+             tmp: str) -> tuple[str, bytes, set[str]]:
+    """(device root, stream, valid paths before)."""
+    root = os.path.join(tmp, "device")
+    if kind == "fresh":  # an empty Nix DB receives the whole gen2 closure
+        return empty_db_root(root), streams.get([], gens.gen2), set()
+    # gen1 receives a stream carrying all of gen2 (some of it present already).
+    copy_root(gen1_template, root)
+    return root, streams.get([], gens.gen2), set(gens.closure(gens.gen1))
+
+
+@pytest.fixture(scope="module")
+def full_seconds(gens: Generations, streams: StreamCache, gen1_template: str,
+                 tmp_path_factory: pytest.TempPathFactory) -> float:
+    """How long one complete receive takes here (the range for time-based kill points)."""
+    d = tempfile.mkdtemp(prefix="reup-test-", dir=SCRATCH)
+    try:
+        root, stream, _ = scenario("delta", gens, streams, gen1_template, d)
+        t0 = time.monotonic()
+        assert receive(root, stream).returncode == 0
+        return time.monotonic() - t0
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("point", range(KILLS))
+def test_sigkill_anywhere(point: int, gens: Generations, streams: StreamCache,
+                          gen1_template: str, dev_tmp: str, full_seconds: float,
+                          nar_hashes: Callable[[str], bytes]) -> None:
+    rng = random.Random(4242 + point)
+    kind = "fresh" if point % 2 else "delta"
+    root, stream, old_valid = scenario(kind, gens, streams, gen1_template, dev_tmp)
+    proc = start(root)
+    if point % 5 < 3:  # while reading: after a random number of bytes
+        cut = rng.randrange(len(stream))
+        feed(proc, stream[:cut])
+        time.sleep(rng.uniform(0, 0.05))
+    else:  # after the whole stream: somewhere in verify / install / switch / activate
+        feed(proc, stream)
+        assert proc.stdin is not None
+        proc.stdin.close()
+        time.sleep(rng.uniform(0, full_seconds * 1.1))
+    was_running = kill(proc)
+    assert was_running or point % 5 >= 3  # byte-count kills always hit a running receiver
+    assert_consistent(root, gens, old_valid, nar_hashes)
+
+    run = receive(root, stream)
+    assert run.returncode == 0, run.stderr
+    assert current_toplevel(root) == gens.gen2
+    assert_consistent(root, gens, old_valid, nar_hashes)
+    for path in gens.closure(gens.gen2):
+        assert nar_hash_tree(os.path.join(root, path.lstrip("/")))[0] == nar_hashes(path)
+    proc_v = nix_verify(root, gens.gen2)
+    assert proc_v.returncode == 0, proc_v.stderr
+
+
+def path_end_offsets(stream: bytes) -> dict[str, int]:
+    """For each carried path, the stream offset just after its PATH_END record."""
+    records = parse_records(stream)
+    offsets = record_offsets(stream) + [len(stream)]
+    m = decode_manifest(records[0][1])
+    assert records[0][0] == T_MANIFEST
+    out = {}
+    for i, (tag, payload) in enumerate(records):
+        if tag == T_PATH_END:
+            out[m.store_path(Buf(payload, "path").varint())] = offsets[i + 1]
+    return out
+
+
+def test_resume_after_kill(gens: Generations, streams: StreamCache, dev_tmp: str,
+                           nar_hashes: Callable[[str], bytes]) -> None:
+    root = empty_db_root(os.path.join(dev_tmp, "device"))
+    stream = streams.get([], gens.gen2)
+    ends = path_end_offsets(stream)
+    data = gens.parts["data"]
+    assert data in ends
+    done = os.path.join(root, "nix/store/.reup-staging/done", os.path.basename(data))
+    proc = start(root)
+    feed(proc, stream[:ends[data] + 3])  # past the big path's end, not to the trailer
+    deadline = time.monotonic() + 30
+    while not os.path.exists(done + ".json") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert kill(proc), "the receiver ended before it was killed"
+    assert visible_paths(root) == set()
+    st = status(root)
+    assert data in st["staged"]
+    assert set(st["staged"]) <= set(gens.closure(gens.gen2))
+    assert st["current"] is None and st["paths"] == []
+
+    out = os.path.join(dev_tmp, "resume.reup")
+    enc = subprocess.run([REUP, "delta", "--staged", *st["staged"], "--to", gens.gen2, "-o", out],
+                         env=nix_env(), capture_output=True, text=True, check=False)
+    assert enc.returncode == 0, enc.stderr
+    with open(out, "rb") as fh:
+        resumed = fh.read()
+    assert len(resumed) < len(stream) // 4, (len(resumed), len(stream))
+    run = receive(root, resumed)
+    assert run.returncode == 0, run.stderr
+    result = run.json()
+    assert result["generation"] == 1 and result["toplevel"] == gens.gen2
+    assert sorted(result["installed"]) == gens.closure(gens.gen2)
+    assert status(root)["staged"] == []
+    for path in gens.closure(gens.gen2):
+        assert nar_hash_tree(os.path.join(root, path.lstrip("/")))[0] == nar_hashes(path)
+    proc_v = nix_verify(root, gens.gen2)
+    assert proc_v.returncode == 0, proc_v.stderr
