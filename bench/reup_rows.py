@@ -74,11 +74,16 @@ class ReupRow:
     verified: bool = False
     stats: object = None
     encoder_file: str = ""
+    repeat_via: str = ""
     receiver: dict[str, object] = field(default_factory=dict)
 
 
 def run_encode(held: Sequence[str], target: str, out: Path, env: dict[str, str]) -> tuple[ReupRow, Measured]:
-    req = {"held": list(held), "target": target, "out": str(out), "repeat_out": str(out) + ".repeat"}
+    """Encode for a device holding `held` (current generation first, the encoder's order)."""
+    cache = out.parent / "delta-cache"
+    if cache.exists():
+        shutil.rmtree(cache)
+    req = {"held": list(held), "target": target, "out": str(out), "cache_dir": str(cache)}
     m = measure([sys.executable, "-m", "bench.encode_child", json.dumps(req)], env=env)
     row = ReupRow(encode_seconds=m.seconds, encode_peak_rss=m.peak_rss)
     try:
@@ -91,10 +96,12 @@ def run_encode(held: Sequence[str], target: str, out: Path, env: dict[str, str])
         return row, m
     row.encode_seconds = float(res["seconds"])  # the encode call itself, not interpreter start
     row.repeat_seconds = res.get("repeat_seconds")
+    row.repeat_via = str(res.get("repeat_via", ""))
     row.stats = res.get("stats")
     row.encoder_file = str(res.get("module_file", ""))
     row.bytes = out.stat().st_size
     Path(str(out) + ".repeat").unlink(missing_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
     return row, m
 
 
@@ -156,10 +163,13 @@ def apply_and_verify(row: ReupRow, stream: Path, root: Path, target: str, execut
 
 def run_scenario(held: Sequence[str], target: str, work: Path, executor: NixExecutor,
                  env: dict[str, str]) -> ReupRow:
-    """Encode, apply to a fresh device root and verify; the row records what failed."""
+    """Encode, apply to a fresh device root and verify; the row records what failed.
+
+    `held` is in generation order (last = the device's current one), as in the scenarios.
+    """
     work.mkdir(parents=True, exist_ok=True)
     stream = work / "stream.reup"
-    row, _ = run_encode(held, target, stream, env)
+    row, _ = run_encode(list(reversed(held)), target, stream, env)
     if row.error:
         return row
     root = work / "device"

@@ -128,10 +128,11 @@ def run_scenario(sc: corpus.Scenario, labels: dict[str, str], closures: dict[str
     res.reup_ok, res.reup_error, res.reup_bytes = row.ok, row.error, row.bytes
     res.reup_encode_s, res.reup_repeat_s, res.reup_encode_rss = row.encode_seconds, row.repeat_seconds, row.encode_peak_rss
     res.reup_apply_s, res.reup_apply_rss = row.apply_seconds, row.apply_peak_rss
+    res.reup_repeat_via = row.repeat_via
     if isinstance(row.stats, dict) and isinstance(row.stats.get("bytes_by_kind"), dict):
         res.reup_kinds = {str(k): int(v) for k, v in row.stats["bytes_by_kind"].items()}
     if row.encoder_file:
-        log(f"S{sc.number} encoder module: {row.encoder_file}")
+        log(f"S{sc.number} encoder module: {row.encoder_file}; repeat via {row.repeat_via}")
     log(f"S{sc.number} reup: {'ok' if row.ok else 'FAILED ' + row.error} {row.bytes} B, "
         f"encode {row.encode_seconds:.2f} s, apply {row.apply_seconds:.2f} s")
     return res
