@@ -214,6 +214,17 @@ def test_unreachable_device_and_kill_9_restart(tmp_path: os.PathLike[str]) -> No
         r = subprocess.run([reup_bin(), "status", "--json", "--config", lab.config_path],
                            capture_output=True, text=True, timeout=60, check=True)
         assert json.loads(r.stdout) == store_status(lab)
+
+        # 4. A device that lost a file of a path it reports: the receiver names the missing base,
+        #    the controller re-encodes without that path, and the update still goes through.
+        d1_current = {d["name"]: d for d in store_status(lab)["devices"]}["d1"]["acknowledged"]
+        broken = os.path.join(lab.devices["d1"].root, d1_current.lstrip("/"), "version")
+        os.chmod(os.path.dirname(broken), 0o755)
+        os.unlink(broken)
+        r = run_once(lab)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "re-encoding without " + d1_current in r.stderr
+        assert lab.activations("d1")[-1] == "switch d1 3"
     except BaseException:
         print(controller_log(lab))
         raise

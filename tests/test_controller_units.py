@@ -29,7 +29,14 @@ from reup.httpserver import HttpServer
 from reup.metrics import Metrics
 from reup.model import BuildResult, Decision, DeviceState, Target
 from reup.nix import add_root_cmd, parse_toplevels, toplevel_drv_installable, toplevels_apply
-from reup.push import classify_exit, parse_receive, parse_status, receive_command
+from reup.push import (
+    BrokenBaseError,
+    classify_exit,
+    ordered_bases,
+    parse_receive,
+    parse_status,
+    receive_command,
+)
 from reup.state import Store
 
 P1, P2 = "/nix/store/aaaa-sys-1", "/nix/store/bbbb-sys-2"
@@ -73,6 +80,21 @@ def test_parse_receive() -> None:
 def test_classify_exit(status: int | None, stderr: str, kind: type[Exception], text: str) -> None:
     err = classify_exit(status, stderr)
     assert type(err) is kind and text in str(err)
+
+
+def test_broken_base_names_the_store_path() -> None:
+    path = "/nix/store/0cff2f14jci52chnwb2sqn71mkhbjl8p-glibc-2.40"
+    err = classify_exit(14, f"reup-receive: missing-base: base file missing: {path}/lib/libc.so.6\n")
+    assert isinstance(err, BrokenBaseError) and err.path == path and isinstance(err, PermanentError)
+    err = classify_exit(21, "reup-receive: missing-path: a reference is missing")
+    assert isinstance(err, BrokenBaseError) and err.path is None
+
+
+def test_ordered_bases_current_and_newest_generations_first() -> None:
+    st = parse_status(json.dumps({"current": P1, "generations": [{"number": 1, "toplevel": P1}, {"number": 2, "toplevel": P2}],
+                                  "paths": ["/nix/store/zzzz-lib", P2, P1, "/nix/store/aaaa-gone"], "staged": []}))
+    assert ordered_bases(st, lambda p: p != "/nix/store/aaaa-gone") == (P1, P2, "/nix/store/zzzz-lib")
+    assert ordered_bases(parse_status('{"current": null}'), lambda p: True) == ()
 
 
 # --- nix builders for the controller ----------------------------------------------------
@@ -234,21 +256,22 @@ def test_delta_cache_encodes_once_and_prunes(tmp_path: os.PathLike[str]) -> None
         stream_bytes = 5
         nar_bytes = 50
 
-    def fake_encoder(held: Any, target: str, out: str, staged: Any) -> Stats:
-        calls.append((list(held), target, list(staged)))
+    def fake_encoder(held: Any, target: str, out: str, staged: Any, avoid: Any) -> Stats:
+        calls.append((list(held), target, list(staged) + list(avoid)))
         with open(out, "wb") as f:
             f.write(b"hello")
         return Stats()
 
     cache = DeltaCache(str(tmp_path), fake_encoder, max_entries=2)
     e1 = cache.get([P2, P1], "/nix/store/t1")
-    e2 = cache.get([P1, P2], "/nix/store/t1")  # same set, other order: cached
+    e2 = cache.get([P2, P1, P2], "/nix/store/t1")  # the same holdings: cached
     assert len(calls) == 1 and not e1.cached and e2.cached and e2.path == e1.path
+    e3 = cache.get([P2, P1], "/nix/store/t1", avoid=[P1])  # a broken base: another stream
+    assert len(calls) == 2 and not e3.cached and calls[-1][2] == [P1]
     assert (e2.stream_bytes, e2.nar_bytes) == (5, 50)
     with open(e2.path, "rb") as f:
         assert f.read() == b"hello"
     cache.get([], "/nix/store/t2")
-    cache.get([], "/nix/store/t3")
     assert len([n for n in os.listdir(str(tmp_path)) if n.endswith(".stream")]) == 2
 
 

@@ -20,16 +20,17 @@ from typing import Any
 
 from .nix import NixExecutor
 
-Encoder = Callable[[Sequence[str], str, str, Sequence[str]], Any]
+# encoder(held, target, out, staged, avoid) -> stats with .stream_bytes and .nar_bytes
+Encoder = Callable[[Sequence[str], str, str, Sequence[str], Sequence[str]], Any]
 
 
 def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
     """The real encoder, running its Nix queries through `nix`."""
 
-    def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str]) -> Any:
+    def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str]) -> Any:
         from reup.delta.encode import encode
 
-        return encode(held, target, out, staged=staged, executor=nix)
+        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid)
 
     return encoder
 
@@ -51,12 +52,15 @@ class DeltaCache:
         os.makedirs(directory, exist_ok=True)
 
     @staticmethod
-    def key(held: Sequence[str], target: str, staged: Sequence[str]) -> str:
-        blob = json.dumps([sorted(set(held)), target, sorted(set(staged))]).encode()
+    def key(held: Sequence[str], target: str, staged: Sequence[str], avoid: Sequence[str] = ()) -> str:
+        # held keeps its order: the encoder pairs against its first entries first.
+        blob = json.dumps([list(dict.fromkeys(held)), target, sorted(set(staged)), sorted(set(avoid))]).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
-    def get(self, held: Sequence[str], target: str, staged: Sequence[str] = ()) -> DeltaCache.Entry:
-        key = self.key(held, target, staged)
+    def get(self, held: Sequence[str], target: str, staged: Sequence[str] = (),
+            avoid: Sequence[str] = ()) -> DeltaCache.Entry:
+        """The stream for a device holding `held` (its current generation first), encoded once."""
+        key = self.key(held, target, staged, avoid)
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
         with lock:  # two devices needing the same stream encode it once
@@ -67,7 +71,7 @@ class DeltaCache:
                 os.utime(stream)
                 return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
             tmp = stream + ".tmp"
-            stats = self.encoder(list(held), target, tmp, list(staged))
+            stats = self.encoder(list(held), target, tmp, list(staged), list(avoid))
             size = os.path.getsize(tmp)
             stream_bytes = int(getattr(stats, "stream_bytes", size) or size)
             nar_bytes = int(getattr(stats, "nar_bytes", 0) or 0)

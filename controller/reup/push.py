@@ -4,7 +4,7 @@ Called by the reconcile loop (controller.py) for each Push action and by
 `reup plan` (status only). A push is: connect (host key checked against
 fleet.toml, no trust on first use) -> `status` -> if the device already runs the
 target, adopt it (nothing sent) -> a stream from the delta encoder for what the
-device holds (deltacache.py) -> `receive --activate A` with the stream on stdin
+device holds (deltacache.py; a base the device reports broken is avoided) -> `receive --activate A` with the stream on stdin
 -> the receiver's JSON result. Failures are classified into `UnreachableError`,
 `TemporaryError` (retried by tenacity with jittered exponential backoff) and
 `PermanentError`; the command builders and parsers here are pure and unit-tested.
@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,16 @@ CHUNK = 256 * 1024
 
 # Receiver exit codes (receiver/reup_receiver/errors.py, docs/stream-format.md).
 TRANSIENT_EXITS = {10: "bad-magic", 11: "truncated", 12: "corrupt", 19: "locked"}
-FALLBACK_EXITS = {14: "missing-base", 21: "missing-path"}  # resend a full stream
+BROKEN_BASE_EXITS = {14: "missing-base", 21: "missing-path"}  # re-encode avoiding the named path
+_STORE_PATH = re.compile(r"(/nix/store/[0-9a-df-np-sv-z]{32}-[^/\s:'\"]+)")
+
+
+class BrokenBaseError(PermanentError):
+    """The device lacks something the stream assumed it held; `path` names the store path if known."""
+
+    def __init__(self, message: str, path: str | None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,19 @@ def classify_exit(exit_status: int | None, stderr: str) -> Exception:
         return UnreachableError(f"connection lost: {message}")
     if exit_status in TRANSIENT_EXITS:
         return TemporaryError(f"{TRANSIENT_EXITS[exit_status]}: {message}")
+    if exit_status in BROKEN_BASE_EXITS:
+        found = _STORE_PATH.search(message)
+        return BrokenBaseError(message, found.group(1) if found else None)
     return PermanentError(message)
+
+
+def ordered_bases(status: DeviceStatus, have_path: Callable[[str], bool]) -> tuple[str, ...]:
+    """The delta base: what the device holds and the controller still has, its current and newest
+    generations first (the encoder pairs against those first)."""
+    first = [status.current] if status.current else []
+    first += [t for _, t in sorted(status.generations, reverse=True)]
+    ordered = dict.fromkeys([*first, *sorted(status.paths)])
+    return tuple(p for p in ordered if have_path(p))
 
 
 # --- the executor --------------------------------------------------------------
@@ -187,24 +209,33 @@ class SshPusher:
             status = parse_status(await self._run(conn, "status"))
             if status.current == toplevel:
                 return PushOutcome(toplevel, status.generation_of(toplevel), adopted=True)
-            held = tuple(p for p in status.paths if self.have_path(p))
+            held, staged = ordered_bases(status, self.have_path), status.staged
+            avoid: tuple[str, ...] = ()
             on_phase(DeviceState.TRANSFERRING)
-            try:
-                result, entry = await self._send(conn, held, toplevel, status.staged, activation, on_phase)
-            except PermanentError as exc:
-                if not getattr(exc, "fallback", False):
-                    raise
-                log.warning("%s: %s; sending a full stream", dev.name, exc)
-                result, entry = await self._send(conn, (), toplevel, (), activation, on_phase)
+            for _ in range(4):
+                try:
+                    result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase)
+                    break
+                except BrokenBaseError as exc:
+                    if exc.path and exc.path not in avoid and len(avoid) < 2:
+                        log.warning("%s: %s; re-encoding without %s", dev.name, exc, exc.path)
+                        avoid = (*avoid, exc.path)
+                    elif held:
+                        log.warning("%s: %s; sending a full stream", dev.name, exc)
+                        held, staged, avoid = (), (), ()
+                    else:
+                        raise
+            else:  # pragma: no cover - the loop always breaks or raises
+                raise PermanentError("no usable delta base")
         if result.toplevel != toplevel:
             raise PermanentError(f"receiver installed {result.toplevel}, expected {toplevel}")
         return PushOutcome(toplevel, result.generation, entry.stream_bytes, entry.nar_bytes,
                            seconds=time.monotonic() - start, installed=result.installed)
 
     async def _send(self, conn: asyncssh.SSHClientConnection, held: tuple[str, ...], toplevel: str,
-                    staged: tuple[str, ...], activation: str,
+                    staged: tuple[str, ...], avoid: tuple[str, ...], activation: str,
                     on_phase: Callable[[DeviceState], None]) -> tuple[ReceiveResult, DeltaCache.Entry]:
-        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged)
+        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid)
         try:
             proc = await conn.create_process(receive_command(activation), encoding=None)
             with open(entry.path, "rb") as f:
@@ -219,8 +250,10 @@ class SshPusher:
         stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
         if res.exit_status != 0:
             err = classify_exit(res.exit_status, stderr)
-            if res.exit_status in FALLBACK_EXITS and held:
-                err.fallback = True  # type: ignore[attr-defined]
+            if res.exit_status in (12, 13):  # corrupt or hash mismatch, but blaming a base the device holds
+                blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
+                if blamed:
+                    raise BrokenBaseError(str(err), blamed[0])
             raise err
         out = res.stdout if isinstance(res.stdout, bytes) else str(res.stdout or "").encode()
         return parse_receive(out), entry
