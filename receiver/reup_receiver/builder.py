@@ -248,7 +248,12 @@ class PathBuilder:
             raise MissingBase(f"base path missing: {label}", label)
         specs = iter(m.mirror)
         rewrite = m.flags & F_REWRITE
-        for parts, st in walk_nar_order(host):
+        nodes = walk_nar_order(host)
+        n_files = sum(1 for _, st in nodes if stat.S_ISREG(st.st_mode))
+        if n_files != len(m.mirror):  # the device's copy is not the tree the encoder saw
+            raise MissingBase(f"base path differs ({n_files} files, the mirror lists "
+                              f"{len(m.mirror)}): {label}", label)
+        for parts, st in nodes:
             relpath = b"/".join(parts)
             if stat.S_ISDIR(st.st_mode):
                 yield Entry(KIND_DIR, relpath)
@@ -335,7 +340,15 @@ class PathBuilder:
         except BaseException:
             sink.fh.close()
             raise
-        sink.close()
+        try:
+            sink.close()
+        except HashMismatch as exc:
+            if self.pending is None or e.method == Method.LITERAL:
+                raise
+            # A mirror trusts the base tree's shape: a changed base file is a base the
+            # device does not have, so the controller can fall back.
+            label = self.resolve(e.source, e.source_relpath)[1]
+            raise MissingBase(f"base file differs: {label}", label) from exc
 
     def _patch(self, e: Entry, sink: FileSink, patch: bytes) -> None:
         host, label = self.resolve(e.source, e.source_relpath)
