@@ -437,3 +437,57 @@ def test_second_receive_is_locked(gen1_root: str, delta: bytes) -> None:
     finally:
         os.close(fd)
     assert receive(gen1_root, delta).returncode == 0  # the lock is free again
+
+
+# --- a MIRROR of a base path the device no longer holds intact ----------------------
+
+
+def mirror_stream(gens: Generations) -> tuple[bytes, str]:
+    """A new path that MIRRORs gen1's etc path (every file a COPY); the toplevel stays gen1."""
+    import hashlib
+    import stat
+
+    from reup_receiver.model import KIND_MIRROR, Manifest, MirrorFile, PathEntry
+    from reup_receiver.nar import walk_nar_order
+    from support.streams import FILE_HASH_LEN, CarriedPath, fake_store_name
+
+    etc1 = gens.parts["etc1"]
+    specs = []
+    for parts, st_ in walk_nar_order(etc1):
+        if stat.S_ISREG(st_.st_mode):
+            with open(os.path.join(os.fsencode(etc1), *parts), "rb") as fh:
+                specs.append(MirrorFile(Method.COPY, hashlib.sha256(fh.read()).digest()[:FILE_HASH_LEN]))
+    nar_hash, nar_size = nar_hash_tree(etc1)
+    name = fake_store_name(1, "etc-mirror")
+    m = Manifest(b"/nix/store", [os.fsencode(os.path.basename(etc1)),
+                                 os.fsencode(os.path.basename(gens.gen1))],
+                 [PathEntry(name, nar_hash, nar_size, ())], toplevel=2)
+    mirror = Entry(KIND_MIRROR, b"", source=1, mirror=tuple(specs))
+    return Stream(m, [CarriedPath(0, [Node(mirror)])]).encode(), etc1
+
+
+def test_mirror_control(gen1_root: str, gens: Generations) -> None:
+    stream, _ = mirror_stream(gens)
+    run = receive(gen1_root, stream)
+    assert run.returncode == 0, run.stderr
+    assert run.json()["unchanged"] is True and len(run.json()["installed"]) == 1
+
+
+@pytest.mark.parametrize("damage", ["deleted", "added", "replaced"])
+def test_mirror_of_damaged_base_is_missing_base(gen1_root: str, gens: Generations,
+                                                damage: str) -> None:
+    """The base tree lost a file, gained one, or a file changed: the base is named (14)."""
+    stream, etc1 = mirror_stream(gens)
+    d = os.path.join(gen1_root, etc1.lstrip("/"), "etc")
+    os.chmod(d, 0o755)
+    if damage == "deleted":
+        os.unlink(os.path.join(d, "big.conf"))
+    elif damage == "added":
+        with open(os.path.join(d, "zz-extra.conf"), "w") as fh:
+            fh.write("extra\n")
+    else:
+        os.chmod(os.path.join(d, "hostname.conf"), 0o644)
+        with open(os.path.join(d, "hostname.conf"), "w") as fh:
+            fh.write("hostname = tampered\n")
+    os.chmod(d, 0o555)
+    refused(gen1_root, stream, 14, "missing-base", etc1)
