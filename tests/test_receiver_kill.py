@@ -134,39 +134,68 @@ def scenario(kind: str, gens: Generations, streams: StreamCache, gen1_template: 
     return root, streams.get([], gens.gen2), set(gens.closure(gens.gen1))
 
 
+def staged_count(root: str) -> int:
+    done = os.path.join(root, "nix/store/.reup-staging/done")
+    return sum(n.endswith(".json") for n in os.listdir(done)) if os.path.isdir(done) else 0
+
+
+def feed_all_but_trailer(proc: subprocess.Popen[bytes], root: str, stream: bytes) -> None:
+    """Feed all but the last byte and wait until every carried path is staged (phase 1 done)."""
+    feed(proc, stream[:-1])
+    carried = sum(1 for tag, _ in parse_records(stream) if tag == T_PATH_END)
+    deadline = time.monotonic() + 30
+    while staged_count(root) < carried and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert staged_count(root) == carried
+
+
 @pytest.fixture(scope="module")
-def full_seconds(gens: Generations, streams: StreamCache, gen1_template: str,
-                 tmp_path_factory: pytest.TempPathFactory) -> float:
-    """How long one complete receive takes here (the range for time-based kill points)."""
+def install_seconds(gens: Generations, streams: StreamCache, gen1_template: str) -> float:
+    """How long phases 2-3 (install, register, switch, activate) take after the last byte."""
     d = tempfile.mkdtemp(prefix="reup-test-", dir=SCRATCH)
     try:
-        root, stream, _ = scenario("delta", gens, streams, gen1_template, d)
+        root, stream, _ = scenario("fresh", gens, streams, gen1_template, d)
+        proc = start(root)
+        feed_all_but_trailer(proc, root, stream)
         t0 = time.monotonic()
-        assert receive(root, stream).returncode == 0
-        return time.monotonic() - t0
+        feed(proc, stream[-1:])
+        assert proc.stdin is not None
+        proc.stdin.close()
+        assert proc.wait() == 0
+        elapsed = time.monotonic() - t0
+        kill(proc)
+        return elapsed
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def random_cut(stream: bytes, rng: random.Random) -> int:
+    """A cut point inside a random record (records, not bytes, are uniform: the big file's
+    DATA would otherwise take nearly every cut)."""
+    offsets = record_offsets(stream) + [len(stream)]
+    i = rng.randrange(len(offsets) - 1)
+    return rng.randrange(offsets[i], offsets[i + 1])
+
+
 @pytest.mark.parametrize("point", range(KILLS))
 def test_sigkill_anywhere(point: int, gens: Generations, streams: StreamCache,
-                          gen1_template: str, dev_tmp: str, full_seconds: float,
+                          gen1_template: str, dev_tmp: str, install_seconds: float,
                           nar_hashes: Callable[[str], bytes]) -> None:
     rng = random.Random(4242 + point)
     kind = "fresh" if point % 2 else "delta"
     root, stream, old_valid = scenario(kind, gens, streams, gen1_template, dev_tmp)
     proc = start(root)
-    if point % 5 < 3:  # while reading: after a random number of bytes
-        cut = rng.randrange(len(stream))
-        feed(proc, stream[:cut])
-        time.sleep(rng.uniform(0, 0.05))
-    else:  # after the whole stream: somewhere in verify / install / switch / activate
-        feed(proc, stream)
+    if point % 5 < 3:  # phase 1 (read, build, verify, stage): inside a random record
+        feed(proc, stream[:random_cut(stream, rng)])
+        time.sleep(rng.uniform(0, 0.02))
+    else:  # phases 2-3: a random moment after the trailer arrived
+        feed_all_but_trailer(proc, root, stream)
+        feed(proc, stream[-1:])
         assert proc.stdin is not None
         proc.stdin.close()
-        time.sleep(rng.uniform(0, full_seconds * 1.1))
+        time.sleep(rng.uniform(0, install_seconds))
     was_running = kill(proc)
-    assert was_running or point % 5 >= 3  # byte-count kills always hit a running receiver
+    assert was_running or point % 5 >= 3  # phase-1 kills always hit a running receiver
     assert_consistent(root, gens, old_valid, nar_hashes)
 
     run = receive(root, stream)
