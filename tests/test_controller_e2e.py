@@ -131,6 +131,22 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
         assert metric(m4, "reup_reconcile_errors_total", stage="eval") == 1
         assert metric(m4, "reup_devices", state="failed", wave="default") == 1
 
+        # 6. An activation that fails is permanent: the device is failed (the receiver restored its
+        #    previous generation), it is not retried for this revision, and a fix converges it.
+        c5 = lab.commit("d1 fails", {"d1": "4!fail", "d2": "1", "shared": "1"})
+        st5 = wait_for(lambda: converged(lab, c5, {**ALL_IN_SYNC, "d1": "failed"}), 60, "failed activation")
+        d1 = {d["name"]: d for d in st5["devices"]}["d1"]
+        assert "activation" in d1["last_error"] and d1["acknowledged"] == by_name["d1"]["acknowledged"]
+        time.sleep(1.5)
+        failures = [h for h in store_history(lab) if h["device"] == "d1" and h["commit_id"] == c5]
+        assert [h["result"] for h in failures] == ["permanent"]  # quarantined: pushed once
+        assert lab.activations("d1")[-2:] == ["switch d1 4", "switch d1 1"]  # tried, then re-activated 1
+        c6 = lab.commit("d1 fixed", {"d1": "4", "d2": "1", "shared": "1"})
+        wait_for(lambda: converged(lab, c6), 60, "fixed revision")
+        assert lab.activations("d1")[-1] == "switch d1 4"
+        m6 = parse_metrics(lab.scrape())
+        assert metric(m6, "reup_device_updates_total", result="failed") == 1
+
         # The webhook is accepted and triggers a fetch; GC roots cover targets and acknowledged toplevels only.
         before = metric(parse_metrics(lab.scrape()), "reup_git_fetches_total", result="success")
         assert post(lab, "/webhook") == 202
@@ -138,9 +154,10 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
                  5, "webhook fetch")
         roots = {n: os.readlink(os.path.join(lab.state_dir, "gcroots", n))
                  for n in os.listdir(os.path.join(lab.state_dir, "gcroots"))}
-        assert roots["d1-target"] == roots["d1-acknowledged"] == by_name["d1"]["acknowledged"]
-        assert "d2-target" not in roots and roots["d2-acknowledged"] == by_name["d2"]["acknowledged"]
-        assert not any(p.endswith("-2") for p in roots.values())  # generation 2 is no longer needed
+        final = {d["name"]: d for d in api_status(lab)["devices"]}
+        assert roots["d1-target"] == roots["d1-acknowledged"] == final["d1"]["acknowledged"]
+        assert roots["d2-target"] == roots["d2-acknowledged"] == by_name["d2"]["acknowledged"]
+        assert set(roots.values()) == {d["acknowledged"] for d in final.values()}  # nothing else is kept
     except BaseException:
         print(controller_log(lab))
         raise
