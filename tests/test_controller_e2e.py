@@ -147,6 +147,17 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
         m6 = parse_metrics(lab.scrape())
         assert metric(m6, "reup_device_updates_total", result="failed") == 1
 
+        # 7. A malformed fleet.toml fails the commit for every device, which all stay where they are;
+        #    fixing it needs no transfer at all.
+        pushes_before = len(store_history(lab))
+        c7 = demofleet.commit(lab.repo, "typo", fleet=lab.fleet_toml() + "\n[devices.d9]\nhots = 1\n")
+        st7 = wait_for(lambda: converged(lab, c7, {n: "failed" for n in ALL_IN_SYNC}), 30, "fleet.toml error")
+        assert all("fleet.toml" in d["last_error"] for d in st7["devices"]) and st7["fleet_error"]
+        assert metric(parse_metrics(lab.scrape()), "reup_reconcile_errors_total", stage="fleet") == 4
+        c8 = demofleet.commit(lab.repo, "fix typo", fleet=lab.fleet_toml())
+        wait_for(lambda: converged(lab, c8), 30, "fleet.toml fixed")
+        assert len(store_history(lab)) == pushes_before
+
         # The webhook is accepted and triggers a fetch; GC roots cover targets and acknowledged toplevels only.
         before = metric(parse_metrics(lab.scrape()), "reup_git_fetches_total", result="success")
         assert post(lab, "/webhook") == 202

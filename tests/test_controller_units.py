@@ -328,3 +328,18 @@ def test_retrying_retries_only_temporary_errors() -> None:
     with pytest.raises(TemporaryError, match="locked"):
         asyncio.run(retrying(down, attempts=2, multiplier=0.001, max_wait=0.01))
     assert calls == ["down", "down"]
+
+
+def test_terminal_progress_bar() -> None:
+    import io
+
+    from reup.progress import TerminalProgress
+
+    out = io.StringIO()
+    bar = TerminalProgress(out, width=10)
+    bar(TransferFinished(1.0, "a", 2048, 1 << 20, 0.5))
+    bar(DevicesSnapshot(1.0, (("a", "in_sync", "default", "1"), ("b", "transferring", "default", ""))))
+    bar(DevicesSnapshot(2.0, (("a", "in_sync", "default", "1"), ("b", "in_sync", "default", "1"))))
+    first, second = out.getvalue().split("\r")[1:]
+    assert first.startswith("[#####.....] 1/2 in sync, 2.0 KiB sent (1.0 MiB full) b:transferring")
+    assert second.startswith("[##########] 2/2 in sync") and second.endswith("\n")
