@@ -84,7 +84,8 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
         assert lab.activations("d4") == ["switch shared 1"]
 
         # 3. Scrape /metrics over HTTP: counters and gauges match what happened.
-        m2 = parse_metrics(lab.scrape())
+        m2 = wait_for(lambda: (m := parse_metrics(lab.scrape()))
+                      and metric(m, "reup_devices", state="in_sync", wave="default") == 4 and m, 10, "gauges")
         history = [h for h in store_history(lab) if h["result"] == "committed"]
         assert metric(m2, "reup_builds_total", result="success") == 5
         assert metric(m2, "reup_builds_total", result="failure") == 0
@@ -127,9 +128,10 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
         d2 = {d["name"]: d for d in st4["devices"]}["d2"]
         assert "configuration d2 is broken" in d2["last_error"]
         assert d2["acknowledged"] == by_name["d2"]["acknowledged"]  # stays on what it runs
-        m4 = parse_metrics(lab.scrape())
+        m4 = wait_for(lambda: (m := parse_metrics(lab.scrape()))
+                      and metric(m, "reup_devices", state="failed", wave="default") == 1 and m, 10, "gauges")
         assert metric(m4, "reup_reconcile_errors_total", stage="eval") == 1
-        assert metric(m4, "reup_devices", state="failed", wave="default") == 1
+        assert metric(m4, "reup_devices", state="in_sync", wave="default") == 3
 
         # 6. An activation that fails is permanent: the device is failed (the receiver restored its
         #    previous generation), it is not retried for this revision, and a fix converges it.

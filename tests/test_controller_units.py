@@ -343,3 +343,21 @@ def test_terminal_progress_bar() -> None:
     first, second = out.getvalue().split("\r")[1:]
     assert first.startswith("[#####.....] 1/2 in sync, 2.0 KiB sent (1.0 MiB full) b:transferring")
     assert second.startswith("[##########] 2/2 in sync") and second.endswith("\n")
+
+
+def test_one_controller_per_state_dir(tmp_path: os.PathLike[str]) -> None:
+    from reup.config import Config, SourceConfig, StateConfig
+    from reup.controller import Controller
+    from reup.errors import ReupError
+
+    cfg = Config(source=SourceConfig(url=str(tmp_path)), state=StateConfig(dir=os.path.join(tmp_path, "state")))
+    first, second = Controller(cfg), Controller(cfg)
+    try:
+        held = first._lock_state_dir()
+        with pytest.raises(ReupError, match="another reup controller"):
+            second._lock_state_dir()
+        held.close()
+        second._lock_state_dir().close()
+    finally:
+        first.close()
+        second.close()

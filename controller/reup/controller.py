@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import random
@@ -21,13 +22,13 @@ import signal
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import replace
-from typing import Any
+from typing import IO, Any
 
 from . import planner
 from .builder import Builder, GcRoots
 from .config import Config
 from .deltacache import DeltaCache, Encoder, nix_encoder
-from .errors import ConfigError, PermanentError, TemporaryError, UnreachableError
+from .errors import ConfigError, PermanentError, ReupError, TemporaryError, UnreachableError
 from .events import (
     BuildFinished,
     DevicesSnapshot,
@@ -199,13 +200,16 @@ class Controller:
                 self.busy[push.device] = DeviceState.PENDING
                 self._spawn(self._push(push, desired.seen_at))
         await self._sync_gcroots()
-        status = self.store.status()
-        self.bus.emit(DevicesSnapshot(now, tuple(
-            (d["name"], d["state"], d["wave"], str(d["generation"] or "")) for d in status["devices"])))
+        self._snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
         return plan
+
+    def _snapshot(self) -> None:
+        """Every device's state as an event (the reup_devices gauge follows it)."""
+        self.bus.emit(DevicesSnapshot(self.clock(), tuple(
+            (d["name"], d["state"], d["wave"], str(d["generation"] or "")) for d in self.store.status()["devices"])))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -280,6 +284,7 @@ class Controller:
                 self.bus.emit(TransferFinished(now, name, outcome.stream_bytes, outcome.nar_bytes, outcome.seconds))
             self.bus.emit(DeviceUpdated(now, name, "committed", push.commit, push.toplevel,
                                         seconds_since_seen=now - seen_at if seen_at else None, adopted=outcome.adopted))
+            self._snapshot()
         finally:
             self.busy.pop(name, None)
 
@@ -298,6 +303,7 @@ class Controller:
 
     async def run(self, *, once: bool = False, on_start: Callable[[], None] | None = None) -> int:
         """Reconcile until stopped (or, with `once`, until every device settled); 0 if all in sync."""
+        lock = self._lock_state_dir()
         loop = self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         stopping = asyncio.Event()
@@ -328,8 +334,21 @@ class Controller:
                 task.cancel()
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)
+            lock.close()
         status = self.store.status()
         return 0 if status["devices"] and all(d["state"] == "in_sync" for d in status["devices"]) else 1
+
+    def _lock_state_dir(self) -> IO[str]:
+        """One controller per state dir; the kernel drops the lock when the process dies (kill -9 too)."""
+        f = open(os.path.join(self.cfg.state.dir, "controller.lock"), "w")  # noqa: SIM115 - held while running
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise ReupError(f"another reup controller is running on {self.cfg.state.dir}") from None
+        f.write(str(os.getpid()))
+        f.flush()
+        return f
 
     def close(self) -> None:
         self.store.close()

@@ -68,12 +68,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     if sys.stderr.isatty():  # a progress bar instead of one log line per event
         ctrl.bus.subscribe(TerminalProgress())
         logging.getLogger("reup.events").setLevel(logging.WARNING)
-    server = ctrl.start_http()
+    try:
+        server = ctrl.start_http()
+    except OSError as exc:
+        print(f"reup: http.listen {cfg.http.listen}: {exc.strerror}", file=sys.stderr)
+        ctrl.close()
+        return 2
     try:
         rc = asyncio.run(ctrl.run(once=args.once))
         if args.once:
             print(format_status(ctrl.store.status()))
         return rc
+    except ReupError as exc:
+        print(f"reup: {exc}", file=sys.stderr)
+        return 2
     finally:
         if server is not None:
             server.stop()
