@@ -15,11 +15,11 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import zstandard
 
 from .errors import Corrupt, HashMismatch, MissingBase, Oversized, UnsafeWrite, Unsupported
+from .literal import MAX_WINDOW, LiteralStream, Sink, zstd_feed
 from .model import (
     F_EXECUTABLE,
     F_REWRITE,
@@ -36,7 +36,6 @@ from .model import (
 from .nar import NarHasher, walk_nar_order
 from .rewrite import rewrite_bytes, rewrite_chunks
 
-MAX_WINDOW = 1 << 31
 READ_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -130,32 +129,6 @@ class FileSink:
             raise HashMismatch(f"content hash mismatch: {self.label}")
 
 
-class LiteralStream:
-    """The stream-wide zstd stream carrying all literal file contents, in order.
-
-    Input goes in small slices: zstd can expand a few bytes into a 128 KiB
-    block, so this bounds the output (and memory) of each step.
-    """
-
-    def __init__(self) -> None:
-        self.dobj = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
-
-    def feed(self, sink: FileSink, data: bytes) -> None:
-        try:
-            zstd_feed(self.dobj, data, sink)
-        except zstandard.ZstdError as exc:
-            raise Corrupt(f"literal data does not decompress: {exc}") from exc
-
-
-def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> None:
-    """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
-    so this bounds each step's output (and memory) to about 3 MiB."""
-    view = memoryview(data)
-    for off in range(0, len(view), 64):
-        out = dobj.decompress(view[off : off + 64])
-        if out:
-            sink.write(out)
-
 
 @dataclass
 class _OpenFile:
@@ -163,10 +136,6 @@ class _OpenFile:
     sink: FileSink
     patch: bytearray = field(default_factory=bytearray)
     received: int = 0
-
-
-class Sink(Protocol):
-    def write(self, data: bytes) -> int: ...
 
 
 def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
@@ -179,6 +148,10 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
         import hdiffpatch
 
         sink.write(hdiffpatch.apply(old, patch))
+    elif codec == Codec.BSDIFF_LZMA:
+        from . import bsdiffxz
+
+        sink.write(bsdiffxz.apply(old, patch))
     elif codec == Codec.ZSTD_PREFIX:
         d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
@@ -316,7 +289,7 @@ class PathBuilder:
             raise Oversized(f"{f.sink.label}: more data than its declared {f.entry.data_len} bytes")
         f.received += len(chunk)
         if f.entry.method == Method.LITERAL:
-            self.literal.feed(f.sink, chunk)  # streamed straight into the file
+            self.literal.feed(f.sink, chunk)
         else:
             f.patch.extend(chunk)
         if f.received == f.entry.data_len:
@@ -337,6 +310,8 @@ class PathBuilder:
                     sink.write(chunk)
             elif e.method == Method.PATCH:
                 self._patch(e, sink, bytes(buf))
+            else:
+                self.literal.complete(sink, e.size, e.data_len)
         except BaseException:
             sink.fh.close()
             raise

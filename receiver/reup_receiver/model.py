@@ -22,6 +22,7 @@ HASH_LEN = 32  # characters of a store path's hash part
 FILE_HASH_LEN = 16  # per-file check: the first 128 bits of the content's SHA-256
 MAX_MANIFEST_BODY = 1 << 30
 MANIFEST_RAW, MANIFEST_ZSTD = 0, 1
+DERIVER_NONE, DERIVER_NAMED, DERIVER_SAME_NAME = 0, 1, 2
 SUFFIX_EXPLICIT, SUFFIX_RELPATH = 0, 1  # store symlinks: target suffix given, or "/" + relpath
 
 
@@ -35,6 +36,7 @@ class Codec(enum.IntEnum):
     BSDIFF4 = 1
     HDIFFPATCH = 2
     ZSTD_PREFIX = 3  # a zstd frame compressed with the source as raw-content prefix
+    BSDIFF_LZMA = 4  # bsdiff's blocks, LZMA2-compressed (bsdiffxz.py)
 
 
 KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
@@ -68,6 +70,7 @@ class Manifest:
     toplevel: int  # index into table
     rewrites: list[tuple[int, int]] = field(default_factory=list)  # (old, new) table indices
     stream_bytes: int = 0
+    literal: int = 0  # literal stream codec (literal.py)
 
     @property
     def table(self) -> list[bytes]:
@@ -174,8 +177,13 @@ def encode_manifest(m: Manifest) -> bytes:
         put_store_name(body, p.name)
         body += p.nar_hash
         put_varint(body, p.nar_size)
-        body.append(1 if p.deriver else 0)
-        if p.deriver:
+        if not p.deriver:
+            body.append(DERIVER_NONE)
+        elif p.deriver[HASH_LEN:] == p.name[HASH_LEN:] + b".drv":
+            body.append(DERIVER_SAME_NAME)  # the common case: only the hash travels
+            body += from_nix32(p.deriver[:HASH_LEN].decode())
+        else:
+            body.append(DERIVER_NAMED)
             put_store_name(body, p.deriver)
         put_varint(body, len(p.references))
         for ref in p.references:
@@ -186,6 +194,7 @@ def encode_manifest(m: Manifest) -> bytes:
     for old, new in m.rewrites:
         put_varint(body, old)
         put_varint(body, new)
+    body.append(m.literal)
     packed = zstandard.ZstdCompressor(level=19).compress(bytes(body))
     if len(packed) < len(body):
         return STREAM_BYTES.pack(m.stream_bytes) + bytes([MANIFEST_ZSTD]) + packed
@@ -217,10 +226,15 @@ def decode_manifest(payload: bytes) -> Manifest:
         name = get_store_name(buf)
         nar_hash = buf.raw(32)
         nar_size = buf.varint()
-        has_deriver = buf.u8()
-        if has_deriver > 1:
+        how = buf.u8()
+        if how == DERIVER_NONE:
+            deriver = b""
+        elif how == DERIVER_SAME_NAME:
+            deriver = to_nix32(buf.raw(20)).encode() + name[HASH_LEN:] + b".drv"
+        elif how == DERIVER_NAMED:
+            deriver = get_store_name(buf)
+        else:
             raise Corrupt("manifest: bad deriver flag")
-        deriver = get_store_name(buf) if has_deriver else b""
         refs = tuple(buf.varint() for _ in range(buf.varint()))
         flags = buf.u8()
         if flags > 3:
@@ -228,8 +242,9 @@ def decode_manifest(payload: bytes) -> Manifest:
         paths.append(PathEntry(name, nar_hash, nar_size, refs, deriver, bool(flags & 1), bool(flags & 2)))
     toplevel = buf.varint()
     rewrites = [(buf.varint(), buf.varint()) for _ in range(buf.varint())]
+    literal = buf.u8()
     buf.end()
-    m = Manifest(store_dir, known, paths, toplevel, rewrites, stream_bytes)
+    m = Manifest(store_dir, known, paths, toplevel, rewrites, stream_bytes, literal)
     _validate_manifest(m)
     return m
 
@@ -254,6 +269,24 @@ def _validate_manifest(m: Manifest) -> None:
 # --- entries -----------------------------------------------------------------
 
 
+def _put_shared(out: bytearray, base: bytes, value: bytes) -> None:
+    """`value` as (bytes shared with `base`, then the rest): cheap for similar paths."""
+    n = 0
+    for a, b in zip(base, value, strict=False):
+        if a != b:
+            break
+        n += 1
+    put_varint(out, n)
+    put_bytes(out, value[n:])
+
+
+def _get_shared(buf: Buf, base: bytes) -> bytes:
+    n = buf.varint()
+    if n > len(base):
+        raise Corrupt("entry: shared prefix longer than its base")
+    return base[:n] + buf.bytes(4096)
+
+
 class EntryCoder:
     """Encodes/decodes the entries of one store path.
 
@@ -268,20 +301,11 @@ class EntryCoder:
         self.prev = b""
 
     def _put_relpath(self, out: bytearray, relpath: bytes) -> None:
-        n = 0
-        for a, b in zip(self.prev, relpath, strict=False):
-            if a != b:
-                break
-            n += 1
-        put_varint(out, n)
-        put_bytes(out, relpath[n:])
+        _put_shared(out, self.prev, relpath)
         self.prev = relpath
 
     def _get_relpath(self, buf: Buf) -> bytes:
-        n = buf.varint()
-        if n > len(self.prev):
-            raise Corrupt("entry: path prefix longer than the previous path")
-        relpath = self.prev[:n] + buf.bytes(4096)
+        relpath = _get_shared(buf, self.prev)
         split_relpath(relpath, "entry path")
         self.prev = relpath
         return relpath
@@ -331,7 +355,7 @@ class EntryCoder:
             if sourced:
                 put_varint(out, e.source)
                 if not same:
-                    put_bytes(out, e.source_relpath)
+                    _put_shared(out, e.relpath, e.source_relpath)
             if e.method == Method.PATCH:
                 assert e.codec is not None
                 out.append(int(e.codec))
@@ -386,7 +410,7 @@ class EntryCoder:
             if flags & F_SAME_RELPATH:
                 source_relpath = relpath
             else:
-                source_relpath = buf.bytes(4096)
+                source_relpath = _get_shared(buf, relpath)
                 split_relpath(source_relpath, "source path")
         elif flags & (F_REWRITE | F_SAME_RELPATH):
             raise Corrupt("entry: source flags on a literal")

@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .builder import LiteralStream, PathBuilder
+from .builder import PathBuilder
 from .device import Device, PathRecord, write_atomic
 from .errors import ActivationFailed, Corrupt, HashMismatch, MissingBase, MissingPath
+from .literal import LiteralStream
 from .model import EntryCoder, Manifest, decode_manifest
 from .wire import T_DATA, T_ENTRY, T_MANIFEST, T_PATH, T_PATH_END, T_TRAILER, Buf, RecordReader
 
@@ -83,7 +84,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
     table = m.table
     carried = {i for i, p in enumerate(m.paths) if p.carried}
     built: set[int] = set()
-    literal = LiteralStream()
+    literal = LiteralStream(m.literal)
     rewrites = m.rewrite_map()
 
     def resolve(index: int, relpath: bytes) -> tuple[str, str]:
@@ -100,6 +101,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
         tag, payload = reader.next()
         if tag == T_TRAILER:
             reader.check_trailer(payload)
+            literal.finish()
             break
         if tag != T_PATH:
             raise Corrupt(f"unexpected record {tag:#x} between store paths")

@@ -3,8 +3,8 @@
 `encode` reads the local Nix store (through reup.nix for path metadata), works
 out which store paths the device lacks, and writes for each of them the
 operations that rebuild its tree on the device: whole-file dedup against the
-device's holdings and the stream itself, and the stream-wide zstd literal
-stream for new content. The per-file choice lives in `FileCoder` (strategy.py)
+device's holdings and the stream itself, and the literal stream for new
+content (delta/literal.py). The per-file choice lives in `FileCoder` (strategy.py)
 so the delta engine's pairing, hash rewriting and patch codecs plug in there.
 Called by `reup delta` (delta/cli.py), the controller's push and the benchmark.
 """
@@ -154,6 +154,8 @@ def encode(
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
                           held_local, target, codecs)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
+        coder.literal.plan([(d.file.host, d.file.size) for _, plan in plans for d in plan.decisions()
+                            if coder.is_literal(d)])
         body = RecordWriter(body_fh, header=False)
         entries = _Entries(table, store_dir)
         for i, plan in plans:
@@ -164,6 +166,7 @@ def encode(
         table(target)
         manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir, set(avoid))
         manifest.rewrites = rewrites
+        manifest.literal = coder.literal.codec
         payload = encode_manifest(manifest)
         manifest.stream_bytes = stream_size(len(payload), body.size)
         payload = encode_manifest(manifest)
@@ -232,6 +235,12 @@ Node = tuple[bytes, os.stat_result, Decision | None]
 class PathPlan:
     nodes: list[Node]
     mirror: list[Decision] | None = None
+
+    def decisions(self) -> list[Decision]:
+        """The path's file decisions in stream order."""
+        if self.mirror is not None:
+            return self.mirror
+        return [d for _, _, d in self.nodes if d is not None]
 
 
 def _plan_path(path: str, coder: FileCoder) -> PathPlan:

@@ -19,7 +19,6 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import zstandard
 from reup_receiver.model import (
     F_EXECUTABLE,
     F_REWRITE,
@@ -36,13 +35,12 @@ from reup_receiver.rewrite import rewrite_bytes
 
 from ..nix import PathInfo
 from .codecs import DiffResult, diff_job
+from .literal import LiteralEncoder
 from .pairing import Graph, pair_files, pair_paths, parse_drv_name, rewrite_pairs, store_name
 
 if TYPE_CHECKING:
     from .encode import DeltaStats
 
-LITERAL_LEVEL = 19
-LITERAL_WINDOW_LOG = 25  # 32 MiB: the receiver's decoder memory stays bounded
 HASH_LEN = 32
 INLINE_MAX = 64 << 10
 
@@ -142,11 +140,7 @@ class FileCoder:
             os.path.basename(o)[:HASH_LEN].encode(): os.path.basename(n)[:HASH_LEN].encode()
             for o, n in self.rewrite_paths.items()
         }
-        self.literal = zstandard.ZstdCompressor(
-            compression_params=zstandard.ZstdCompressionParameters.from_level(
-                LITERAL_LEVEL, window_log=LITERAL_WINDOW_LOG, enable_ldm=True
-            )
-        ).compressobj()
+        self.literal = LiteralEncoder()
 
     def file_pairs(self, new_path: str, new_files: Sequence[StoreFile]) -> dict[bytes, bytes]:
         old = self.pairs.get(new_path)
@@ -239,9 +233,14 @@ class FileCoder:
         return entry, datas, kinds
 
     def _literal(self, f: StoreFile) -> bytes:
-        with open(f.host, "rb") as fh:
-            content = fh.read()
-        return self.literal.compress(content) + self.literal.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return self.literal.data(f.host)
+
+    @staticmethod
+    def is_literal(d: Decision) -> bool:
+        """Whether a planned file ends up in the literal stream (waits for its diff)."""
+        if d.kind == "literal":
+            return True
+        return d.diff is not None and d.diff.result().kind == "literal"
 
     def emit(self, d: Decision, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
         """(entry, data, stats kind) for a planned file."""

@@ -1,0 +1,68 @@
+"""The encoder's side of the literal stream (see reup_receiver/literal.py for the format).
+
+Small literal content goes into one zstd stream flushed per file (a few bytes
+of overhead per file). From `LZMA_MIN` bytes of literal content on, the
+stream uses groups of x86-filtered LZMA2, which on this project's corpus is
+~11% smaller than zstd -19 and ~2% smaller than `xz -9` of the whole export.
+`LiteralEncoder.plan` sees every literal file in stream order before any is
+emitted (the encoder resolves all decisions first), so a group's compressed
+bytes can ride with its first file. Called by strategy.py.
+"""
+
+from __future__ import annotations
+
+import lzma
+from collections.abc import Sequence
+
+import zstandard
+from reup_receiver.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, lzma_filters
+
+ZSTD_LEVEL = 19
+ZSTD_WINDOW_LOG = 25  # 32 MiB: the receiver's decoder memory stays bounded
+LZMA_MIN = 256 << 10
+GROUP_MAX = 32 << 20  # a group's content; its compressed bytes are held by the receiver
+
+
+def _read(path: bytes) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+class LiteralEncoder:
+    def __init__(self) -> None:
+        self.codec = LITERAL_ZSTD
+        self.zstd = zstandard.ZstdCompressor(
+            compression_params=zstandard.ZstdCompressionParameters.from_level(
+                ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG, enable_ldm=True
+            )
+        ).compressobj()
+        self.groups: dict[bytes, list[bytes]] = {}  # first file -> the group's files
+
+    def plan(self, files: Sequence[tuple[bytes, int]]) -> None:
+        """All literal files (host path, size) in stream order."""
+        if sum(size for _, size in files) < LZMA_MIN:
+            return
+        self.codec = LITERAL_LZMA_X86
+        group: list[bytes] = []
+        total = 0
+        for path, size in files:
+            if size == 0:
+                continue  # empty files need no data and never start a group
+            if group and total + size > GROUP_MAX:
+                self.groups[group[0]] = group
+                group, total = [], 0
+            group.append(path)
+            total += size
+        if group:
+            self.groups[group[0]] = group
+
+    def data(self, path: bytes) -> bytes:
+        """The DATA to send with this literal file."""
+        if self.codec == LITERAL_ZSTD:
+            return self.zstd.compress(_read(path)) + self.zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        group = self.groups.get(path)
+        if group is None:
+            return b""  # inside a group, or empty
+        enc = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=lzma_filters())
+        parts = [enc.compress(_read(p)) for p in group]
+        return b"".join(parts) + enc.flush()
