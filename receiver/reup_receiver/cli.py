@@ -16,7 +16,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from . import maintenance
+from . import confirm, maintenance
 from .device import Device, translate_oserror
 from .errors import ReceiveError, UsageError
 from .receive import ACTIONS, receive
@@ -31,9 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_argument("--status", action="store_true", help="print the device's state as JSON")
     verbs.add_argument("--rollback", action="store_true", help="go back to the previous generation")
     verbs.add_argument("--gc", action="store_true", help="delete paths no kept generation needs")
+    verbs.add_argument("--confirm", type=int, metavar="GEN",
+                       help="commit generation GEN, which awaits confirmation (after --check)")
+    verbs.add_argument("--watchdog", action="store_true", help=argparse.SUPPRESS)
     verbs.add_argument("--ssh-command", action="store_true",
                        help="run the verb in SSH_ORIGINAL_COMMAND (forced-command mode)")
     p.add_argument("--keep", type=int, default=3, help="generations --gc keeps (default 3)")
+    p.add_argument("--confirm-timeout", type=float, default=0, metavar="SECONDS",
+                   help="after activating, roll back unless --confirm arrives within SECONDS")
+    p.add_argument("--check", metavar="CMD", help="with --confirm: health check to pass first")
     return p
 
 
@@ -47,20 +53,26 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     if words and os.path.basename(words[0]) == "reup-receive":
         words = words[1:]
     verb = argparse.ArgumentParser(prog="reup-receive (ssh)", add_help=False, exit_on_error=False)
-    verb.add_argument("verb", choices=("status", "receive", "rollback", "gc"))
+    verb.add_argument("verb", choices=("status", "receive", "rollback", "gc", "confirm"))
+    verb.add_argument("generation", type=int, nargs="?")
     verb.add_argument("--activate", choices=ACTIONS, default=args.activate)
     verb.add_argument("--keep", type=int, default=args.keep)
+    verb.add_argument("--confirm-timeout", type=float, default=args.confirm_timeout)
+    verb.add_argument("--check")
     try:
         parsed, extra = verb.parse_known_args(words)
     except (argparse.ArgumentError, SystemExit) as exc:
         raise UsageError(f"refused: {original!r} is not a reup-receive verb") from exc
-    if extra:
+    if extra or (parsed.verb == "confirm") != (parsed.generation is not None):
         raise UsageError(f"refused: {original!r} is not a reup-receive verb")
     args.status = parsed.verb == "status"
     args.rollback = parsed.verb == "rollback"
     args.gc = parsed.verb == "gc"
+    args.confirm = parsed.generation
     args.activate = parsed.activate
     args.keep = parsed.keep
+    args.confirm_timeout = parsed.confirm_timeout
+    args.check = parsed.check
     return args
 
 
@@ -68,13 +80,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.ssh_command:
         args = _ssh_verb(args)
     device = Device(args.root)
+    if args.watchdog:
+        return confirm.watchdog(device)
+    confirm.expire_if_overdue(device)  # the device may have been down past a deadline
     if args.status:
         return maintenance.status(device)
+    if args.confirm is not None:
+        return confirm.confirm(device, args.confirm, args.check)
     if args.rollback:
         return maintenance.rollback(device, args.activate)
     if args.gc:
         return maintenance.gc(device, args.keep)
-    return receive(device, sys.stdin.buffer, args.activate).to_json()
+    return receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout).to_json()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -106,3 +106,17 @@ class NoGeneration(ReceiveError):
 
     exit_code = 23
     kind = "no-generation"
+
+
+class NotPending(ReceiveError):
+    """confirm for a generation that is not awaiting confirmation (e.g. already rolled back)."""
+
+    exit_code = 24
+    kind = "not-pending"
+
+
+class HealthCheckFailed(ReceiveError):
+    """The health check failed at confirmation; the device rolled back."""
+
+    exit_code = 25
+    kind = "health-check-failed"

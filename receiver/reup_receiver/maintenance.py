@@ -10,6 +10,7 @@ import os
 import re
 from collections.abc import Iterable
 
+from . import confirm
 from .device import Device
 from .errors import NoGeneration
 from .receive import switch_generation
@@ -25,6 +26,8 @@ def status(device: Device) -> dict[str, object]:
         "generations": [{"number": n, "toplevel": t} for n, t in device.generations()],
         "paths": sorted(device.valid_paths()),
         "staged": sorted(device.staged()),
+        "pending": confirm.pending(device),
+        "last_rollback": confirm.last_rollback(device),
     }
 
 
@@ -36,7 +39,7 @@ def rollback(device: Device, activate: str = "switch") -> dict[str, object]:
         if not older:
             raise NoGeneration("no earlier generation to roll back to")
         number, toplevel = older[-1]
-        new = switch_generation(device, toplevel, activate)
+        new, _ = switch_generation(device, toplevel, activate)
         return {"generation": new, "toplevel": toplevel, "rolled_back_to": number}
 
 

@@ -37,6 +37,7 @@ class Result:
     bytes_read: int
     seconds: float
     unchanged: bool = False
+    confirm_deadline: float | None = None  # epoch seconds, when armed
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -46,10 +47,13 @@ class Result:
             "bytes_read": self.bytes_read,
             "seconds": round(self.seconds, 3),
             "unchanged": self.unchanged,
+            "confirm_deadline": self.confirm_deadline,
         }
 
 
-def receive(device: Device, inp: BinaryIO, activate: str = "switch") -> Result:
+def receive(device: Device, inp: BinaryIO, activate: str = "switch",
+            confirm_timeout: float = 0) -> Result:
+    """Receive a stream; with `confirm_timeout`, the new generation must be confirmed in time."""
     start = time.monotonic()
     with device.lock():
         device.prepare_staging()
@@ -62,8 +66,13 @@ def receive(device: Device, inp: BinaryIO, activate: str = "switch") -> Result:
         if current is not None and current[1] == toplevel:
             return Result(current[0], toplevel, installed, reader.bytes_read,
                           time.monotonic() - start, unchanged=True)
-        number = switch_generation(device, toplevel, activate)
-        return Result(number, toplevel, installed, reader.bytes_read, time.monotonic() - start)
+        number, previous = switch_generation(device, toplevel, activate)
+        result = Result(number, toplevel, installed, reader.bytes_read, time.monotonic() - start)
+        if confirm_timeout > 0:
+            from .confirm import arm
+
+            result.confirm_deadline = arm(device, number, previous, activate, confirm_timeout)
+        return result
 
 
 def _read_manifest(reader: RecordReader, device: Device) -> Manifest:
@@ -200,26 +209,36 @@ def _install(m: Manifest, device: Device) -> list[str]:
     return installed
 
 
-def switch_generation(device: Device, toplevel: str, activate: str) -> int:
-    """Phase 3: new generation, atomic profile swap, activation with roll-back on failure."""
+def switch_generation(device: Device, toplevel: str, activate: str) -> tuple[int, tuple[int, str] | None]:
+    """Phase 3: new generation, atomic profile swap, activation with roll-back on failure.
+
+    Returns the new generation's number and the previous generation.
+    """
     previous = device.current()
     number = device.add_generation(toplevel)
     device.switch_to(number)
     try:
         run_activation(device, toplevel, activate)
     except ActivationFailed as exc:
-        if previous is not None:
-            device.switch_to(previous[0])
-        device.drop_generation(number)
-        if previous is not None:
-            try:
-                run_activation(device, previous[1], activate)
-            except ActivationFailed as again:
-                raise ActivationFailed(f"{exc}; re-activating generation {previous[0]} "
-                                       f"also failed: {again}") from again
+        try:
+            revert_to(device, previous, number, activate)
+        except ActivationFailed as again:
+            raise ActivationFailed(f"{exc}; {again}") from again
         raise ActivationFailed(f"{exc}; rolled back to generation "
                                f"{previous[0] if previous else 'none'}") from exc
-    return number
+    return number, previous
+
+
+def revert_to(device: Device, previous: tuple[int, str] | None, failed: int, activate: str) -> None:
+    """Put `system` back on `previous`, drop generation `failed`, re-activate `previous`."""
+    if previous is not None:
+        device.switch_to(previous[0])
+    device.drop_generation(failed)
+    if previous is not None:
+        try:
+            run_activation(device, previous[1], activate)
+        except ActivationFailed as exc:
+            raise ActivationFailed(f"re-activating generation {previous[0]} also failed: {exc}") from exc
 
 
 def run_activation(device: Device, toplevel: str, activate: str) -> None:
