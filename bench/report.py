@@ -122,7 +122,7 @@ def check_targets(results: Sequence[ScenarioResult]) -> list[Check]:
     if repeats:
         worst = max(repeats, key=lambda t: t[1] or 0.0)
         out.append(Check(f"repeated request < {REPEAT_LIMIT_S:g} s (all scenarios)", (worst[1] or 0.0) < REPEAT_LIMIT_S,
-                         f"slowest repeat: S{worst[0]} {worst[1]:.2f} s"))
+                         f"slowest repeat: S{worst[0]} {worst[1]:.3f} s"))
     else:
         out.append(Check(f"repeated request < {REPEAT_LIMIT_S:g} s", None, "no reup rows"))
     for r in results:
@@ -174,7 +174,7 @@ def render(results: Sequence[ScenarioResult], meta: dict[str, str], corpus_rows:
         cells = [str(r.number)]
         cells += [f"{r.baselines[m][1]:.2f}" if m in r.baselines else "-" for m in METHODS]
         if r.reup_ok:
-            rep = f"{r.reup_repeat_s:.2f}" if r.reup_repeat_s is not None else "-"
+            rep = f"{r.reup_repeat_s:.3f}" if r.reup_repeat_s is not None else "-"
             cells += [f"{r.reup_encode_s:.2f}", rep, fmt_bytes(r.reup_encode_rss),
                       f"{r.reup_apply_s:.2f}", fmt_bytes(r.reup_apply_rss)]
         else:
@@ -182,7 +182,7 @@ def render(results: Sequence[ScenarioResult], meta: dict[str, str], corpus_rows:
         lines.append("| " + " | ".join(cells) + " |")
     vias = sorted({r.reup_repeat_via for r in results if r.reup_ok and r.reup_repeat_via})
     lines += ["", "Encode seconds include building the input archives (export, tars). reup encode is the "
-              "encoder call in a child process; its peak RSS is that child's (GNU time). The repeat is a "
+              "encoder call in a child process; its peak RSS is the largest single process of that child's tree, pool workers included (GNU time). The repeat is a "
               "second identical request, served by: " + (", ".join(vias) or "-") + ". Apply is "
               "`reup-receive --activate none` on a device root made by `nix copy`."]
     kinds = sorted({k for r in results if r.reup_ok for k in r.reup_kinds})
