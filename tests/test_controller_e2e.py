@@ -160,6 +160,13 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
         wait_for(lambda: converged(lab, c8), 30, "fleet.toml fixed")
         assert len(store_history(lab)) == pushes_before
 
+        # 8. A build error fails only the device(s) using that system, with the builder's message.
+        c9 = lab.commit("d2 does not build", {"d1": "4", "d2": "5!build", "shared": "1"})
+        st9 = wait_for(lambda: converged(lab, c9, {**ALL_IN_SYNC, "d2": "failed"}), 30, "build failure")
+        assert "the build of d2 5 broke" in {d["name"]: d for d in st9["devices"]}["d2"]["last_error"]
+        assert metric(parse_metrics(lab.scrape()), "reup_builds_total", result="failure") == 1
+        assert os.listdir(os.path.join(lab.state_dir, "logs"))
+
         # The webhook is accepted and triggers a fetch; GC roots cover targets and acknowledged toplevels only.
         before = metric(parse_metrics(lab.scrape()), "reup_git_fetches_total", result="success")
         assert post(lab, "/webhook") == 202
@@ -169,7 +176,7 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
                  for n in os.listdir(os.path.join(lab.state_dir, "gcroots"))}
         final = {d["name"]: d for d in api_status(lab)["devices"]}
         assert roots["d1-target"] == roots["d1-acknowledged"] == final["d1"]["acknowledged"]
-        assert roots["d2-target"] == roots["d2-acknowledged"] == by_name["d2"]["acknowledged"]
+        assert "d2-target" not in roots and roots["d2-acknowledged"] == by_name["d2"]["acknowledged"]
         assert set(roots.values()) == {d["acknowledged"] for d in final.values()}  # nothing else is kept
     except BaseException:
         print(controller_log(lab))

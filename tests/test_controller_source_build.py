@@ -53,7 +53,7 @@ def test_evaluate_isolates_errors_and_build_and_roots(tmp_path: os.PathLike[str]
     src = GitSource(repo, "main", os.path.join(tmp_path, "mirror.git"))
     src.fetch()
     nix = NixExecutor(options={"sandbox": "false", "substituters": ""})
-    builder = Builder(nix)
+    builder = Builder(nix, log_dir=os.path.join(tmp_path, "logs"))
     fleet = parse_fleet(FLEET)
     targets = {t.device: t for t in builder.evaluate(src.flake_ref(c1), fleet, c1)}
     assert targets["b"].drv_path == targets["c"].drv_path and targets["b"].drv_path != targets["a"].drv_path
@@ -74,13 +74,18 @@ def test_evaluate_isolates_errors_and_build_and_roots(tmp_path: os.PathLike[str]
 
     out = builder.build(targets["a"].drv_path or "")
     assert out == targets["a"].toplevel and os.path.exists(os.path.join(out, "bin/switch-to-configuration"))
-    with pytest.raises(PermanentError, match="build failed"):
+    with pytest.raises(PermanentError, match="build failed") as failed:
         builder.build("/nix/store/00000000000000000000000000000000-missing.drv")
+    log_file = os.path.join(tmp_path, "logs", "00000000000000000000000000000000-missing.drv.log")
+    assert f"full log: {log_file}" in str(failed.value) and os.path.getsize(log_file) > 0
 
     roots = GcRoots(nix, os.path.join(tmp_path, "gcroots"))
     assert roots.sync({"a-target": out, "b-target": "/nix/store/00000000000000000000000000000000-unbuilt"}) == (["a-target"], [])
     assert os.readlink(os.path.join(tmp_path, "gcroots", "a-target")) == out
     auto = nix.run(["nix-store", "--gc", "--print-roots"])
     assert os.path.join(str(tmp_path), "gcroots", "a-target") in auto
+    # A root whose name now needs an unbuilt path no longer keeps the old one.
+    assert roots.sync({"a-target": "/nix/store/00000000000000000000000000000000-unbuilt"}) == ([], ["a-target"])
+    roots.sync({"a-target": out})
     assert roots.sync({}) == ([], ["a-target"])
     assert os.listdir(os.path.join(tmp_path, "gcroots")) == []

@@ -5,7 +5,8 @@ through `reup.nix.NixExecutor`. `evaluate` makes one `nix eval` for the whole
 fleet (drvPath and outPath of each device's toplevel); if that fails or a device
 throws, each failing device is evaluated alone to get its own error text, so one
 broken device never fails the others. `build` realises one drvPath with
-`nix build --json --no-link`. `GcRoots` keeps an indirect root in
+`nix build --json --no-link`, keeping a failed build's output in
+`<state>/logs`. `GcRoots` keeps an indirect root in
 `<state>/gcroots` for each needed toplevel and drops the others.
 """
 
@@ -37,9 +38,20 @@ def nix_error_text(exc: NixError) -> str:
 
 
 class Builder:
-    def __init__(self, nix: NixExecutor, *, timeout: float = 3600.0) -> None:
+    def __init__(self, nix: NixExecutor, *, timeout: float = 3600.0, log_dir: str | None = None) -> None:
         self.nix = nix
         self.timeout = timeout
+        self.log_dir = log_dir
+
+    def _save_log(self, drv_path: str, text: str) -> str | None:
+        """Keep a failed build's whole Nix output as `<log_dir>/<drv name>.log`; returns the file."""
+        if not self.log_dir:
+            return None
+        os.makedirs(self.log_dir, exist_ok=True)
+        path = os.path.join(self.log_dir, os.path.basename(drv_path) + ".log")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
 
     def evaluate(self, flake: str, fleet: Fleet, commit: str) -> list[Target]:
         """One Target per device of `fleet` at `commit`: drvPath and toplevel, or the error."""
@@ -78,7 +90,9 @@ class Builder:
         try:
             outputs = self.nix.build([drv_path])
         except NixError as exc:
-            raise PermanentError("build failed: " + nix_error_text(exc)) from exc
+            log_file = self._save_log(drv_path, exc.stderr)
+            where = f" (full log: {log_file})" if log_file else ""
+            raise PermanentError(f"build failed{where}: " + nix_error_text(exc)) from exc
         except subprocess.TimeoutExpired as exc:
             raise TemporaryError(f"build of {drv_path} timed out") from exc
         out = outputs[0].get("out") if outputs else None
@@ -107,17 +121,16 @@ class GcRoots:
         """Make the roots exactly `needed` ({name: store path}); returns (added, dropped)."""
         have = self.current()
         added, dropped = [], []
-        for name, path in sorted(needed.items()):
+        buildable = {name: path for name, path in needed.items() if os.path.exists(path)}  # unbuilt: nothing to keep
+        for name, path in sorted(buildable.items()):
             if have.get(name) == path:
                 continue
-            if not os.path.exists(path):
-                continue  # not built (yet): nothing to protect
             link = os.path.join(self.dir, name)
             if os.path.islink(link):
                 os.unlink(link)
             self.nix.run(add_root_cmd(path, link))
             added.append(name)
-        for name in sorted(set(have) - set(needed)):
+        for name in sorted(set(have) - set(buildable)):
             os.unlink(os.path.join(self.dir, name))
             dropped.append(name)
         return added, dropped

@@ -64,7 +64,7 @@ class Controller:
         self.store = Store(state_dir)
         self.nix = NixExecutor(options=cfg.build.nix_options)
         self.source = GitSource(cfg.source.url, cfg.source.branch, os.path.join(state_dir, "repo.git"))
-        self.builder = Builder(self.nix)
+        self.builder = Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
         self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
         self.pusher = SshPusher(self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout,

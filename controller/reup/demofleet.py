@@ -5,8 +5,8 @@ Used by `reup demo` (demo.py) and the controller's integration tests
 `derivation` (builder /bin/sh) with a shared `base` dependency, some data and a
 `bin/switch-to-configuration` that appends "<action> <config> <version>" to
 `$REUP_ROOT/activations`; a configuration can be made to throw at evaluation
-("!eval"), to fail its activation (version ending in "!fail") or to activate
-slowly (version ending in "!slow", 3 s).
+("!eval"), to fail its build (version ending in "!build"), to fail its
+activation ("!fail") or to activate slowly ("!slow", 3 s).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ _HEAD = r'''{
       act = "#!/bin/sh\necho \"$1 ${name} ${version}\" >> \"$REUP_ROOT/activations\"\n"
         + (if mode == "slow" then "sleep 3\n" else "")
         + (if mode == "fail" then "echo 'activation of ${name} ${version} failed' >&2\nexit 1\n" else "");
-      args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; echo ${version} > $out/version; ln -s $base $out/base; seq 1 5000 | sed 's/$/ ${name} config/' > $out/etc/system.conf; echo 'version ${version}' >> $out/etc/system.conf; printf '%s' \"$act\" > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration" ];
+      args = [ "-c" (if mode == "build" then "echo 'the build of ${name} ${version} broke' >&2; exit 1" else "PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; echo ${version} > $out/version; ln -s $base $out/base; seq 1 5000 | sed 's/$/ ${name} config/' > $out/etc/system.conf; echo 'version ${version}' >> $out/etc/system.conf; printf '%s' \"$act\" > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration") ];
     };
   in {
     nixosConfigurations = {
