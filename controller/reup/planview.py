@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from typing import Any
 
 from . import planner
@@ -35,8 +36,11 @@ async def _dry_run(ctrl: Controller, build: bool) -> list[dict[str, Any]]:
     ctrl.fleet = fleet or ctrl.fleet
     desired = Desired(head, ctrl.clock(), {t.device: t for t in targets})
     observed = ctrl.observe()
+    extra = dict(observed.builds)
+    for t in targets:  # already in the local store (built before, or by an earlier `plan --build`)
+        if t.drv_path and t.toplevel and t.drv_path not in extra and os.path.exists(t.toplevel):
+            extra[t.drv_path] = BuildResult(t.drv_path, head, True, t.toplevel)
     if build:
-        extra = dict(observed.builds)
         for t in targets:
             if t.drv_path and t.drv_path not in extra:
                 try:
@@ -44,7 +48,7 @@ async def _dry_run(ctrl: Controller, build: bool) -> list[dict[str, Any]]:
                     extra[t.drv_path] = BuildResult(t.drv_path, head, True, out)
                 except ReupError as exc:
                     extra[t.drv_path] = BuildResult(t.drv_path, head, False, None, str(exc))
-        observed = type(observed)(observed.devices, extra, observed.building)
+    observed = replace(observed, builds=extra)
     plan = planner.plan(desired, observed, ctrl.policy, ctrl.clock())
     rows = []
     for name, d in sorted(plan.decisions.items()):
