@@ -10,7 +10,7 @@ setup: $(VENV)/.stamp
 
 $(VENV)/.stamp: receiver/pyproject.toml controller/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e ./receiver -e ./controller -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -e "./receiver[hdiffpatch]" -e ./controller -r requirements-dev.txt
 	touch $@
 
 test: setup

@@ -235,3 +235,13 @@ def test_cli_stats_and_cache(gens: Gens, tmp_path: os.PathLike[str]) -> None:
     assert not miss["cached"] and hit["cached"] and time.monotonic() - start < 1.0
     assert hit["stream_bytes"] == miss["stream_bytes"] == os.path.getsize(os.path.join(tmp_path, "s"))
     shutil.rmtree(cache)
+
+
+def test_only_codecs_the_device_reports_are_used(gens: Gens, root_a: str, tmp_path: os.PathLike[str]) -> None:
+    reported = receive(root_a, None, "--status").json()["codecs"]
+    assert set(reported) == {c.name.lower() for c in Codec}  # this venv has every codec
+    device_codecs = [Codec.ZSTD_PREFIX, Codec.BSDIFF4]  # a device without HDiffPatch or LZMA bsdiff
+    stream, stats = run_encode(tmp_path, [gens.a], gens.b, allowed_codecs=device_codecs)
+    used = {k for k in stats.ops_by_kind if k.startswith("patch:")}
+    assert used and used <= {"patch:zstd_prefix", "patch:bsdiff4"}, stats.ops_by_kind
+    apply_and_verify(root_a, stream, gens.b)

@@ -138,6 +138,19 @@ class _OpenFile:
     received: int = 0
 
 
+def available_codecs() -> list[Codec]:
+    """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
+    out = [Codec.ZSTD_PREFIX]
+    for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
+                          (Codec.HDIFFPATCH, "hdiffpatch")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        out.append(codec)
+    return sorted(out)
+
+
 def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
     """Write `old` patched with `patch` to `sink`; codec errors propagate as the library raises them."""
     if codec == Codec.BSDIFF4:

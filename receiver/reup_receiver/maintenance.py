@@ -11,9 +11,11 @@ import re
 from collections.abc import Iterable
 
 from . import confirm
+from .builder import available_codecs
 from .device import Device
 from .errors import NoGeneration
 from .receive import switch_generation
+from .wire import VERSION
 
 _HASH_RE = re.compile(rb"[0-9a-df-np-sv-z]{32}")
 
@@ -28,6 +30,8 @@ def status(device: Device) -> dict[str, object]:
         "staged": sorted(device.staged()),
         "pending": confirm.pending(device),
         "last_rollback": confirm.last_rollback(device),
+        "format": VERSION,
+        "codecs": [c.name.lower() for c in available_codecs()],
     }
 
 

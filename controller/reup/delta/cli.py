@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Any
 
+from reup_receiver.model import Codec
+
 from ..nix import resolve_store_path
 from .encode import encode
 
@@ -29,6 +31,8 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="stream file to write")
     p.add_argument("--avoid", nargs="*", default=[], metavar="PATH",
                    help="store paths the device reported broken: never used as bases, re-sent if needed")
+    p.add_argument("--codecs", metavar="NAMES",
+                   help="patch codecs the device can apply, comma-separated (its --status 'codecs')")
     p.add_argument("--cache", metavar="DIR",
                    help="delta cache: a request seen before is served from DIR without encoding")
     p.add_argument("--stats", action="store_true", help="print statistics as JSON on stdout")
@@ -42,10 +46,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"reup delta: {exc}", file=sys.stderr)
         return 2
-    if args.cache and not args.avoid:
+    try:
+        allowed = [Codec[n.strip().upper()] for n in args.codecs.split(",")] if args.codecs else None
+    except KeyError as exc:
+        print(f"reup delta: unknown codec {exc}", file=sys.stderr)
+        return 2
+    if args.cache and not args.avoid and allowed is None:
         report = _cached(args.cache, held, target, args.staged, args.output)
     else:
-        report = encode(held, target, args.output, staged=args.staged, avoid=args.avoid).to_json()
+        report = encode(held, target, args.output, staged=args.staged, avoid=args.avoid,
+                        allowed_codecs=allowed).to_json()
     if args.stats:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")

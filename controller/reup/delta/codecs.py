@@ -67,19 +67,29 @@ def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
     return zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_SMALL)
 
 
-def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None) -> list[tuple[Codec, bytes]]:
-    """Patches to compare; `only` forces given codecs (tests, benchmarks)."""
+def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
+               allowed: Sequence[Codec] | None = None) -> list[tuple[Codec, bytes]]:
+    """Patches to compare; `only` forces given codecs (tests, benchmarks); `allowed` is what
+    the device can apply (its `--status`)."""
     if only is not None:
         return [(c, make_patch(c, old, new)) for c in only if c != Codec.ZSTD_PREFIX or len(old) >= 8]
-    if len(old) > HDIFF_MAX or len(new) > HDIFF_MAX:
-        return [(Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE))]
-    out = [(Codec.HDIFFPATCH, hdiff(old, new))]
-    if len(old) <= BSDIFF_MAX and len(new) <= BSDIFF_MAX:
+    ok = set(Codec) if allowed is None else set(allowed)
+    if len(old) > HDIFF_MAX or len(new) > HDIFF_MAX or not ok & {Codec.HDIFFPATCH, Codec.BSDIFF_LZMA}:
+        if Codec.ZSTD_PREFIX in ok and len(old) >= 8:
+            return [(Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE))]
+        return []
+    out = []
+    if Codec.HDIFFPATCH in ok:
+        out.append((Codec.HDIFFPATCH, hdiff(old, new)))
+    if Codec.BSDIFF_LZMA in ok and len(old) <= BSDIFF_MAX and len(new) <= BSDIFF_MAX:
         out.append((Codec.BSDIFF_LZMA, bsdiffxz.pack(old, new)))
     if len(old) <= SMALL and len(new) <= SMALL:
-        out.append((Codec.BSDIFF4, make_patch(Codec.BSDIFF4, old, new)))
-        if len(old) >= 8:  # zstd's minimum prefix
+        if Codec.BSDIFF4 in ok:
+            out.append((Codec.BSDIFF4, make_patch(Codec.BSDIFF4, old, new)))
+        if Codec.ZSTD_PREFIX in ok and len(old) >= 8:  # zstd's minimum prefix
             out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_SMALL)))
+    if not out and Codec.ZSTD_PREFIX in ok and len(old) >= 8:
+        out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE)))
     return out
 
 
@@ -89,7 +99,7 @@ def literal_estimate(new: bytes) -> int:
 
 
 def diff_job(old_path: bytes, new_path: bytes, rewrites: dict[bytes, bytes], new_sha: bytes,
-             only: Sequence[Codec] | None = None) -> DiffResult:
+             only: Sequence[Codec] | None = None, allowed: Sequence[Codec] | None = None) -> DiffResult:
     """Run in a worker: rewrite the old file, then COPY if equal, else the best patch.
 
     With `only`, those codecs are used even where a literal would be smaller.
@@ -102,7 +112,7 @@ def diff_job(old_path: bytes, new_path: bytes, rewrites: dict[bytes, bytes], new
     changed = rewritten != old
     if len(rewritten) == len(new) and hashlib.sha256(rewritten).digest() == new_sha:
         return DiffResult("rewrite", None, b"", changed)
-    patches = candidates(rewritten, new, only)
+    patches = candidates(rewritten, new, only, allowed)
     if not patches:
         return DiffResult("literal", None, b"", changed)
     codec, data = min(patches, key=lambda c: (len(c[1]), c[0]))

@@ -126,6 +126,7 @@ def encode(
     workers: int | None = None,
     avoid: Sequence[str] = (),
     codecs: Sequence[Codec] | None = None,
+    allowed_codecs: Sequence[Codec] | None = None,
 ) -> DeltaStats:
     """Write to `out` a stream taking a device holding `held` (closures) to `target`.
 
@@ -134,7 +135,8 @@ def encode(
     pool (default: one per CPU; 0 runs diffs inline). `avoid` are paths the
     device reported broken (a missing base file): treated as not held, so
     they are neither bases nor assumed present, and are sent again if needed.
-    `codecs` forces the patch codecs (tests and benchmarks); default: the best.
+    `codecs` forces the patch codecs (tests and benchmarks); default: the best of
+    `allowed_codecs`, what the device reports it can apply (default: all).
     """
     start = time.monotonic()
     nix = executor or NixExecutor()
@@ -152,7 +154,7 @@ def encode(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with _pool(workers) as pool, tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
-                          held_local, target, codecs)
+                          held_local, target, codecs, allowed_codecs)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
         coder.literal.plan([(d.file.host, d.file.size) for _, plan in plans for d in plan.decisions()
                             if coder.is_literal(d)])

@@ -121,8 +121,10 @@ class FileCoder:
         held_roots: Sequence[str],
         target_root: str,
         codecs: Sequence[Codec] | None = None,
+        allowed: Sequence[Codec] | None = None,
     ) -> None:
         self.codecs = codecs
+        self.allowed = allowed
         self.stats = stats
         self.pool = pool
         self.inline = inline
@@ -165,7 +167,8 @@ class FileCoder:
             old_host = os.path.join(os.fsencode(old), partner) if partner else os.fsencode(old)
             # Small pairs cost less to diff here than to ship to a worker.
             pool = self.inline if f.size < INLINE_MAX else self.pool
-            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs)
+            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs,
+                                 self.allowed)
             return Decision(f, sha, "diff", source=(old, partner), diff=future)
         return Decision(f, sha, "literal")
 
@@ -203,7 +206,8 @@ class FileCoder:
             self.index.add((sha, f.executable), f)
             old_host = os.path.join(bold, f.relpath) if f.relpath else bold
             pool = self.inline if f.size < INLINE_MAX else self.pool
-            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs)
+            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs,
+                                 self.allowed)
             decisions.append(Decision(f, sha, "diff", source=(old, f.relpath), diff=future))
         return decisions
 
