@@ -80,6 +80,7 @@ class Controller:
         self.tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
         self._fetch_requested = True
         self._next_poll = 0.0
         self._build_slots = asyncio.Semaphore(cfg.build.max_parallel)
@@ -93,6 +94,12 @@ class Controller:
     def request_fetch(self) -> None:
         self._fetch_requested = True
         self.wake()
+
+    def stop(self) -> None:
+        """Ask a running `run()` to finish its pass and return (from the loop's thread)."""
+        if self._stopping is not None:
+            self._stopping.set()
+            self.wake()
 
     def request_fetch_threadsafe(self) -> None:
         """For other threads (the webhook handler, the watchdog observer)."""
@@ -306,7 +313,7 @@ class Controller:
         lock = self._lock_state_dir()
         loop = self.loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        stopping = asyncio.Event()
+        stopping = self._stopping = asyncio.Event()
         self.store.reset_retry_timers()
 
         def on_ref_change() -> None:
