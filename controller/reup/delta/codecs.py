@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import ModuleType
 
 import bsdiff4
-import hdiffpatch
 import pyzstd
 import zstandard
 from reup_receiver import bsdiffxz
@@ -53,8 +53,19 @@ def zstd_prefix(old: bytes, new: bytes, level: int) -> bytes:
     return pyzstd.compress(new, opts, pyzstd.ZstdDict(old, is_raw=True).as_prefix)
 
 
+HDIFF: ModuleType | None
+try:
+    import hdiffpatch as HDIFF
+except ImportError:  # optional: the Nix package of the controller goes without it
+    HDIFF = None
+
+ENCODER_CODECS = frozenset(c for c in Codec if c != Codec.HDIFFPATCH or HDIFF is not None)
+
+
 def hdiff(old: bytes, new: bytes) -> bytes:
-    return hdiffpatch.diff(old, new, hdiffpatch.COMPRESSION_LZMA2, validate=False, big_cache_match=True)
+    assert HDIFF is not None
+    out = HDIFF.diff(old, new, HDIFF.COMPRESSION_LZMA2, validate=False, big_cache_match=True)
+    return bytes(out)
 
 
 def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
@@ -73,7 +84,7 @@ def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
     the device can apply (its `--status`)."""
     if only is not None:
         return [(c, make_patch(c, old, new)) for c in only if c != Codec.ZSTD_PREFIX or len(old) >= 8]
-    ok = set(Codec) if allowed is None else set(allowed)
+    ok = ENCODER_CODECS & (set(Codec) if allowed is None else set(allowed))
     if len(old) > HDIFF_MAX or len(new) > HDIFF_MAX or not ok & {Codec.HDIFFPATCH, Codec.BSDIFF_LZMA}:
         if Codec.ZSTD_PREFIX in ok and len(old) >= 8:
             return [(Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE))]
