@@ -51,7 +51,8 @@ def pushes_at(lab: Lab, commit: str) -> dict[str, list[dict[str, object]]]:
 
 def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str]) -> None:
     # d3 and d4 share one configuration: its toplevel is built once.
-    lab = Lab(str(tmp_path), ["d1", "d2", "d3", "d4"],
+    # Commits are seen through watchdog (asserted below: within 2 s); the 10 s poll is a safety net.
+    lab = Lab(str(tmp_path), ["d1", "d2", "d3", "d4"], poll_interval=10,
               device_configs={"d1": "d1", "d2": "d2", "d3": "shared", "d4": "shared"})
     lab.start()
     proc = None
