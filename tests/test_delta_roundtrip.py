@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import pytest
 from reup.delta.encode import DeltaStats, encode
-from reup_receiver.model import Codec, EntryCoder, Method, decode_manifest
+from reup_receiver.entries import EntryCoder
+from reup_receiver.manifest import decode_manifest
+from reup_receiver.model import Codec, Method
 from reup_receiver.wire import T_ENTRY, T_MANIFEST, T_PATH, T_TRAILER, RecordReader
 from support.nixflake import nix_env
 from support.receiverkit import (

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from reup_receiver.model import decode_manifest
+from reup_receiver.manifest import decode_manifest
 from reup_receiver.nar import nar_hash_tree
 from reup_receiver.wire import T_MANIFEST, T_PATH_END, Buf
 from support.nixflake import Generations, nix_env

@@ -26,18 +26,17 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from reup_receiver.device import Device
+from reup_receiver.entries import EntryCoder
 from reup_receiver.errors import ReceiveError
+from reup_receiver.manifest import decode_manifest, encode_manifest
 from reup_receiver.model import (
     KIND_DIR,
     KIND_FILE,
     KIND_SYMLINK,
     Entry,
-    EntryCoder,
     Manifest,
     Method,
     PathEntry,
-    decode_manifest,
-    encode_manifest,
 )
 from reup_receiver.nar import nar_hash_tree
 from reup_receiver.receive import receive

@@ -21,9 +21,11 @@ from typing import BinaryIO
 
 from .builder import PathBuilder
 from .device import Device, PathRecord, write_atomic
+from .entries import EntryCoder
 from .errors import ActivationFailed, Corrupt, HashMismatch, MissingBase, MissingPath
 from .literal import LiteralStream
-from .model import EntryCoder, Manifest, decode_manifest
+from .manifest import decode_manifest
+from .model import Manifest
 from .wire import T_DATA, T_ENTRY, T_MANIFEST, T_PATH, T_PATH_END, T_TRAILER, Buf, RecordReader
 
 ACTIONS = ("switch", "boot", "test", "none")

@@ -20,18 +20,17 @@ from dataclasses import dataclass, field
 
 import zstandard
 from reup_receiver import model
+from reup_receiver.entries import EntryCoder
+from reup_receiver.manifest import decode_manifest, encode_manifest
 from reup_receiver.model import (
     F_EXECUTABLE,
     KIND_DIR,
     KIND_FILE,
     KIND_SYMLINK,
     Entry,
-    EntryCoder,
     Manifest,
     Method,
     PathEntry,
-    decode_manifest,
-    encode_manifest,
 )
 from reup_receiver.nar import nar_hash_tree, walk_nar_order
 from reup_receiver.wire import (

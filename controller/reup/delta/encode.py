@@ -24,15 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reup_receiver.entries import EntryCoder
+from reup_receiver.manifest import encode_manifest
 from reup_receiver.model import (
     KIND_DIR,
     KIND_SYMLINK,
     Codec,
     Entry,
-    EntryCoder,
     Manifest,
     PathEntry,
-    encode_manifest,
     is_store_name,
 )
 from reup_receiver.nar import parse_hash, walk_nar_order
