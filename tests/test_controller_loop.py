@@ -67,7 +67,8 @@ class FakePusher:
         self.gate: asyncio.Event | None = None
 
     async def push(self, dev: Device, toplevel: str, *, activation: str = "switch",
-                   on_phase: Callable[[DeviceState], None] = lambda s: None) -> PushOutcome:
+                   on_phase: Callable[[DeviceState], None] = lambda s: None, confirm_timeout: float = 0.0,
+                   health_check: str | None = None) -> PushOutcome:
         if dev.name in self.down:
             raise UnreachableError(f"{dev.name} unreachable: connection refused")
         if self.running.get(dev.name) == toplevel:
@@ -106,7 +107,7 @@ def test_device_already_running_target_is_adopted(tmp_path: os.PathLike[str]) ->
     try:
         assert asyncio.run(ctrl.run(once=True)) == 0
         assert pusher.sent == [("b", f"{tmp_path}/b-c1")]
-        assert [(h["device"], h["result"]) for h in ctrl.store.history()] == [("a", "adopted"), ("b", "committed")]
+        assert sorted((h["device"], h["result"]) for h in ctrl.store.history()) == [("a", "adopted"), ("b", "committed")]
         text = ctrl.metrics.registry.get_sample_value("reup_transfer_bytes_total", {"kind": "delta"})
         assert text == 10  # only b's transfer
         assert ctrl.metrics.registry.get_sample_value("reup_device_updates_total", {"result": "committed"}) == 2

@@ -22,6 +22,9 @@ class SourceConfig:
     branch: str = "main"
     poll_interval: float = 60.0
     fleet_file: str = "fleet.toml"
+    require_signed: bool = False  # deploy only heads signed by an allowed key
+    allowed_signers: str | None = None  # SSH allowed-signers file (git gpg.ssh.allowedSignersFile)
+    gpg_home: str | None = None  # GnuPG home holding the allowed OpenPGP keys
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ def _is_local(url: str) -> bool:
     return "://" not in url and not (":" in url.split("/", 1)[0] and "@" in url)
 
 
+def _path(base_dir: str, value: str | None) -> str | None:
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value))) if value else None
+
+
 def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> Config:
     where = path or "reup.toml"
     try:
@@ -89,8 +96,13 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
         branch=src.text("branch", "main"),
         poll_interval=src.number("poll_interval", 60.0, minimum=0.1),
         fleet_file=src.text("fleet_file", "fleet.toml"),
+        require_signed=src.flag("require_signed", False),
+        allowed_signers=_path(base_dir, src.text("allowed_signers", None)),
+        gpg_home=_path(base_dir, src.text("gpg_home", None)),
     )
     src.reject_unknown()
+    if source.require_signed and not (source.allowed_signers or source.gpg_home):
+        raise ConfigError("source.require_signed needs source.allowed_signers or source.gpg_home")
 
     st = root.table("state")
     state = StateConfig(dir=os.path.normpath(os.path.join(base_dir, os.path.expanduser(st.text("dir", "state")))))

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
+import json
 import logging
 import os
 import random
@@ -31,6 +33,7 @@ from .deltacache import DeltaCache, Encoder, nix_encoder
 from .errors import ConfigError, PermanentError, ReupError, TemporaryError, UnreachableError
 from .events import (
     BuildFinished,
+    CommitRefused,
     DevicesSnapshot,
     DeviceStateChanged,
     DeviceUpdated,
@@ -39,6 +42,7 @@ from .events import (
     ReconcileDone,
     ReconcileError,
     RevisionSeen,
+    RolloutChanged,
     TransferFinished,
     log_subscriber,
     store_subscriber,
@@ -46,10 +50,11 @@ from .events import (
 from .fleet import Fleet, RolloutPolicy, parse_fleet
 from .httpserver import HttpServer
 from .metrics import Metrics
-from .model import BuildResult, DeviceState, Observed, Plan, Push, Target
+from .model import QUARANTINE, BuildResult, DeviceState, Observed, Plan, Push, Target
 from .nix import NixExecutor
-from .push import SshPusher
+from .push import ConfirmTimeoutError, RolledBackError, SshPusher
 from .retry import retrying
+from .signing import verify_commit
 from .source import GitSource
 from .state import Store
 
@@ -159,6 +164,8 @@ class Controller:
         current = self.store.revision()
         if current is not None and current[0] == head:
             return
+        if not await self._signed(head, now):
+            return
         if not self.store.has_targets(head):
             fleet, targets, fleet_error = await asyncio.to_thread(self.evaluate, head)
             for t in targets:
@@ -175,6 +182,24 @@ class Controller:
             self.fleet = fleet
             self.store.set_meta("fleet_commit", head)
         self.bus.emit(RevisionSeen(seen, head, len(targets), fleet_error))
+
+    async def _signed(self, head: str, now: float) -> bool:
+        """With `[source] require_signed`: refuse a head not signed by an allowed key (once per head)."""
+        src = self.cfg.source
+        if not src.require_signed:
+            return True
+        refused = json.loads(self.store.get_meta("refused") or "null")
+        if refused and refused.get("revision") == head:
+            return False
+        verdict = await asyncio.to_thread(verify_commit, self.source.mirror_dir, head,
+                                          allowed_signers=src.allowed_signers, gpg_home=src.gpg_home)
+        if verdict.ok:
+            self.store.set_meta("refused", "null")
+            return True
+        self.store.set_meta("refused", json.dumps({"revision": head, "reason": verdict.reason,
+                                                   "error": verdict.message, "at": now}))
+        self.bus.emit(CommitRefused(now, head, verdict.reason, verdict.message))
+        return False
 
     # --- one pass -----------------------------------------------------------------
 
@@ -198,6 +223,7 @@ class Controller:
         plan = planner.plan(desired, self.observe(), self.policy, now)
         for device, old, new in self.store.set_states(plan.decisions.values(), now):
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
+        self._rollout_changed(plan, now)
         for drv in plan.builds:
             if drv not in self.building and desired.commit:
                 self.building.add(drv)
@@ -212,6 +238,15 @@ class Controller:
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
         return plan
+
+    def _rollout_changed(self, plan: Plan, now: float) -> None:
+        r = plan.rollout
+        doc = dataclasses.asdict(r)
+        doc["waves"] = {w.pop("name"): w for w in doc["waves"]}
+        text = json.dumps(doc, sort_keys=True)
+        if text != self.store.get_meta("rollout"):
+            self.store.set_meta("rollout", text)
+            self.bus.emit(RolloutChanged(now, r.revision, r.wave, r.wave_index, r.halted, r.progress, doc))
 
     def _snapshot(self) -> None:
         """Every device's state as an event (the reup_devices gauge follows it)."""
@@ -272,11 +307,15 @@ class Controller:
             if dev is None:
                 return
             try:
-                outcome = await self.pusher.push(dev, push.toplevel, activation=self.policy.activation,
-                                                 on_phase=self._phase(name))
+                policy = self.policy
+                outcome = await self.pusher.push(dev, push.toplevel, activation=policy.activation,
+                                                 on_phase=self._phase(name), confirm_timeout=policy.confirm_timeout,
+                                                 health_check=policy.health_check)
             except (TemporaryError, PermanentError) as exc:
                 kind = ("unreachable" if isinstance(exc, UnreachableError)
-                        else "transient" if isinstance(exc, TemporaryError) else "permanent")
+                        else "transient" if isinstance(exc, TemporaryError)
+                        else "rolled_back" if isinstance(exc, RolledBackError)
+                        else "timed_out" if isinstance(exc, ConfirmTimeoutError) else "permanent")
                 self._push_failed(push, kind, str(exc))
                 return
             except Exception as exc:  # an encoder or protocol bug: do not retry blindly
@@ -289,7 +328,9 @@ class Controller:
                                   outcome.stream_bytes, outcome.nar_bytes, "adopted" if outcome.adopted else "committed")
             if not outcome.adopted:
                 self.bus.emit(TransferFinished(now, name, outcome.stream_bytes, outcome.nar_bytes, outcome.seconds))
-            self.bus.emit(DeviceUpdated(now, name, "committed", push.commit, push.toplevel,
+            current = self.store.desired().targets.get(name)
+            result = "superseded" if current is not None and current.toplevel != push.toplevel else "committed"
+            self.bus.emit(DeviceUpdated(now, name, result, push.commit, push.toplevel,
                                         seconds_since_seen=now - seen_at if seen_at else None, adopted=outcome.adopted))
             self._snapshot()
         finally:
@@ -299,10 +340,11 @@ class Controller:
         now = self.clock()
 
         def backoff(failures: int) -> float:  # jittered exponential, capped by [ssh] retry_max
-            return 0.0 if kind == "permanent" else min(self.cfg.ssh.retry_max, 2.0 ** failures) * random.uniform(0.5, 1.0)
+            return 0.0 if kind in QUARANTINE else min(self.cfg.ssh.retry_max, 2.0 ** failures) * random.uniform(0.5, 1.0)
 
         self.store.record_failure(push.device, push.commit, push.toplevel, kind, error, now, backoff)
-        result = {"permanent": "failed", "unreachable": "unreachable"}.get(kind, "retry")
+        result = {"permanent": "failed", "unreachable": "unreachable", "rolled_back": "rolled_back",
+                  "timed_out": "timed_out"}.get(kind, "retry")
         self.bus.emit(DeviceUpdated(now, push.device, result, push.commit, push.toplevel, error=error))
         self.bus.emit(ReconcileError(now, "push", error, push.device))
 

@@ -72,12 +72,31 @@ class TransferFinished(Event):
 @dataclass(frozen=True)
 class DeviceUpdated(Event):
     device: str
-    result: str  # "committed", "failed", "unreachable", "retry"
+    result: str  # "committed", "superseded", "failed", "rolled_back", "timed_out", "unreachable", "retry"
     commit: str
     toplevel: str
     seconds_since_seen: float | None = None
     error: str | None = None
     adopted: bool = False
+
+
+@dataclass(frozen=True)
+class RolloutChanged(Event):
+    """The rollout of the current revision changed (wave, halt, counts); `rollout` is its JSON form."""
+
+    revision: str | None
+    wave: str | None
+    wave_index: int
+    halted: str | None
+    progress: float
+    rollout: dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CommitRefused(Event):
+    revision: str
+    reason: str  # "unsigned" or "bad_signature"
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -112,7 +131,8 @@ class EventBus:
 
 
 # Events kept in the SQLite history (the rest are too chatty or derived).
-_STORED = (RevisionSeen, BuildFinished, DeviceStateChanged, TransferFinished, DeviceUpdated, ReconcileError)
+_STORED = (RevisionSeen, BuildFinished, DeviceStateChanged, TransferFinished, DeviceUpdated, ReconcileError,
+           RolloutChanged, CommitRefused)
 
 
 def store_subscriber(store: Store) -> Subscriber:
@@ -129,7 +149,13 @@ def log_subscriber(logger: logging.Logger = log) -> Subscriber:
     def emit(event: Event) -> None:
         if isinstance(event, DeviceStateChanged):
             logger.info("device %s: %s -> %s%s", event.device, event.old or "new", event.new,
-                        f" ({event.reason})" if event.reason and event.new in ("failed", "unreachable") else "")
+                        f" ({event.reason})" if event.reason else "",
+                        extra={"event": "state", "device": event.device, "old": event.old, "new": event.new})
+        elif isinstance(event, RolloutChanged):
+            logger.info("rollout %s: wave %s (%d), %.0f%% done%s", (event.revision or "none")[:12], event.wave,
+                        event.wave_index, 100 * event.progress, f"; halted: {event.halted}" if event.halted else "")
+        elif isinstance(event, CommitRefused):
+            logger.warning("commit %s refused (%s): %s", event.revision[:12], event.reason, event.error)
         elif isinstance(event, DeviceUpdated):
             extra = f": {event.error}" if event.error else (" (already running it)" if event.adopted else "")
             logger.info("device %s: update %s -> %s%s", event.device, event.result, event.toplevel, extra)

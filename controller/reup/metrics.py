@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .events import (
     BuildFinished,
+    CommitRefused,
     DevicesSnapshot,
     DeviceUpdated,
     Event,
@@ -19,11 +20,13 @@ from .events import (
     ReconcileDone,
     ReconcileError,
     RevisionSeen,
+    RolloutChanged,
     TransferFinished,
 )
 from .model import ALL_STATES
 
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
+UPDATE_RESULTS = ("committed", "superseded", "failed", "rolled_back", "timed_out", "unreachable")
 RATIO_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
@@ -47,6 +50,12 @@ class Metrics:
         self.reconcile_errors = Counter("reup_reconcile_errors", "Errors by reconcile stage", ["stage"], registry=r)
         self.last_reconcile = Gauge("reup_last_reconcile_timestamp_seconds", "End of the last reconcile pass",
                                     registry=r)
+        self.rollout_wave = Gauge("reup_rollout_wave", "Index of the wave being rolled out", registry=r)
+        self.rollout_halted = Gauge("reup_rollout_halted", "1 while the rollout is halted or paused", registry=r)
+        self.rollout_progress = Gauge("reup_rollout_progress_ratio", "Share of devices running the current target",
+                                      registry=r)
+        self.commits_refused = Counter("reup_commits_refused", "Fleet repo heads refused (signature)", ["reason"],
+                                       registry=r)
         self.device_info = (
             Gauge("reup_device_info", "Per-device state (opt-in)", ["device", "state", "generation"], registry=r)
             if device_info else None
@@ -55,8 +64,10 @@ class Metrics:
             self.git_fetches.labels(result)
         for result in ("success", "failure"):
             self.builds.labels(result)
-        for result in ("committed", "failed", "unreachable"):
+        for result in UPDATE_RESULTS:
             self.updates.labels(result)
+        for reason in ("unsigned", "bad_signature"):
+            self.commits_refused.labels(reason)
         for kind in ("delta", "full_equivalent"):
             self.transfer_bytes.labels(kind)
         self._seen_waves: set[str] = set()
@@ -76,12 +87,18 @@ class Metrics:
             if event.nar_bytes > 0:
                 self.delta_ratio.observe(event.stream_bytes / event.nar_bytes)
         elif isinstance(event, DeviceUpdated):
-            if event.result in ("committed", "failed", "unreachable"):
+            if event.result in UPDATE_RESULTS:
                 self.updates.labels(event.result).inc()
             if event.result == "committed" and event.seconds_since_seen is not None:
                 self.update_duration.observe(max(0.0, event.seconds_since_seen))
         elif isinstance(event, ReconcileError):
             self.reconcile_errors.labels(event.stage).inc()
+        elif isinstance(event, RolloutChanged):
+            self.rollout_wave.set(event.wave_index)
+            self.rollout_halted.set(1 if event.halted else 0)
+            self.rollout_progress.set(event.progress)
+        elif isinstance(event, CommitRefused):
+            self.commits_refused.labels(event.reason).inc()
         elif isinstance(event, DevicesSnapshot):
             self._snapshot(event)
         elif isinstance(event, ReconcileDone):

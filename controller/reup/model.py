@@ -18,13 +18,20 @@ class DeviceState(StrEnum):
     BUILDING = "building"
     TRANSFERRING = "transferring"
     ACTIVATING = "activating"
+    CONFIRMING = "confirming"
     FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
     UNREACHABLE = "unreachable"
+    HALTED = "halted"
 
 
 ALL_STATES = tuple(DeviceState)
 # States in which `reup run --once` considers a device settled.
-SETTLED = frozenset({DeviceState.IN_SYNC, DeviceState.FAILED, DeviceState.UNREACHABLE})
+SETTLED = frozenset({DeviceState.IN_SYNC, DeviceState.FAILED, DeviceState.UNREACHABLE, DeviceState.ROLLED_BACK,
+                     DeviceState.HALTED})
+# Attempt kinds that quarantine a revision on a device until a new commit, and the state they give.
+QUARANTINE = {"permanent": DeviceState.FAILED, "rolled_back": DeviceState.ROLLED_BACK,
+              "timed_out": DeviceState.ROLLED_BACK}
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,12 @@ class Attempt:
 
     commit: str
     toplevel: str
-    kind: str  # "transient", "unreachable" or "permanent"
+    kind: str  # "transient", "unreachable", "permanent", "rolled_back" or "timed_out"
     error: str
     failures: int = 1
     retry_at: float = 0.0
+    since: float = 0.0  # first failure of this streak (unreachable_after counts from here)
+    at: float = 0.0  # the last failure
 
 
 @dataclass(frozen=True)
@@ -72,8 +81,18 @@ class DeviceObservation:
     name: str
     acked_toplevel: str | None = None
     acked_commit: str | None = None
-    busy: DeviceState | None = None  # an action in flight: transferring or activating
+    busy: DeviceState | None = None  # an action in flight: transferring, activating or confirming
     attempt: Attempt | None = None
+    acked_at: float | None = None  # when the acknowledged generation was committed
+
+
+@dataclass(frozen=True)
+class RolloutControl:
+    """Operator input (`reup rollout pause|resume`): a pause, and a resume of a halted revision."""
+
+    paused: bool = False
+    resumed_commit: str | None = None
+    resumed_at: float = 0.0  # failures before this no longer count towards the threshold
 
 
 @dataclass(frozen=True)
@@ -81,6 +100,7 @@ class Observed:
     devices: Mapping[str, DeviceObservation] = field(default_factory=dict)
     builds: Mapping[str, BuildResult] = field(default_factory=dict)  # by drv path
     building: frozenset[str] = frozenset()  # drv paths being built now
+    control: RolloutControl = field(default_factory=RolloutControl)
 
 
 @dataclass(frozen=True)
@@ -112,9 +132,34 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class WaveCounts:
+    name: str
+    devices: int = 0
+    committed: int = 0  # running the target
+    failed: int = 0  # failed, rolled back (or unreachable too long, when that counts as failure)
+    updating: int = 0
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The rollout of the current revision as the planner sees it (status, metrics)."""
+
+    revision: str | None = None
+    wave: str | None = None  # the wave being rolled out (None: all waves reached)
+    wave_index: int = 0
+    halted: str | None = None  # why no new device starts (threshold, pause, a wave short of success)
+    paused: bool = False
+    executed: int = 0
+    failed: int = 0
+    progress: float = 0.0  # share of devices running the target
+    waves: tuple[WaveCounts, ...] = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     decisions: Mapping[str, Decision]
     builds: tuple[str, ...] = ()  # drv paths to build now, each once
+    rollout: Rollout = field(default_factory=Rollout)
 
     def pushes(self) -> list[Push]:
         return [d.action for d in self.decisions.values() if isinstance(d.action, Push)]

@@ -10,18 +10,25 @@ golden-tested in tests/test_planner.py. Rules, per device, first match wins:
 4. target not built: build failed at this revision        -> failed
                      build running or needed              -> building (+ Build, once per drv)
 5. last push of this revision failed permanently          -> failed (quarantined until a new commit)
+   ... rolled back or was not confirmed in time           -> rolled_back (quarantined likewise)
 6. last push failed transiently MAX_TRANSIENT times       -> failed (gave up until a new commit)
    last push failed transiently, retry time not reached   -> unreachable/pending (+ Wait)
-7. otherwise                                              -> pending + Push, within policy.max_parallel
+7. otherwise                                              -> pending + Push
 
-The rollout issue adds waves, thresholds and confirmation as further rules
-between 5 and 7; `policy` and `now` are already here for them.
+Then the rollout rules (rollout.py) gate every Push, in wave order:
+8. rollout halted (failure threshold, operator pause)     -> halted, nothing starts
+9. an earlier wave short of its success condition          -> pending (+ Wait for the bake), or
+                                                              halted when that wave settled short
+10. more than policy.max_parallel updating in the wave     -> pending (waiting for a slot)
+Devices mid-update always finish (rule 3), so a new commit supersedes a running
+rollout only for devices that have not started.
 """
 
 from __future__ import annotations
 
 from .fleet import RolloutPolicy
 from .model import (
+    QUARANTINE,
     Build,
     Decision,
     Desired,
@@ -33,33 +40,47 @@ from .model import (
     Target,
     Wait,
 )
+from .rollout import MAX_TRANSIENT, assess, wave_index
 
 S = DeviceState
-# Consecutive transient failures (not unreachability) of one revision before giving up on it.
-MAX_TRANSIENT = 5
+__all__ = ["MAX_TRANSIENT", "plan"]
 
 
 def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float) -> Plan:
-    decisions: dict[str, Decision] = {}
     builds: list[str] = []
-    in_flight = sum(1 for o in observed.devices.values() if o.busy is not None)
-    budget = policy.max_parallel - in_flight if policy.max_parallel > 0 else None
-
     # Waves in policy order, then by name, so that a limited budget goes to early waves first.
-    order = {w: i for i, w in enumerate(policy.waves)}
-    names = sorted(desired.targets, key=lambda n: (order.get(desired.targets[n].wave, len(order)), n))
+    names = sorted(desired.targets, key=lambda n: (wave_index(policy, desired.targets[n].wave), n))
+    base: dict[str, Decision] = {}
     for name in names:
         target = desired.targets[name]
-        obs = observed.devices.get(name, DeviceObservation(name=name))
-        decision = _decide(target, obs, observed, now)
+        decision = _decide(target, observed.devices.get(name, DeviceObservation(name=name)), observed, now)
         if isinstance(decision.action, Build) and decision.action.drv_path not in builds:
             builds.append(decision.action.drv_path)
-        if isinstance(decision.action, Push) and budget is not None:
-            if budget <= 0:
+        base[name] = decision
+
+    gate = assess(desired, observed, policy, now, base)
+    in_flight: dict[int, int] = {}
+    for name, obs in observed.devices.items():
+        if obs.busy is not None and name in desired.targets:
+            i = wave_index(policy, desired.targets[name].wave)
+            in_flight[i] = in_flight.get(i, 0) + 1
+    decisions: dict[str, Decision] = {}
+    for name, decision in base.items():
+        if isinstance(decision.action, Push):
+            i = wave_index(policy, desired.targets[name].wave)
+            if gate.halted is not None:
+                decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.halted)
+            elif i > gate.open_index and gate.blocked is not None:
+                decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.blocked)
+            elif i > gate.open_index:
+                wait = Wait(gate.wait_until) if gate.wait_until is not None else None
+                decision = Decision(name, S.PENDING, wait, gate.waiting)
+            elif policy.max_parallel > 0 and in_flight.get(i, 0) >= policy.max_parallel:
                 decision = Decision(name, S.PENDING, None, "waiting for a free slot (rollout.max_parallel)")
-            budget -= 1
+            else:
+                in_flight[i] = in_flight.get(i, 0) + 1
         decisions[name] = decision
-    return Plan(decisions=decisions, builds=tuple(builds))
+    return Plan(decisions=decisions, builds=tuple(builds), rollout=gate.rollout)
 
 
 def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: float) -> Decision:
@@ -82,8 +103,8 @@ def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: flo
 
     attempt = obs.attempt
     if attempt is not None and attempt.commit == target.commit and attempt.toplevel == target.toplevel:
-        if attempt.kind == "permanent":
-            return Decision(name, S.FAILED, None, attempt.error)
+        if attempt.kind in QUARANTINE:
+            return Decision(name, QUARANTINE[attempt.kind], None, attempt.error)
         if attempt.kind == "transient" and attempt.failures >= MAX_TRANSIENT:
             return Decision(name, S.FAILED, None, f"gave up after {attempt.failures} attempts: {attempt.error}")
         if now < attempt.retry_at:

@@ -5,7 +5,11 @@ Called by the reconcile loop (controller.py) for each Push action and by
 fleet.toml, no trust on first use) -> `status` -> if the device already runs the
 target, adopt it (nothing sent) -> a stream from the delta encoder for what the
 device holds (deltacache.py; a base the device reports broken is avoided) -> `receive --activate A` with the stream on stdin
--> the receiver's JSON result. Failures are classified into `UnreachableError`,
+-> the receiver's JSON result; with a confirm timeout the generation is then pending
+on the device, and `confirm` (on a new connection, running the policy's health check
+there) commits it: only then is the push a success (`RolledBackError` when the device
+rolled back, `ConfirmTimeoutError` when the confirmation could not be delivered in time,
+after which the device rolls back by itself). Failures are classified into `UnreachableError`,
 `TemporaryError` (retried by tenacity with jittered exponential backoff) and
 `PermanentError`; the command builders and parsers here are pure and unit-tested.
 """
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +43,14 @@ BROKEN_BASE_EXITS = {14: "missing-base", 21: "missing-path"}  # re-encode avoidi
 _STORE_PATH = re.compile(r"(/nix/store/[0-9a-df-np-sv-z]{32}-[^/\s:'\"]+)")
 
 
+class RolledBackError(PermanentError):
+    """The device rolled the new generation back (health check failed, deadline passed)."""
+
+
+class ConfirmTimeoutError(PermanentError):
+    """The confirmation could not be delivered before the deadline: the device rolls back by itself."""
+
+
 class BrokenBaseError(PermanentError):
     """The device lacks something the stream assumed it held; `path` names the store path if known."""
 
@@ -52,6 +65,9 @@ class DeviceStatus:
     generations: tuple[tuple[int, str], ...] = ()
     paths: tuple[str, ...] = ()
     staged: tuple[str, ...] = ()
+    pending: int | None = None  # generation awaiting confirmation
+    pending_deadline: float | None = None
+    last_rollback: dict[str, object] | None = None
 
     def generation_of(self, toplevel: str) -> int | None:
         numbers = [n for n, t in self.generations if t == toplevel]
@@ -65,6 +81,7 @@ class ReceiveResult:
     installed: tuple[str, ...] = ()
     bytes_read: int = 0
     seconds: float = 0.0
+    confirm_deadline: float | None = None
 
 
 @dataclass(frozen=True)
@@ -76,13 +93,19 @@ class PushOutcome:
     adopted: bool = False  # the device already ran the target: nothing was sent
     seconds: float = 0.0
     installed: tuple[str, ...] = field(default=())
+    confirm_deadline: float | None = None  # set while the generation awaits confirmation
 
 
 # --- pure builders and parsers -------------------------------------------------
 
 
-def receive_command(activation: str = "switch") -> str:
-    return f"receive --activate {activation}"
+def receive_command(activation: str = "switch", confirm_timeout: float = 0.0) -> str:
+    extra = f" --confirm-timeout {confirm_timeout:g}" if confirm_timeout > 0 else ""
+    return f"receive --activate {activation}{extra}"
+
+
+def confirm_command(generation: int, check: str | None = None) -> str:
+    return f"confirm {generation}" + (f" --check {shlex.quote(check)}" if check else "")
 
 
 def parse_status(stdout: str | bytes) -> DeviceStatus:
@@ -93,6 +116,9 @@ def parse_status(stdout: str | bytes) -> DeviceStatus:
         generations=gens,
         paths=tuple(d.get("paths") or ()),
         staged=tuple(d.get("staged") or ()),
+        pending=int(d["pending"]["generation"]) if d.get("pending") else None,
+        pending_deadline=float(d["pending"]["deadline"]) if d.get("pending") else None,
+        last_rollback=d.get("last_rollback") or None,
     )
 
 
@@ -105,6 +131,7 @@ def parse_receive(stdout: str | bytes) -> ReceiveResult:
         installed=tuple(d.get("installed") or ()),
         bytes_read=int(d.get("bytes_read") or 0),
         seconds=float(d.get("seconds") or 0.0),
+        confirm_deadline=float(d["confirm_deadline"]) if d.get("confirm_deadline") else None,
     )
 
 
@@ -149,7 +176,7 @@ class SshPusher:
         self.attempts = attempts
         self.have_path = have_path
 
-    async def _connect(self, dev: Device) -> asyncssh.SSHClientConnection:
+    async def _connect(self, dev: Device, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         try:
             trusted = [asyncssh.import_public_key(dev.host_key)]
             return await asyncssh.connect(
@@ -160,7 +187,7 @@ class SshPusher:
                 known_hosts=(trusted, [], []),
                 agent_path=None,
                 config=[],
-                connect_timeout=self.connect_timeout,
+                connect_timeout=timeout or self.connect_timeout,
             )
         except asyncssh.HostKeyNotVerifiable as exc:
             raise PermanentError(f"{dev.name}: host key does not match fleet.toml: {exc}") from exc
@@ -195,26 +222,65 @@ class SshPusher:
         *,
         activation: str = "switch",
         on_phase: Callable[[DeviceState], None] = lambda s: None,
+        confirm_timeout: float = 0.0,
+        health_check: str | None = None,
     ) -> PushOutcome:
         async def once() -> PushOutcome:
-            return await self._push_once(dev, toplevel, activation, on_phase)
+            return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout)
 
-        return await retrying(once, attempts=self.attempts)
+        outcome = await retrying(once, attempts=self.attempts)
+        if outcome.generation is not None and outcome.confirm_deadline is not None:
+            on_phase(DeviceState.CONFIRMING)
+            await self.confirm(dev, toplevel, outcome.generation, outcome.confirm_deadline, health_check)
+        return outcome
+
+    async def confirm(self, dev: Device, toplevel: str, generation: int, deadline: float,
+                      check: str | None) -> None:
+        """Deliver `confirm GEN [--check CMD]` on new connections until it is answered or the deadline passes."""
+        while True:
+            left = deadline - time.time()
+            if left <= 0.2:
+                raise ConfirmTimeoutError(
+                    f"confirmation of generation {generation} not delivered before the deadline; "
+                    "the device rolls back by itself")
+            try:
+                async with await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
+                    res = await conn.run(confirm_command(generation, check), check=False,
+                                         timeout=max(left + 5.0, self.connect_timeout))
+                    if res.exit_status == 0:
+                        return
+                    stderr = str(res.stderr or "").strip()
+                    message = stderr.splitlines()[-1] if stderr else f"exit status {res.exit_status}"
+                    if res.exit_status in (24, 25):
+                        status = parse_status(await self._run(conn, "status"))
+                        if res.exit_status == 24 and status.current == toplevel and status.pending is None:
+                            return  # confirmed by an earlier attempt whose answer was lost
+                        raise RolledBackError(f"rolled back by the device: {message}")
+                    if res.exit_status not in (None, 255, 19):
+                        raise classify_exit(res.exit_status, stderr)
+            except (UnreachableError, OSError, asyncssh.Error, TimeoutError) as exc:
+                log.warning("%s: confirm %d: %s", dev.name, generation, exc)
+            await asyncio.sleep(min(1.0, max(0.05, deadline - time.time() - 0.3)))
 
     async def _push_once(
-        self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None]
+        self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None],
+        confirm_timeout: float = 0.0,
     ) -> PushOutcome:
         start = time.monotonic()
         async with await self._connect(dev) as conn:
             status = parse_status(await self._run(conn, "status"))
             if status.current == toplevel:
-                return PushOutcome(toplevel, status.generation_of(toplevel), adopted=True)
+                gen = status.generation_of(toplevel)
+                if status.pending is not None and status.pending == gen:  # activated, never confirmed (a restart)
+                    return PushOutcome(toplevel, gen, adopted=True, confirm_deadline=status.pending_deadline)
+                return PushOutcome(toplevel, gen, adopted=True)
             held, staged = ordered_bases(status, self.have_path), status.staged
             avoid: tuple[str, ...] = ()
             on_phase(DeviceState.TRANSFERRING)
             for _ in range(4):
                 try:
-                    result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase)
+                    result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase,
+                                                     confirm_timeout)
                     break
                 except BrokenBaseError as exc:
                     if exc.path and exc.path not in avoid and len(avoid) < 2:
@@ -230,14 +296,16 @@ class SshPusher:
         if result.toplevel != toplevel:
             raise PermanentError(f"receiver installed {result.toplevel}, expected {toplevel}")
         return PushOutcome(toplevel, result.generation, entry.stream_bytes, entry.nar_bytes,
-                           seconds=time.monotonic() - start, installed=result.installed)
+                           seconds=time.monotonic() - start, installed=result.installed,
+                           confirm_deadline=result.confirm_deadline)
 
     async def _send(self, conn: asyncssh.SSHClientConnection, held: tuple[str, ...], toplevel: str,
                     staged: tuple[str, ...], avoid: tuple[str, ...], activation: str,
-                    on_phase: Callable[[DeviceState], None]) -> tuple[ReceiveResult, DeltaCache.Entry]:
+                    on_phase: Callable[[DeviceState], None],
+                    confirm_timeout: float = 0.0) -> tuple[ReceiveResult, DeltaCache.Entry]:
         entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid)
         try:
-            proc = await conn.create_process(receive_command(activation), encoding=None)
+            proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
             with open(entry.path, "rb") as f:
                 while chunk := f.read(CHUNK):
                     proc.stdin.write(chunk)

@@ -27,6 +27,7 @@ from .model import (
     DeviceObservation,
     DeviceState,
     Observed,
+    RolloutControl,
     Target,
 )
 
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS devices(
   last_error TEXT, updated_at REAL,
   attempt_commit TEXT, attempt_toplevel TEXT, attempt_kind TEXT, attempt_error TEXT,
   attempt_failures INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0,
-  active INTEGER NOT NULL DEFAULT 1);
+  active INTEGER NOT NULL DEFAULT 1, attempt_since REAL NOT NULL DEFAULT 0, attempt_at REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS history(
   id INTEGER PRIMARY KEY, device TEXT NOT NULL, commit_id TEXT, toplevel TEXT, generation INTEGER,
   result TEXT NOT NULL, error TEXT, stream_bytes INTEGER, nar_bytes INTEGER, at REAL NOT NULL);
@@ -66,6 +67,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(devices)")}
+        for column in ("attempt_since", "attempt_at"):  # databases of the first controller version
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:
@@ -161,13 +166,25 @@ class Store:
             attempt = None
             if r["attempt_kind"]:
                 attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], r["attempt_kind"], r["attempt_error"] or "",
-                                  r["attempt_failures"], r["retry_at"])
-            devices[r["name"]] = DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy.get(r["name"]), attempt)
+                                  r["attempt_failures"], r["retry_at"], r["attempt_since"], r["attempt_at"])
+            devices[r["name"]] = DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy.get(r["name"]),
+                                                   attempt, r["acked_at"])
         builds = {
             r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
             for r in self._exec("SELECT * FROM builds")
         }
-        return Observed(devices=devices, builds=builds, building=frozenset(building))
+        return Observed(devices=devices, builds=builds, building=frozenset(building), control=self.rollout_control())
+
+    def rollout_control(self) -> RolloutControl:
+        resumed = json.loads(self.get_meta("rollout_resumed") or "{}")
+        return RolloutControl(paused=self.get_meta("rollout_paused") == "1", resumed_commit=resumed.get("commit"),
+                              resumed_at=float(resumed.get("at") or 0.0))
+
+    def pause_rollout(self, paused: bool, at: float, commit: str | None = None) -> None:
+        """`reup rollout pause` (paused) or `resume` (also lifts a halt of `commit` from now on)."""
+        self.set_meta("rollout_paused", "1" if paused else "0")
+        if not paused and commit:
+            self.set_meta("rollout_resumed", json.dumps({"commit": commit, "at": at}))
 
     # --- executor outcomes ----------------------------------------------------
 
@@ -194,14 +211,16 @@ class Store:
     def record_failure(self, device: str, commit: str, toplevel: str, kind: str, error: str, at: float,
                        retry_delay: Callable[[int], float] | float) -> int:
         """Record a failed push; returns the consecutive failures of this (commit, toplevel)."""
-        rows = self._exec("SELECT attempt_commit, attempt_toplevel, attempt_failures FROM devices WHERE name=?", (device,))
+        rows = self._exec("SELECT attempt_commit, attempt_toplevel, attempt_failures, attempt_kind, attempt_since "
+                          "FROM devices WHERE name=?", (device,))
         same = bool(rows) and rows[0]["attempt_commit"] == commit and rows[0]["attempt_toplevel"] == toplevel
         failures = (int(rows[0]["attempt_failures"]) if same else 0) + 1
+        since = float(rows[0]["attempt_since"]) if same and rows[0]["attempt_kind"] == kind else at
         delay = retry_delay(failures) if callable(retry_delay) else retry_delay
         self._tx([
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
-             "attempt_failures=?, retry_at=?, last_error=?, updated_at=? WHERE name=?",
-             (commit, toplevel, kind, error, failures, at + delay, error, at, device)),
+             "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
+             (commit, toplevel, kind, error, failures, at + delay, error, at, since, at, device)),
             ("INSERT INTO history(device, commit_id, toplevel, result, error, at) VALUES(?, ?, ?, ?, ?, ?)",
              (device, commit, toplevel, kind, error, at)),
         ])
@@ -209,7 +228,7 @@ class Store:
 
     def reset_retry_timers(self) -> None:
         """On start-up every device gets one immediate attempt (permanent failures stay)."""
-        self._exec("UPDATE devices SET retry_at=0 WHERE attempt_kind != 'permanent'")
+        self._exec("UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ('permanent', 'rolled_back', 'timed_out')")
 
     def set_states(self, decisions: Iterable[Decision], at: float) -> list[tuple[str, str, str]]:
         """Persist each device's planned state; returns (device, old, new) for those that changed."""
@@ -218,7 +237,8 @@ class Store:
         stmts: list[tuple[str, tuple[Any, ...]]] = []
         for d in decisions:
             old, old_err = current.get(d.device, ("", None))
-            err = d.reason if d.state in (DeviceState.FAILED, DeviceState.UNREACHABLE) else (
+            err = d.reason if d.state in (DeviceState.FAILED, DeviceState.UNREACHABLE, DeviceState.ROLLED_BACK,
+                                          DeviceState.HALTED) else (
                 old_err if d.state == DeviceState.PENDING else None)
             if old != d.state or err != old_err:
                 stmts.append(("UPDATE devices SET state=?, last_error=?, updated_at=? WHERE name=?", (str(d.state), err, at, d.device)))
@@ -251,6 +271,11 @@ class Store:
             rows = self._exec("SELECT * FROM history WHERE device=? ORDER BY id", (device,))
         return [dict(r) for r in rows]
 
+    def device_events(self, device: str) -> list[dict[str, Any]]:
+        """The device's history: state changes, update outcomes and errors, oldest first."""
+        rows = self._exec("SELECT * FROM events WHERE device=? ORDER BY id", (device,))
+        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
+
     def events(self, kind: str | None = None) -> list[dict[str, Any]]:
         rows = self._exec("SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id", (kind,) if kind else ())
         return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
@@ -280,5 +305,7 @@ class Store:
             "revision": rev[0] if rev else None,
             "revision_seen_at": rev[1] if rev else None,
             "fleet_error": fleet_error,
+            "rollout": json.loads(self.get_meta("rollout") or "null"),
+            "refused": json.loads(self.get_meta("refused") or "null"),
             "devices": devices,
         }
