@@ -114,3 +114,19 @@ def test_large_file_uses_zstd_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     found = codecs.candidates(old, new)
     assert [c for c, _ in found] == [Codec.ZSTD_PREFIX]
     assert applied(Codec.ZSTD_PREFIX, old, found[0][1]) == new
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"/", b"-", b"x" * 31, b"aa", b"0"]) | st.binary(max_size=40), max_size=20),
+       st.integers(0, 2**32))
+def test_whole_buffer_and_streaming_rewrites_agree(parts: list[bytes], seed: int) -> None:
+    """The receiver streams COPY rewrites and rewrites patch bases whole: same bytes either way."""
+    from reup_receiver.rewrite import rewrite_chunks
+
+    rnd = random.Random(seed)
+    hashes = [_hash(rnd) for _ in range(3)]
+    data = b"".join(rnd.choice([*hashes, p]) for p in parts)
+    mapping = {hashes[0]: hashes[1], hashes[1]: hashes[2]}
+    cuts = sorted(rnd.sample(range(len(data) + 1), min(len(data) + 1, 4)))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    assert b"".join(rewrite_chunks(chunks, mapping)) == rewrite_bytes(data, mapping)

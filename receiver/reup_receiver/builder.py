@@ -59,17 +59,19 @@ def open_beneath(root_fd: int, parts: list[bytes], what: str) -> int:
         raise
 
 
-def read_base(host_root: str, parts: list[bytes], label: str) -> Iterator[bytes]:
+def read_base(host_root: str, parts: list[bytes], label: str,
+              chunk: int = READ_CHUNK) -> Iterator[bytes]:
     """Yield a base file's bytes; MissingBase names it if it is absent or not a regular file.
 
     Empty `parts`: the store path itself is the file (a single-file store path).
+    `chunk` -1 reads it in one piece (patch codecs need it whole; no second copy).
     """
     if not parts:
         try:
             fd = os.open(host_root, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
             raise MissingBase(f"base file missing: {label}", label) from exc
-        yield from _read_regular(fd, label)
+        yield from _read_regular(fd, label, chunk)
         return
     try:
         rfd = os.open(host_root, _DIR_FLAGS)
@@ -86,16 +88,16 @@ def read_base(host_root: str, parts: list[bytes], label: str) -> Iterator[bytes]
             raise MissingBase(f"base file missing: {label}", label) from exc
     finally:
         os.close(rfd)
-    yield from _read_regular(fd, label)
+    yield from _read_regular(fd, label, chunk)
 
 
-def _read_regular(fd: int, label: str) -> Iterator[bytes]:
+def _read_regular(fd: int, label: str, chunk: int) -> Iterator[bytes]:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise MissingBase(f"base file is not a regular file: {label}", label)
     with os.fdopen(fd, "rb") as fh:
-        while chunk := fh.read(READ_CHUNK):
-            yield chunk
+        while data := fh.read(chunk):
+            yield data
 
 
 class FileSink:
@@ -128,6 +130,25 @@ class FileSink:
         if self.sha.digest()[:FILE_HASH_LEN] != self.entry.sha256:
             raise HashMismatch(f"content hash mismatch: {self.label}")
 
+
+
+class _Peek:
+    """An iterator of entries with one entry of look-ahead."""
+
+    def __init__(self, it: Iterator[Entry]) -> None:
+        self.it = it
+        self.head: Entry | None = None
+
+    def peek(self) -> Entry | None:
+        if self.head is None:
+            self.head = next(self.it, None)
+        return self.head
+
+    def take(self) -> Entry:
+        e = self.peek()
+        assert e is not None
+        self.head = None
+        return e
 
 
 @dataclass
@@ -190,7 +211,7 @@ class PathBuilder:
         self.literal = literal
         self.nar = NarHasher()
         self.file: _OpenFile | None = None
-        self.pending: Iterator[Entry] | None = None  # entries a MIRROR still has to produce
+        self.pending: _Peek | None = None  # entries a MIRROR still has to produce
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
 
     def label(self, relpath: bytes) -> str:
@@ -210,35 +231,52 @@ class PathBuilder:
             os.close(root)
 
     def entry(self, e: Entry) -> None:
-        if self.pending is not None:
-            raise Corrupt(f"{self.label(b'')}: entry inside a mirrored tree")
         if e.kind == KIND_MIRROR:
-            self.pending = self._expand(e)
-            self._pump()
-        else:
-            self._entry(e)
+            if self.pending is not None or self.nar.started:
+                raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
+            self.pending = _Peek(self._expand(e))
+            return
+        if self.file is not None:
+            raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
+        self._pump(split_relpath(e.relpath, self.label(e.relpath)))
+        self._entry(e)
 
-    def _pump(self) -> None:
-        """Feed a mirror's entries until one waits for DATA or the tree is done."""
-        while self.pending is not None and self.file is None:
-            nxt = next(self.pending, None)
-            if nxt is None:
-                self.pending = None
-            else:
-                self._entry(nxt)
+    def _pump(self, before: list[bytes] | None, for_data: bool = False) -> None:
+        """Make the mirror's nodes that come before `before` in NAR order (all: None).
+
+        With `for_data`, stop at the first that waits for DATA (a DATA record came);
+        otherwise such a node is an error: its data should have come first.
+        """
+        if self.pending is None:
+            if for_data:
+                raise Corrupt("data record outside a file")
+            return
+        while (nxt := self.pending.peek()) is not None:
+            if before is not None and not split_relpath(nxt.relpath, "mirror") < before:
+                break
+            needs_data = nxt.kind == KIND_FILE and nxt.data_len > 0
+            if needs_data and not for_data:
+                raise Corrupt(f"{self.label(nxt.relpath)}: mirrored file's data missing")
+            self._entry(self.pending.take())
+            if needs_data:
+                return
+        if for_data:
+            raise Corrupt("data record outside a file")
 
     def _expand(self, m: Entry) -> Iterator[Entry]:
-        """The entries of a mirror: the source tree's nodes, each file per its spec."""
+        """The entries a mirror makes: the source tree's kept nodes, each file per its spec."""
         host, label = self.resolve(m.source, b"")
         if not os.path.lexists(host):
             raise MissingBase(f"base path missing: {label}", label)
-        specs = iter(m.mirror)
-        rewrite = m.flags & F_REWRITE
-        nodes = walk_nar_order(host)
+        skip = {tuple(split_relpath(r, "mirror skip")) for r in m.skip}
+        nodes = [(parts, st) for parts, st in walk_nar_order(host)
+                 if not any(tuple(parts[:i]) in skip for i in range(1, len(parts) + 1))]
         n_files = sum(1 for _, st in nodes if stat.S_ISREG(st.st_mode))
         if n_files != len(m.mirror):  # the device's copy is not the tree the encoder saw
             raise MissingBase(f"base path differs ({n_files} files, the mirror lists "
                               f"{len(m.mirror)}): {label}", label)
+        specs = iter(m.mirror)
+        rewrite = m.flags & F_REWRITE
         for parts, st in nodes:
             relpath = b"/".join(parts)
             if stat.S_ISDIR(st.st_mode):
@@ -248,9 +286,7 @@ class PathBuilder:
                 yield Entry(KIND_SYMLINK, relpath,
                             target=rewrite_bytes(target, self.rewrites) if rewrite else target)
             elif stat.S_ISREG(st.st_mode):
-                spec = next(specs, None)
-                if spec is None:
-                    raise Corrupt(f"{self.label(b'')}: mirror lists fewer files than {label} has")
+                spec = next(specs)
                 flags = (F_EXECUTABLE if st.st_mode & 0o100 else 0) | rewrite
                 size = st.st_size if spec.method == Method.COPY else spec.size
                 yield Entry(KIND_FILE, relpath, flags=flags, size=size, sha256=spec.sha256,
@@ -258,8 +294,6 @@ class PathBuilder:
                             codec=spec.codec, data_len=spec.data_len)
             else:
                 raise MissingBase(f"base path has a special file: {label}", label)
-        if next(specs, None) is not None:
-            raise Corrupt(f"{self.label(b'')}: mirror lists more files than {label} has")
 
     def _entry(self, e: Entry) -> None:
         if self.file is not None:
@@ -295,6 +329,8 @@ class PathBuilder:
             self._complete()
 
     def data(self, chunk: bytes) -> None:
+        if self.file is None:
+            self._pump(None, for_data=True)
         f = self.file
         if f is None:
             raise Corrupt("data record outside a file")
@@ -307,7 +343,6 @@ class PathBuilder:
             f.patch.extend(chunk)
         if f.received == f.entry.data_len:
             self._complete()
-            self._pump()
 
     def _complete(self) -> None:
         assert self.file is not None
@@ -340,7 +375,7 @@ class PathBuilder:
 
     def _patch(self, e: Entry, sink: FileSink, patch: bytes) -> None:
         host, label = self.resolve(e.source, e.source_relpath)
-        old = b"".join(read_base(host, split_relpath(e.source_relpath, label), label))
+        old = b"".join(read_base(host, split_relpath(e.source_relpath, label), label, chunk=-1))
         if e.flags & F_REWRITE:
             old = rewrite_bytes(old, self.rewrites)
         assert e.codec is not None
@@ -352,8 +387,8 @@ class PathBuilder:
             raise Corrupt(f"{sink.label}: patch does not apply: {exc}") from exc
 
     def finish(self) -> tuple[bytes, int]:
-        if self.pending is not None:
-            raise Corrupt(f"{self.label(b'')}: path ended before its mirrored tree")
+        if self.file is None:
+            self._pump(None)
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: stream ended inside the file's data")
         digest, size = self.nar.finish()

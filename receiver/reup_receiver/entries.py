@@ -104,6 +104,11 @@ class EntryCoder:
         elif e.kind == KIND_MIRROR:
             put_varint(out, e.source)
             out.append(e.flags)
+            put_varint(out, len(e.skip))
+            prev = b""
+            for rel in e.skip:
+                _put_shared(out, prev, rel)
+                prev = rel
             put_varint(out, len(e.mirror))
             for f in e.mirror:
                 out.append(int(f.method))
@@ -204,6 +209,12 @@ class EntryCoder:
         flags = buf.u8()
         if flags & ~F_REWRITE:
             raise Unsupported(f"unknown mirror flags {flags:#x}")
+        skip = []
+        prev = b""
+        for _ in range(buf.varint()):
+            prev = _get_shared(buf, prev)
+            split_relpath(prev, "mirror skip")
+            skip.append(prev)
         files = []
         for _ in range(buf.varint()):
             method = _get_enum(buf, Method, "file method")
@@ -216,7 +227,8 @@ class EntryCoder:
                 data_len = buf.varint()
             files.append(MirrorFile(method, sha, size, codec, data_len))
         buf.end()
-        return Entry(KIND_MIRROR, b"", flags=flags, source=source, mirror=tuple(files))
+        return Entry(KIND_MIRROR, b"", flags=flags, source=source, mirror=tuple(files),
+                     skip=tuple(skip))
 
 
 def encode_entry(e: Entry) -> bytes:

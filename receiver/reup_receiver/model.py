@@ -101,7 +101,8 @@ class Entry:
     source_relpath: bytes = b""
     codec: Codec | None = None
     data_len: int = 0
-    mirror: tuple[MirrorFile, ...] = ()
+    mirror: tuple[MirrorFile, ...] = ()  # MIRROR: specs of the source's kept files, in order
+    skip: tuple[bytes, ...] = ()  # MIRROR: source relpaths left out (with their subtrees)
 
     @property
     def executable(self) -> bool:

@@ -53,10 +53,21 @@ class HashRewriter:
 
 
 def rewrite_bytes(data: bytes, mapping: Mapping[bytes, bytes]) -> bytes:
-    if not mapping:
-        return data
-    rw = HashRewriter(mapping)
-    return rw.feed(data) + rw.finish()
+    """The whole-buffer form of HashRewriter (same result); `data` itself if nothing matches,
+    so a large file without store hashes is not copied."""
+    out: bytearray | None = None
+    pos = 0
+    for m in _CANDIDATE.finditer(data):
+        p = m.start()
+        if p < pos:
+            continue
+        new = mapping.get(data[p : p + HASH_LEN])
+        if new is not None:
+            if out is None:
+                out = bytearray(data)
+            out[p : p + HASH_LEN] = new
+            pos = p + HASH_LEN
+    return data if out is None else bytes(out)
 
 
 def rewrite_chunks(chunks: Iterable[bytes], mapping: Mapping[bytes, bytes]) -> Iterator[bytes]:

@@ -27,11 +27,14 @@ from typing import Any
 from reup_receiver.entries import EntryCoder
 from reup_receiver.manifest import encode_manifest
 from reup_receiver.model import (
+    F_REWRITE,
     KIND_DIR,
+    KIND_MIRROR,
     KIND_SYMLINK,
     Codec,
     Entry,
     Manifest,
+    MirrorFile,
     PathEntry,
     is_store_name,
 )
@@ -47,7 +50,7 @@ from reup_receiver.wire import (
 )
 
 from ..nix import NixExecutor, PathInfo
-from .strategy import Decision, FileCoder, StoreFile
+from .strategy import Decision, FileCoder, MirrorPlan, StoreFile
 
 
 @dataclass
@@ -235,28 +238,40 @@ Node = tuple[bytes, os.stat_result, Decision | None]
 
 @dataclass
 class PathPlan:
-    nodes: list[Node]
-    mirror: list[Decision] | None = None
+    nodes: list[Node]  # entries to send (all nodes, or a mirror's explicit ones), NAR order
+    mirror: MirrorPlan | None = None
+
+    def order(self) -> list[tuple[list[bytes], Decision | None, Node | None]]:
+        """Everything of the path in stream order: mirrored files and explicit nodes merged."""
+        items: list[tuple[list[bytes], Decision | None, Node | None]] = [
+            (node[0].split(b"/") if node[0] else [], None, node) for node in self.nodes]
+        if self.mirror is not None:
+            items += [(d.file.relpath.split(b"/") if d.file.relpath else [], d, None)
+                      for d in self.mirror.files]
+        return sorted(items, key=lambda item: item[0])
 
     def decisions(self) -> list[Decision]:
         """The path's file decisions in stream order."""
-        if self.mirror is not None:
-            return self.mirror
-        return [d for _, _, d in self.nodes if d is not None]
+        out = []
+        for _, mirrored, node in self.order():
+            d = mirrored or (node[2] if node else None)
+            if d is not None:
+                out.append(d)
+        return out
 
 
 def _plan_path(path: str, coder: FileCoder) -> PathPlan:
     """The path's nodes in NAR order, each file with its coding decision (diffs started)."""
     walked = walk_nar_order(path)
     mirror = coder.mirror_plan(path, walked)
-    if mirror is not None:
-        return PathPlan([], mirror)
+    explicit = mirror.explicit if mirror is not None else walked
     files = [StoreFile(path, b"/".join(parts), bool(st.st_mode & 0o100), st.st_size)
-             for parts, st in walked if stat.S_ISREG(st.st_mode)]
+             for parts, st in explicit if stat.S_ISREG(st.st_mode)]
     partners = coder.file_pairs(path, files)
     decisions = iter([coder.plan(f, partners.get(f.relpath)) for f in files])
-    return PathPlan([(b"/".join(parts), st, next(decisions) if stat.S_ISREG(st.st_mode) else None)
-                     for parts, st in walked])
+    nodes = [(b"/".join(parts), st, next(decisions) if stat.S_ISREG(st.st_mode) else None)
+             for parts, st in explicit]
+    return PathPlan(nodes, mirror)
 
 
 class _Entries(EntryCoder):
@@ -278,33 +293,43 @@ class _Entries(EntryCoder):
 
 def _emit_path(body: RecordWriter, index: int, plan: PathPlan, coder: FileCoder,
                entries: _Entries) -> None:
+    """PATH, then (a MIRROR and) the entries and DATA in NAR order, then PATH_END."""
     head = bytearray()
     put_varint(head, index)
     body.record(T_PATH, head)
     entries.prev = b""
-    path = entries.paths.paths[index]
-    top = os.fsencode(path)
+    top = os.fsencode(entries.paths.paths[index])
+    # Data is made in stream order (the literal stream depends on it), before the
+    # MIRROR entry that declares the mirrored files' lengths.
+    records: list[tuple[Entry | None, bytes, str]] = []
+    specs: list[MirrorFile] = []
+    for _, mirrored, node in plan.order():
+        if mirrored is not None:
+            spec, data, kind = coder.mirror_spec(mirrored)
+            specs.append(spec)
+            records.append((None, data, kind))
+        elif node is not None:
+            relpath, st, decision = node
+            if decision is not None:
+                records.append(coder.emit(decision, entries.paths))
+            elif stat.S_ISDIR(st.st_mode):
+                records.append((Entry(KIND_DIR, relpath), b"", "framing"))
+            else:
+                target = os.readlink(os.path.join(top, relpath) if relpath else top)
+                records.append((Entry(KIND_SYMLINK, relpath, target=target), b"", "framing"))
     if plan.mirror is not None:
-        entry, datas, kinds = coder.emit_mirror(coder.pairs[path], plan.mirror, entries.paths)
         before = body.size
-        body.record(T_ENTRY, entries.encode(entry))
-        for data in datas:
-            body.data(data)
-        for kind, nbytes in kinds.items():
-            coder.stats.add(kind, nbytes)
-        coder.stats.add("mirror", body.size - before - sum(kinds.values()))
-    for relpath, st, decision in plan.nodes:
-        if decision is not None:
-            entry, data, kind = coder.emit(decision, entries.paths)
-            before = body.size
+        body.record(T_ENTRY, entries.encode(Entry(
+            KIND_MIRROR, b"", flags=F_REWRITE, source=entries.paths(plan.mirror.old),
+            mirror=tuple(specs), skip=tuple(plan.mirror.skip))))
+        coder.stats.add("mirror", body.size - before)
+    for entry, data, kind in records:
+        before = body.size
+        if entry is not None:
             body.record(T_ENTRY, entries.encode(entry))
-            body.data(data)
+        body.data(data)
+        if kind != "framing":
             coder.stats.add(kind, body.size - before)
-        elif stat.S_ISDIR(st.st_mode):
-            body.record(T_ENTRY, entries.encode(Entry(KIND_DIR, relpath)))
-        else:
-            target = os.readlink(os.path.join(top, relpath) if relpath else top)
-            body.record(T_ENTRY, entries.encode(Entry(KIND_SYMLINK, relpath, target=target)))
     body.record(T_PATH_END, head)
 
 

@@ -24,7 +24,6 @@ from reup_receiver.model import (
     F_REWRITE,
     FILE_HASH_LEN,
     KIND_FILE,
-    KIND_MIRROR,
     Codec,
     Entry,
     Method,
@@ -96,6 +95,14 @@ def iter_files(path: str) -> list[StoreFile]:
         if stat.S_ISREG(st.st_mode):
             out.append(StoreFile(path, b"/".join(parts), bool(st.st_mode & 0o100), st.st_size))
     return out
+
+
+@dataclass
+class MirrorPlan:
+    old: str  # the source path on the device
+    skip: list[bytes]  # its relpaths the new tree does not mirror (with subtrees)
+    files: list[Decision]  # mirrored files, NAR order
+    explicit: list[tuple[list[bytes], os.stat_result]]  # nodes sent as entries, NAR order
 
 
 @dataclass
@@ -172,33 +179,37 @@ class FileCoder:
             return Decision(f, sha, "diff", source=(old, partner), diff=future)
         return Decision(f, sha, "literal")
 
-    def mirror_plan(self, path: str, nodes: Sequence[tuple[list[bytes], os.stat_result]]) -> list[Decision] | None:
-        """Decisions for a path whose tree has the same shape as its old partner's, else None.
+    def mirror_plan(self, path: str, nodes: Sequence[tuple[list[bytes], os.stat_result]]) -> MirrorPlan | None:
+        """How much of the path's tree its old partner already has, or None if too little.
 
-        Such a path travels as one MIRROR entry: the receiver takes the tree from
-        the old path (symlink targets rewritten) and only per-file specs travel.
+        A node is mirrored when the old path has the same kind at the same relative
+        path (files: same exec bit; symlinks: target equal after the hash rewrite)
+        and all its ancestors are mirrored; the receiver then makes it from the old
+        tree. Everything else is explicit; old nodes that are not mirrored are
+        skipped. Worth it when most nodes are mirrored, as in rebuilt packages and
+        in symlink trees such as system-path.
         """
         old = self.pairs.get(path)
         if old is None:
             return None
-        old_nodes = walk_nar_order(old)
-        if len(old_nodes) != len(nodes):
-            return None
+        old_nodes = {tuple(parts): st for parts, st in walk_nar_order(old)}
         bold, bnew = os.fsencode(old), os.fsencode(path)
-        files = []
-        for (parts, st), (old_parts, old_st) in zip(nodes, old_nodes, strict=True):
-            if parts != old_parts or stat.S_IFMT(st.st_mode) != stat.S_IFMT(old_st.st_mode):
-                return None
-            rel = b"/".join(parts)
-            if stat.S_ISLNK(st.st_mode):
-                new_target = os.readlink(os.path.join(bnew, rel) if rel else bnew)
-                old_target = os.readlink(os.path.join(bold, rel) if rel else bold)
-                if rewrite_bytes(old_target, self.rewrites) != new_target:
-                    return None
-            elif stat.S_ISREG(st.st_mode):
-                if (st.st_mode ^ old_st.st_mode) & 0o100:
-                    return None
-                files.append(StoreFile(path, rel, bool(st.st_mode & 0o100), st.st_size))
+        mirrored: set[tuple[bytes, ...]] = set()
+        files: list[StoreFile] = []
+        explicit: list[tuple[list[bytes], os.stat_result]] = []
+        for parts, st in nodes:
+            key = tuple(parts)
+            old_st = old_nodes.get(key)
+            if old_st is not None and (not parts or key[:-1] in mirrored) and \
+                    self._same_node(bnew, bold, b"/".join(parts), st, old_st):
+                mirrored.add(key)
+                if stat.S_ISREG(st.st_mode):
+                    files.append(StoreFile(path, b"/".join(parts), bool(st.st_mode & 0o100), st.st_size))
+            else:
+                explicit.append((parts, st))
+        if () not in mirrored or len(explicit) * 2 > len(nodes):
+            return None
+        skip = [b"/".join(k) for k in old_nodes if k not in mirrored and k[:-1] in mirrored]
         decisions = []
         for f in files:
             sha = file_sha256(f.host)
@@ -209,32 +220,32 @@ class FileCoder:
             future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs,
                                  self.allowed)
             decisions.append(Decision(f, sha, "diff", source=(old, f.relpath), diff=future))
-        return decisions
+        return MirrorPlan(old, sorted(skip, key=lambda r: r.split(b"/")), decisions, explicit)
 
-    def emit_mirror(self, old: str, decisions: Sequence[Decision],
-                    table: Callable[[str], int]) -> tuple[Entry, list[bytes], dict[str, int]]:
-        """The MIRROR entry, the DATA of its patched/literal files in order, bytes per kind."""
-        specs: list[MirrorFile] = []
-        datas: list[bytes] = []
-        kinds: dict[str, int] = {}
-        for d in decisions:
-            assert d.diff is not None
-            result = d.diff.result()
-            sha = d.sha[:FILE_HASH_LEN]
-            if result.kind == "rewrite":
-                specs.append(MirrorFile(Method.COPY, sha))
-                data = b""
-            elif result.codec is not None:
-                data = result.data
-                specs.append(MirrorFile(Method.PATCH, sha, d.file.size, result.codec, len(data)))
-            else:
-                data = self._literal(d.file)
-                specs.append(MirrorFile(Method.LITERAL, sha, d.file.size, None, len(data)))
-            kind = result.kind if result.kind != "rewrite" else "mirror"
-            kinds[kind] = kinds.get(kind, 0) + len(data)
-            datas.append(data)
-        entry = Entry(KIND_MIRROR, b"", flags=F_REWRITE, source=table(old), mirror=tuple(specs))
-        return entry, datas, kinds
+    def _same_node(self, bnew: bytes, bold: bytes, rel: bytes, st: os.stat_result,
+                   old_st: os.stat_result) -> bool:
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(old_st.st_mode):
+            return False
+        if stat.S_ISREG(st.st_mode):
+            return not (st.st_mode ^ old_st.st_mode) & 0o100
+        if stat.S_ISLNK(st.st_mode):
+            new_target = os.readlink(os.path.join(bnew, rel) if rel else bnew)
+            old_target = os.readlink(os.path.join(bold, rel) if rel else bold)
+            return rewrite_bytes(old_target, self.rewrites) == new_target
+        return True
+
+    def mirror_spec(self, d: Decision) -> tuple[MirrorFile, bytes, str]:
+        """A mirrored file's spec, its DATA and the stats kind (literal data made now, in order)."""
+        assert d.diff is not None
+        result = d.diff.result()
+        sha = d.sha[:FILE_HASH_LEN]
+        if result.kind == "rewrite":
+            return MirrorFile(Method.COPY, sha), b"", "mirror"
+        if result.codec is not None:
+            return MirrorFile(Method.PATCH, sha, d.file.size, result.codec, len(result.data)), \
+                result.data, result.kind
+        data = self._literal(d.file)
+        return MirrorFile(Method.LITERAL, sha, d.file.size, None, len(data)), data, "literal"
 
     def _literal(self, f: StoreFile) -> bytes:
         return self.literal.data(f.host)
