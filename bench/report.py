@@ -63,7 +63,7 @@ class ScenarioResult:
 @dataclass(frozen=True)
 class Check:
     target: str
-    met: bool | None  # None: not measurable (reup row missing)
+    met: bool | None  # None: not applicable or not measured (the detail says which)
     detail: str
 
 
@@ -82,7 +82,7 @@ def one_line(text: str, limit: int = 160) -> str:
 
 
 def _mark(met: bool | None) -> str:
-    return {True: "met", False: "**not met**", None: "not measured"}[met]
+    return {True: "met", False: "**not met**", None: "n/a"}[met]
 
 
 def check_targets(results: Sequence[ScenarioResult]) -> list[Check]:
@@ -132,11 +132,13 @@ def check_targets(results: Sequence[ScenarioResult]) -> list[Check]:
         out.append(Check(f"S{r.number}: receiver peak RSS <= old+new largest file + 64 MiB",
                          r.reup_apply_rss <= limit,
                          f"{fmt_bytes(r.reup_apply_rss)} vs {fmt_bytes(limit)}"))
+        name = f"S{r.number}: encoder peak RSS <= 10x largest old file"
         if r.largest_old_file:
             elimit = ENCODER_FACTOR * r.largest_old_file
-            out.append(Check(f"S{r.number}: encoder peak RSS <= 10x largest old file",
-                             r.reup_encode_rss <= elimit,
+            out.append(Check(name, r.reup_encode_rss <= elimit,
                              f"{fmt_bytes(r.reup_encode_rss)} vs {fmt_bytes(elimit)}"))
+        else:
+            out.append(Check(name, None, f"{fmt_bytes(r.reup_encode_rss)}; no old files (nothing held)"))
     return out
 
 
