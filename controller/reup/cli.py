@@ -16,6 +16,7 @@ from collections.abc import Sequence
 _COMMAND_MODULES = (
     "reup.delta.cli",
     "reup.controller_cli",
+    "reup.rollout_cli",
 )
 
 

@@ -96,6 +96,9 @@ def format_status(status: dict[str, Any], now: float | None = None) -> str:
     lines = [f"revision {rev}: {synced}/{len(devices)} devices in sync"]
     if status.get("fleet_error"):
         lines.append(f"fleet.toml error: {status['fleet_error']}")
+    from .rollout_cli import format_rollout
+
+    lines += format_rollout(status)
     rows = [("DEVICE", "STATE", "WAVE", "GEN", "ACKNOWLEDGED", "TARGET", "UPDATED", "ERROR")]
     for d in devices:
         ago = f"{int(now - d['updated_at'])}s ago" if d.get("updated_at") else "-"

@@ -6,7 +6,8 @@ Used by `reup demo` (demo.py) and the controller's integration tests
 `bin/switch-to-configuration` that appends "<action> <config> <version>" to
 `$REUP_ROOT/activations`; a configuration can be made to throw at evaluation
 ("!eval"), to fail its build (version ending in "!build"), to fail its
-activation ("!fail") or to activate slowly ("!slow", 3 s).
+activation ("!fail") or to activate slowly ("!slow", 3 s; "!timed", 1 s between "begin/end <epoch>"
+lines in `$REUP_ROOT/timeline`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ _HEAD = r'''{
       name = "nixos-system-${name}-${version}"; builder = "/bin/sh"; inherit system base;
       act = "#!/bin/sh\necho \"$1 ${name} ${version}\" >> \"$REUP_ROOT/activations\"\n"
         + (if mode == "slow" then "sleep 3\n" else "")
+        + (if mode == "timed" then "echo \"begin $(date +%s.%N)\" >> \"$REUP_ROOT/timeline\"\nsleep 1\necho \"end $(date +%s.%N)\" >> \"$REUP_ROOT/timeline\"\n" else "")
         + (if mode == "fail" then "echo 'activation of ${name} ${version} failed' >&2\nexit 1\n" else "");
       args = [ "-c" (if mode == "build" then "echo 'the build of ${name} ${version} broke' >&2; exit 1" else "PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; echo ${version} > $out/version; ln -s $base $out/base; seq 1 5000 | sed 's/$/ ${name} config/' > $out/etc/system.conf; echo 'version ${version}' >> $out/etc/system.conf; printf '%s' \"$act\" > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration") ];
     };
