@@ -324,12 +324,14 @@ class Controller:
                 self._push_failed(push, "permanent", f"internal error: {type(exc).__name__}: {exc}")
                 return
             now = self.clock()
+            old_state = str(self.busy.get(name) or DeviceState.PENDING)
             self.store.record_ack(name, push.commit, push.toplevel, outcome.generation, now,
                                   outcome.stream_bytes, outcome.nar_bytes, "adopted" if outcome.adopted else "committed")
             if not outcome.adopted:
                 self.bus.emit(TransferFinished(now, name, outcome.stream_bytes, outcome.nar_bytes, outcome.seconds))
             current = self.store.desired().targets.get(name)
             result = "superseded" if current is not None and current.toplevel != push.toplevel else "committed"
+            self.bus.emit(DeviceStateChanged(now, name, old_state, str(DeviceState.IN_SYNC), "acknowledged"))
             self.bus.emit(DeviceUpdated(now, name, result, push.commit, push.toplevel,
                                         seconds_since_seen=now - seen_at if seen_at else None, adopted=outcome.adopted))
             self._snapshot()

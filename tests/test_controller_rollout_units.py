@@ -1,0 +1,81 @@
+"""Safe-rollout pieces without devices: confirm/receive commands, status parsing, reup.toml signing
+keys, and the reconcile loop's pause/resume and supersede accounting with fake executors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+
+import pytest
+from reup.config import parse_config
+from reup.errors import ConfigError
+from reup.push import confirm_command, parse_receive, parse_status, receive_command
+from test_controller_loop import make, states, until
+
+
+def test_confirm_and_receive_commands() -> None:
+    assert receive_command("boot", 60) == "receive --activate boot --confirm-timeout 60"
+    assert receive_command("switch", 0) == "receive --activate switch"
+    cmd = confirm_command(7, 'test "$(cat $REUP_ROOT/x)" != 2; echo \'q\'')
+    assert shlex.split(cmd) == ["confirm", "7", "--check", 'test "$(cat $REUP_ROOT/x)" != 2; echo \'q\'']
+    assert confirm_command(3) == "confirm 3"
+
+
+def test_status_and_receive_json_with_confirmation() -> None:
+    st = parse_status(json.dumps({"current": "/nix/store/x", "generations": [{"number": 2, "toplevel": "/nix/store/x"}],
+                                  "pending": {"generation": 2, "deadline": 123.5},
+                                  "last_rollback": {"generation": 1, "reason": "r", "time": 1.0, "restored": None}}))
+    assert (st.pending, st.pending_deadline, st.last_rollback and st.last_rollback["reason"]) == (2, 123.5, "r")
+    assert parse_status('{"current": null, "pending": null}').pending is None
+    assert parse_receive('{"toplevel": "/nix/store/x", "generation": 2, "confirm_deadline": 99.0}').confirm_deadline == 99.0
+
+
+def test_require_signed_needs_a_trust_root() -> None:
+    with pytest.raises(ConfigError, match="require_signed needs"):
+        parse_config('[source]\nurl = "/r"\nrequire_signed = true\n')
+    cfg = parse_config('[source]\nurl = "/r"\nrequire_signed = true\nallowed_signers = "signers"\n', base_dir="/etc/reup")
+    assert cfg.source.allowed_signers == "/etc/reup/signers"
+
+
+def test_pause_holds_and_resume_releases(tmp_path: os.PathLike[str]) -> None:
+    ctrl, _, _, pusher = make(str(tmp_path))
+    ctrl.store.pause_rollout(True, 0.0)
+    try:
+        assert asyncio.run(ctrl.run(once=True)) == 1
+        assert states(ctrl) == {"a": "halted", "b": "halted"} and pusher.sent == []
+        assert ctrl.store.status()["rollout"]["paused"] is True
+        assert ctrl.metrics.registry.get_sample_value("reup_rollout_halted") == 1
+        ctrl.store.pause_rollout(False, 1.0, "c1")
+        assert asyncio.run(ctrl.run(once=True)) == 0
+        assert len(pusher.sent) == 2 and ctrl.metrics.registry.get_sample_value("reup_rollout_halted") == 0
+        kinds = [e["data"]["new"] for e in ctrl.store.device_events("a") if e["kind"] == "DeviceStateChanged"]
+        assert kinds[0] == "building" and "halted" in kinds and kinds[-1] == "in_sync"
+    finally:
+        ctrl.close()
+
+
+def test_update_finished_after_a_new_commit_counts_as_superseded(tmp_path: os.PathLike[str]) -> None:
+    ctrl, src, _, pusher = make(str(tmp_path))
+    pusher.gate = asyncio.Event()
+
+    async def scenario() -> None:
+        assert pusher.gate is not None
+        task = asyncio.create_task(ctrl.run())
+        await until(lambda: states(ctrl) == {"a": "transferring", "b": "transferring"})
+        src.head = "c2"
+        ctrl.request_fetch()
+        await until(lambda: (ctrl.store.revision() or ("",))[0] == "c2")
+        pusher.gate.set()
+        await until(lambda: all((d["acknowledged"] or "").endswith("-c2") for d in ctrl.store.status()["devices"]))
+        ctrl.stop()
+        await task
+
+    try:
+        asyncio.run(scenario())
+        reg = ctrl.metrics.registry
+        assert reg.get_sample_value("reup_device_updates_total", {"result": "superseded"}) == 2
+        assert reg.get_sample_value("reup_device_updates_total", {"result": "committed"}) == 2
+    finally:
+        ctrl.close()
