@@ -346,8 +346,9 @@ class PathBuilder:
 
     def _complete(self) -> None:
         assert self.file is not None
-        e, sink, buf = self.file.entry, self.file.sink, self.file.patch
-        self.file = None
+        e, sink = self.file.entry, self.file.sink
+        patch = bytes(self.file.patch)
+        self.file = None  # frees the patch buffer: the decoders get the bytes copy
         try:
             if e.method == Method.COPY:
                 host, label = self.resolve(e.source, e.source_relpath)
@@ -357,7 +358,7 @@ class PathBuilder:
                 for chunk in chunks:
                     sink.write(chunk)
             elif e.method == Method.PATCH:
-                self._patch(e, sink, bytes(buf))
+                self._patch(e, sink, patch)
             else:
                 self.literal.complete(sink, e.size, e.data_len)
         except BaseException:

@@ -6,7 +6,8 @@ Two codecs, chosen per stream by the encoder (the manifest's `literal` field):
   encoder flushed for it, so a file is complete when its DATA has arrived.
 - LZMA_X86: groups of consecutive literal files, each group one raw stream of
   the x86 branch filter + LZMA2 (what `xz` uses for executables). A group's
-  compressed bytes arrive as the DATA of its first file; later files of the
+  dictionary size (one byte, log2) and compressed bytes arrive as the DATA of
+  its first file; later files of the
   group carry no DATA and are cut from the same decompressor. Memory: one
   group's compressed bytes and the LZMA2 dictionary.
 
@@ -25,12 +26,17 @@ from .errors import Corrupt, Unsupported
 
 MAX_WINDOW = 1 << 31
 LITERAL_ZSTD, LITERAL_LZMA_X86 = 0, 1
-LZMA_DICT = 32 << 20
+MAX_DICT_LOG = 25  # 32 MiB
 STEP = 1 << 20
 
 
-def lzma_filters() -> list[dict[str, int]]:
-    return [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": LZMA_DICT}]
+def lzma_filters(dict_log: int) -> list[dict[str, int]]:
+    return [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << dict_log}]
+
+
+def dict_log_for(size: int) -> int:
+    """The dictionary a group of `size` bytes needs: the decoder allocates all of it."""
+    return max(16, min(MAX_DICT_LOG, (size - 1).bit_length()))
 
 
 class Sink(Protocol):
@@ -75,8 +81,11 @@ class LiteralStream:
             if size == 0:
                 raise Corrupt("a literal group must start at a non-empty file")
             self._end_group()
-            self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters())
-            first, self.pending = bytes(self.pending), bytearray()
+            dict_log, first = self.pending[0], bytes(self.pending[1:])
+            self.pending = bytearray()
+            if not 16 <= dict_log <= MAX_DICT_LOG:
+                raise Corrupt(f"literal group: bad dictionary size 2^{dict_log}")
+            self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log))
         if size == 0:
             return
         if self.group is None:

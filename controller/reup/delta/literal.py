@@ -15,7 +15,7 @@ import lzma
 from collections.abc import Sequence
 
 import zstandard
-from reup_receiver.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, lzma_filters
+from reup_receiver.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, dict_log_for, lzma_filters
 
 ZSTD_LEVEL = 19
 ZSTD_WINDOW_LOG = 25  # 32 MiB: the receiver's decoder memory stays bounded
@@ -31,16 +31,23 @@ def _read(path: bytes) -> bytes:
 class LiteralEncoder:
     def __init__(self) -> None:
         self.codec = LITERAL_ZSTD
-        self.zstd = zstandard.ZstdCompressor(
-            compression_params=zstandard.ZstdCompressionParameters.from_level(
-                ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG, enable_ldm=True
-            )
-        ).compressobj()
-        self.groups: dict[bytes, list[bytes]] = {}  # first file -> the group's files
+        self.zstd: zstandard.ZstdCompressionObj | None = None
+        self.groups: dict[bytes, tuple[list[bytes], int]] = {}  # first file -> files, bytes
 
     def plan(self, files: Sequence[tuple[bytes, int]]) -> None:
-        """All literal files (host path, size) in stream order."""
-        if sum(size for _, size in files) < LZMA_MIN:
+        """All literal files (host path, size) in stream order.
+
+        Windows and dictionaries are sized to the content: the receiver's decoder
+        allocates them whole, whatever the data.
+        """
+        total_size = sum(size for _, size in files)
+        if total_size < LZMA_MIN:
+            window_log = max(17, min(ZSTD_WINDOW_LOG, total_size.bit_length()))
+            self.zstd = zstandard.ZstdCompressor(
+                compression_params=zstandard.ZstdCompressionParameters.from_level(
+                    ZSTD_LEVEL, window_log=window_log, enable_ldm=True
+                )
+            ).compressobj()
             return
         self.codec = LITERAL_LZMA_X86
         group: list[bytes] = []
@@ -49,20 +56,23 @@ class LiteralEncoder:
             if size == 0:
                 continue  # empty files need no data and never start a group
             if group and total + size > GROUP_MAX:
-                self.groups[group[0]] = group
+                self.groups[group[0]] = (group, total)
                 group, total = [], 0
             group.append(path)
             total += size
         if group:
-            self.groups[group[0]] = group
+            self.groups[group[0]] = (group, total)
 
     def data(self, path: bytes) -> bytes:
         """The DATA to send with this literal file."""
         if self.codec == LITERAL_ZSTD:
+            assert self.zstd is not None, "plan() first"
             return self.zstd.compress(_read(path)) + self.zstd.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
-        group = self.groups.get(path)
-        if group is None:
+        found = self.groups.get(path)
+        if found is None:
             return b""  # inside a group, or empty
-        enc = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=lzma_filters())
+        group, size = found
+        dict_log = dict_log_for(size)
+        enc = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log))
         parts = [enc.compress(_read(p)) for p in group]
-        return b"".join(parts) + enc.flush()
+        return bytes([dict_log]) + b"".join(parts) + enc.flush()
