@@ -1,11 +1,11 @@
 """The delta encoder: (what the device holds, target toplevel) -> a reup stream.
 
 `encode` reads the local Nix store (through reup.nix for path metadata), works
-out which store paths the device lacks, and writes for each of them the
-operations that rebuild its tree on the device: whole-file dedup against the
-device's holdings and the stream itself, and the literal stream for new
-content (delta/literal.py). The per-file choice lives in `FileCoder` (strategy.py)
-so the delta engine's pairing, hash rewriting and patch codecs plug in there.
+out which store paths the device lacks, plans every path (a MIRROR of its
+predecessor or plain entries; per file dedup, hash rewrite, patch or literal:
+strategy.py, with diffs running on a process pool), then writes the body in
+stream order to a scratch file and the final stream: header, manifest, body,
+trailer.
 Called by `reup delta` (delta/cli.py), the controller's push and the benchmark.
 """
 

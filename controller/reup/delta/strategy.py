@@ -3,9 +3,10 @@
 In order of preference: whole-file dedup (sha256 + executable bit) against
 the device's holdings and everything earlier in the stream; a COPY of the
 paired old file after store-hash rewriting (no data); a binary patch of the
-rewritten old file (codecs.py, on a process pool); the stream-wide zstd
-literal stream. `FileCoder.plan` decides in stream order and starts the
-expensive diffs; `FileCoder.emit` turns a decision into the entry + data,
+rewritten old file (codecs.py, on a process pool); the literal stream
+(literal.py). Paths shaped like their predecessor travel as a MIRROR of it
+(`mirror_plan`). `FileCoder.plan` decides in stream order and starts the
+expensive diffs; `emit`/`mirror_spec` turn a decision into what is sent,
 waiting for its diff. Called by encode.py.
 """
 
@@ -170,14 +171,16 @@ class FileCoder:
         if found is not None:
             return Decision(f, sha, "dedup", source=found)
         if partner is not None:
-            old = self.pairs[f.path]
-            old_host = os.path.join(os.fsencode(old), partner) if partner else os.fsencode(old)
-            # Small pairs cost less to diff here than to ship to a worker.
-            pool = self.inline if f.size < INLINE_MAX else self.pool
-            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs,
-                                 self.allowed)
-            return Decision(f, sha, "diff", source=(old, partner), diff=future)
+            return self._diff(f, sha, self.pairs[f.path], partner)
         return Decision(f, sha, "literal")
+
+    def _diff(self, f: StoreFile, sha: bytes, old: str, old_rel: bytes) -> Decision:
+        """Start diffing `f` against the old file (after the hash rewrite)."""
+        old_host = os.path.join(os.fsencode(old), old_rel) if old_rel else os.fsencode(old)
+        # Small pairs cost less to diff here than to ship to a worker.
+        pool = self.inline if f.size < INLINE_MAX else self.pool
+        future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs, self.allowed)
+        return Decision(f, sha, "diff", source=(old, old_rel), diff=future)
 
     def mirror_plan(self, path: str, nodes: Sequence[tuple[list[bytes], os.stat_result]]) -> MirrorPlan | None:
         """How much of the path's tree its old partner already has, or None if too little.
@@ -215,11 +218,7 @@ class FileCoder:
             sha = file_sha256(f.host)
             self.stats.files += 1
             self.index.add((sha, f.executable), f)
-            old_host = os.path.join(bold, f.relpath) if f.relpath else bold
-            pool = self.inline if f.size < INLINE_MAX else self.pool
-            future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs,
-                                 self.allowed)
-            decisions.append(Decision(f, sha, "diff", source=(old, f.relpath), diff=future))
+            decisions.append(self._diff(f, sha, old, f.relpath))
         return MirrorPlan(old, sorted(skip, key=lambda r: r.split(b"/")), decisions, explicit)
 
     def _same_node(self, bnew: bytes, bold: bytes, rel: bytes, st: os.stat_result,
