@@ -119,8 +119,13 @@ def test_failing_activation_halts_then_revert_and_offline_device(tmp_path: os.Pa
         r = cli(lab, "history", "d3")
         assert "-> halted (rollout halted: failure threshold" in r.stdout, r.stdout
         assert "update committed" in cli(lab, "history", "d1").stdout
-        # a second pass does not retry the quarantined revision
+        # `reup rollout resume` lifts the threshold halt, but the quarantined canaries are not retried,
+        # so the canary wave stays short of its success_ratio and the second wave stays halted.
+        r = cli(lab, "rollout", "resume")
+        assert r.returncode == 0 and r.stdout.startswith("resumed"), r.stdout
         run_once(lab)
+        st = store_status(lab)
+        assert states(st)["d3"] == "halted" and "wave canary settled short" in st["rollout"]["halted"]
         assert [h["result"] for h in store_history(lab) if h["commit_id"] == c2] == ["permanent", "permanent"]
 
         # 2. The revert resumes: everything is in sync again without a transfer.
