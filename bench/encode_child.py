@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     captured: dict[str, Any] = {}
 
     def timed_encode(h: Sequence[str], t: str, o: str, staged: Sequence[str] = (),
-                     avoid: Sequence[str] = ()) -> Any:
+                     avoid: Sequence[str] = (), codecs: Sequence[str] | None = None) -> Any:
         t0 = time.perf_counter()
         stats = encode(h, t, o, staged)
         captured["seconds"] = time.perf_counter() - t0

@@ -256,7 +256,7 @@ def test_delta_cache_encodes_once_and_prunes(tmp_path: os.PathLike[str]) -> None
         stream_bytes = 5
         nar_bytes = 50
 
-    def fake_encoder(held: Any, target: str, out: str, staged: Any, avoid: Any) -> Stats:
+    def fake_encoder(held: Any, target: str, out: str, staged: Any, avoid: Any, codecs: Any) -> Stats:
         calls.append((list(held), target, list(staged) + list(avoid)))
         with open(out, "wb") as f:
             f.write(b"hello")

@@ -18,19 +18,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reup_receiver.wire import VERSION as STREAM_VERSION
+
+from . import __version__
 from .nix import NixExecutor
 
-# encoder(held, target, out, staged, avoid) -> stats with .stream_bytes and .nar_bytes
-Encoder = Callable[[Sequence[str], str, str, Sequence[str], Sequence[str]], Any]
+# encoder(held, target, out, staged, avoid, codecs) -> stats with .stream_bytes and .nar_bytes;
+# codecs: the patch codecs the device can apply (None: all).
+Encoder = Callable[[Sequence[str], str, str, Sequence[str], Sequence[str], Sequence[str] | None], Any]
+# Streams of an older encoder or format are not reused after an upgrade.
+CACHE_VERSION = f"{__version__}/{STREAM_VERSION}"
 
 
 def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
     """The real encoder, running its Nix queries through `nix`."""
 
-    def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str]) -> Any:
+    def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
+                codecs: Sequence[str] | None) -> Any:
+        from reup_receiver.model import Codec
+
         from reup.delta.encode import encode
 
-        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid)
+        allowed = [Codec[c.upper()] for c in codecs if c.upper() in Codec.__members__] if codecs is not None else None
+        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed)
 
     return encoder
 
@@ -52,15 +62,17 @@ class DeltaCache:
         os.makedirs(directory, exist_ok=True)
 
     @staticmethod
-    def key(held: Sequence[str], target: str, staged: Sequence[str], avoid: Sequence[str] = ()) -> str:
+    def key(held: Sequence[str], target: str, staged: Sequence[str], avoid: Sequence[str] = (),
+            codecs: Sequence[str] | None = None) -> str:
         # held keeps its order: the encoder pairs against its first entries first.
-        blob = json.dumps([list(dict.fromkeys(held)), target, sorted(set(staged)), sorted(set(avoid))]).encode()
+        blob = json.dumps([CACHE_VERSION, list(dict.fromkeys(held)), target, sorted(set(staged)),
+                           sorted(set(avoid)), sorted(set(codecs)) if codecs is not None else None]).encode()
         return hashlib.sha256(blob).hexdigest()[:32]
 
     def get(self, held: Sequence[str], target: str, staged: Sequence[str] = (),
-            avoid: Sequence[str] = ()) -> DeltaCache.Entry:
+            avoid: Sequence[str] = (), codecs: Sequence[str] | None = None) -> DeltaCache.Entry:
         """The stream for a device holding `held` (its current generation first), encoded once."""
-        key = self.key(held, target, staged, avoid)
+        key = self.key(held, target, staged, avoid, codecs)
         with self._lock:
             lock = self._building.setdefault(key, threading.Lock())
         with lock:  # two devices needing the same stream encode it once
@@ -71,7 +83,8 @@ class DeltaCache:
                 os.utime(stream)
                 return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
             tmp = stream + ".tmp"
-            stats = self.encoder(list(held), target, tmp, list(staged), list(avoid))
+            stats = self.encoder(list(held), target, tmp, list(staged), list(avoid),
+                                 list(codecs) if codecs is not None else None)
             size = os.path.getsize(tmp)
             stream_bytes = int(getattr(stats, "stream_bytes", size) or size)
             nar_bytes = int(getattr(stats, "nar_bytes", 0) or 0)

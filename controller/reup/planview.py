@@ -63,7 +63,8 @@ async def _dry_run(ctrl: Controller, build: bool) -> list[dict[str, Any]]:
                     row.update(action="adopt", stream_bytes=0, nar_bytes=0)
                 else:
                     held = tuple(p for p in status.paths if os.path.exists(p))
-                    entry = await asyncio.to_thread(ctrl.deltas.get, held, d.action.toplevel, status.staged)
+                    entry = await asyncio.to_thread(ctrl.deltas.get, held, d.action.toplevel, status.staged, (),
+                                                    status.codecs)
                     row.update(stream_bytes=entry.stream_bytes, nar_bytes=entry.nar_bytes)
             except ReupError as exc:
                 row["reason"] = f"cannot predict: {exc}"

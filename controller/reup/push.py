@@ -68,6 +68,7 @@ class DeviceStatus:
     pending: int | None = None  # generation awaiting confirmation
     pending_deadline: float | None = None
     last_rollback: dict[str, object] | None = None
+    codecs: tuple[str, ...] | None = None  # patch codecs it can apply (None: an older receiver)
 
     def generation_of(self, toplevel: str) -> int | None:
         numbers = [n for n, t in self.generations if t == toplevel]
@@ -119,6 +120,7 @@ def parse_status(stdout: str | bytes) -> DeviceStatus:
         pending=int(d["pending"]["generation"]) if d.get("pending") else None,
         pending_deadline=float(d["pending"]["deadline"]) if d.get("pending") else None,
         last_rollback=d.get("last_rollback") or None,
+        codecs=tuple(d["codecs"]) if d.get("codecs") is not None else None,
     )
 
 
@@ -280,7 +282,7 @@ class SshPusher:
             for _ in range(4):
                 try:
                     result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase,
-                                                     confirm_timeout)
+                                                     confirm_timeout, status.codecs)
                     break
                 except BrokenBaseError as exc:
                     if exc.path and exc.path not in avoid and len(avoid) < 2:
@@ -302,8 +304,9 @@ class SshPusher:
     async def _send(self, conn: asyncssh.SSHClientConnection, held: tuple[str, ...], toplevel: str,
                     staged: tuple[str, ...], avoid: tuple[str, ...], activation: str,
                     on_phase: Callable[[DeviceState], None],
-                    confirm_timeout: float = 0.0) -> tuple[ReceiveResult, DeltaCache.Entry]:
-        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid)
+                    confirm_timeout: float = 0.0,
+                    codecs: tuple[str, ...] | None = None) -> tuple[ReceiveResult, DeltaCache.Entry]:
+        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid, codecs)
         try:
             proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
             with open(entry.path, "rb") as f:
