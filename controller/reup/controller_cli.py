@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-from .config import load_config
+from .config import Config, load_config
 from .errors import ConfigError, ReupError
+
+if TYPE_CHECKING:
+    from .state import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -117,19 +122,26 @@ def _short(path: str | None) -> str:
     return base[:8] + "…" + base[32:] if len(base) > 33 else base
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def opened_store(config_path: str) -> Iterator[tuple[Config, Store]]:
+    """The config and its state store, for the read-mostly commands (ConfigError: exit 2)."""
     from .state import Store
 
+    cfg = load_config(config_path)
+    store = Store(cfg.state.dir)
     try:
-        cfg = load_config(args.config)
+        yield cfg, store
+    finally:
+        store.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        with opened_store(args.config) as (_, store):
+            status = store.status()
     except ConfigError as exc:
         print(f"reup: {exc}", file=sys.stderr)
         return 2
-    store = Store(cfg.state.dir)
-    try:
-        status = store.status()
-    finally:
-        store.close()
     print(json.dumps(status, indent=1) if args.json else format_status(status))
     return 0
 

@@ -19,7 +19,8 @@ import time
 import urllib.request
 from typing import Any
 
-from .config import Config, load_config
+from .config import Config
+from .controller_cli import opened_store
 from .errors import ConfigError
 
 
@@ -66,23 +67,17 @@ def _nudge(cfg: Config) -> None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    from .state import Store
-
     try:
-        cfg = load_config(args.config)
+        with opened_store(args.config) as (cfg, store):
+            if args.action != "status":
+                rev = store.revision()
+                store.pause_rollout(args.action == "pause", time.time(), rev[0] if rev else None)
+                _nudge(cfg)
+            status = store.status()
+            control = store.rollout_control()
     except ConfigError as exc:
         print(f"reup: {exc}", file=sys.stderr)
         return 2
-    store = Store(cfg.state.dir)
-    try:
-        if args.action != "status":
-            rev = store.revision()
-            store.pause_rollout(args.action == "pause", time.time(), rev[0] if rev else None)
-            _nudge(cfg)
-        status = store.status()
-        control = store.rollout_control()
-    finally:
-        store.close()
     if args.json:
         print(json.dumps({"rollout": status["rollout"], "refused": status["refused"], "paused": control.paused},
                          indent=1))
@@ -95,18 +90,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from .state import Store
-
     try:
-        cfg = load_config(args.config)
+        with opened_store(args.config) as (_, store):
+            events = store.device_events(args.device)
     except ConfigError as exc:
         print(f"reup: {exc}", file=sys.stderr)
         return 2
-    store = Store(cfg.state.dir)
-    try:
-        events = store.device_events(args.device)
-    finally:
-        store.close()
     if args.json:
         print(json.dumps(events, indent=1))
         return 0
