@@ -10,6 +10,8 @@ gives the controller these verbs and nothing else.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import shlex
@@ -20,6 +22,8 @@ from . import confirm, maintenance
 from .device import Device, translate_oserror
 from .errors import ReceiveError, UsageError
 from .receive import ACTIONS, receive
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +98,19 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     return receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout).to_json()
 
 
+def _return_freed_memory() -> None:
+    """Keep glibc from raising its mmap threshold after large frees.
+
+    Patches hold whole files in memory one after another; with the dynamic
+    threshold, freed buffers stay in the heap and the peak grows with each.
+    A fixed threshold returns every large buffer to the system at once.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 128 << 10)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _return_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         try:
