@@ -155,6 +155,10 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
     try:
         check = 'test \\"$(cat \\"$REUP_ROOT$REUP_TOPLEVEL/version\\")\\" != 2'
         text = fleet(lab, f'confirm_timeout = 6\nhealth_check = "{check}"')
+        with open(lab.config_path, encoding="utf-8") as f:
+            config = f.read()
+        with open(lab.config_path, "w", encoding="utf-8") as f:  # probe a device that is back within seconds
+            f.write(config.replace("retry_max = 30", "retry_max = 2"))
         lab.commit("first", {"d1": "1", "d2": "1"}, fleet=text)
         proc = start_controller(lab)
         st1 = wait_for(lambda: (s := api_status(lab)) and states(s) == {"d1": "in_sync", "d2": "in_sync"} and s,
@@ -182,12 +186,27 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         st3 = wait_for(lambda: (s := api_status(lab)) and states(s)["d2"] == "rolled_back" and s, 30, "timed out")
         d2 = {d["name"]: d for d in st3["devices"]}["d2"]
         assert d2["acknowledged"] == acked["d2"] and "not delivered before the deadline" in d2["last_error"]
-        lab.devices["d2"].start()
+        assert [h["result"] for h in store_history(lab) if h["commit_id"] == c3] == ["timed_out"]
         with open(os.path.join(lab.devices["d2"].root, "nix/var/reup/rollbacks.jsonl"), encoding="utf-8") as f:
-            assert json.loads(f.read().splitlines()[-1])["reason"] == "not confirmed before the deadline"
+            rb = json.loads(f.read().splitlines()[-1])
+        assert rb["reason"] == "not confirmed before the deadline"
+
+        # 3. d2 is reachable again: the controller reads its status and reports the rollback with
+        #    the device's reason (history, last_error, metric) instead of leaving only `timed_out`.
+        lab.devices["d2"].start()
+        hist = wait_for(lambda: [h for h in store_history(lab) if h["commit_id"] == c3 and h["result"] == "rolled_back"],
+                        30, "rollback read from the device")
+        assert hist[0]["generation"] == rb["generation"] and hist[0]["device"] == "d2"
+        assert hist[0]["error"] == "rolled back by the device: not confirmed before the deadline"
+        timed_out = [h for h in store_history(lab) if h["commit_id"] == c3 and h["result"] == "timed_out"]
+        assert timed_out[0]["generation"] == rb["generation"]
+        d2 = {d["name"]: d for d in api_status(lab)["devices"]}["d2"]
+        assert d2["last_error"] == "rolled back by the device: not confirmed before the deadline"
+        assert d2["acknowledged"] == acked["d2"]
+        assert "update rolled_back" in cli(lab, "history", "d2").stdout
 
         m = parse_metrics(lab.scrape())
-        assert metric(m, "reup_device_updates_total", result="rolled_back") == 1
+        assert metric(m, "reup_device_updates_total", result="rolled_back") == 2  # d1's, then d2's
         assert metric(m, "reup_device_updates_total", result="timed_out") == 1
         assert metric(m, "reup_device_updates_total", result="committed") == 2
         # default policy (failure_threshold 1, min_executed 1): d2 alone executed c3, and failed
@@ -196,7 +215,8 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         assert metric(m, "reup_rollout_progress_ratio") == 0.5  # d1 (back on 1) runs c3's target, d2 does not
         assert metric(m, "reup_devices", state="rolled_back", wave="default") == 1
         results = [h["result"] for h in store_history(lab) if h["commit_id"] in (c2, c3)]
-        assert sorted(results) == ["rolled_back", "timed_out"]  # quarantined: each tried once
+        assert sorted(results) == ["rolled_back", "rolled_back", "timed_out"]  # quarantined: each tried once
+        assert lab.activations("d2") == ["switch d2 1", "switch d2 3", "switch d2 1"]
         assert states(api_status(lab)) == {"d1": "in_sync", "d2": "rolled_back"}
     except BaseException:
         print(controller_log(lab))

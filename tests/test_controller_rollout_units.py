@@ -11,7 +11,8 @@ import shlex
 import pytest
 from reup.config import parse_config
 from reup.errors import ConfigError
-from reup.push import confirm_command, parse_receive, parse_status, receive_command
+from reup.push import DeviceStatus, confirm_command, parse_receive, parse_status, receive_command
+from reup.updates import judge_timed_out
 from test_controller_loop import make, states, until
 
 
@@ -79,3 +80,16 @@ def test_update_finished_after_a_new_commit_counts_as_superseded(tmp_path: os.Pa
         assert reg.get_sample_value("reup_device_updates_total", {"result": "committed"}) == 2
     finally:
         ctrl.close()
+
+
+def test_judging_a_timed_out_generation_from_the_device_status() -> None:
+    top, old = "/nix/store/" + "a" * 32 + "-new", "/nix/store/" + "b" * 32 + "-old"
+    gens = ((1, old), (2, top))
+    rolled = DeviceStatus(old, ((1, old),), last_rollback={"generation": 2, "reason": "not confirmed before the deadline"})
+    assert judge_timed_out(rolled, top, 2) == ("rolled_back", "not confirmed before the deadline")
+    assert judge_timed_out(DeviceStatus(top, gens), top, 2)[0] == "committed"
+    assert judge_timed_out(DeviceStatus(top, gens, pending=2), top, 2)[0] == "pending"
+    # an older rollback record is not this generation's; a device running something else says nothing
+    older = DeviceStatus(old, ((1, old),), last_rollback={"generation": 1, "reason": "x"})
+    assert judge_timed_out(older, top, 2)[0] == "unknown"
+    assert judge_timed_out(DeviceStatus(top, ((3, top),)), top, 2)[0] == "unknown"  # re-installed since

@@ -19,7 +19,6 @@ import fcntl
 import json
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -30,38 +29,37 @@ from . import planner
 from .builder import Builder, GcRoots
 from .config import Config
 from .deltacache import DeltaCache, Encoder, nix_encoder
-from .errors import ConfigError, PermanentError, ReupError, TemporaryError, UnreachableError
+from .errors import ConfigError, PermanentError, ReupError, TemporaryError
 from .events import (
     BuildFinished,
     CommitRefused,
     DevicesSnapshot,
     DeviceStateChanged,
-    DeviceUpdated,
     EventBus,
     GitFetched,
     ReconcileDone,
     ReconcileError,
     RevisionSeen,
     RolloutChanged,
-    TransferFinished,
     log_subscriber,
     store_subscriber,
 )
-from .fleet import Fleet, RolloutPolicy, parse_fleet
+from .fleet import Fleet, parse_fleet
 from .httpserver import HttpServer
 from .metrics import Metrics
-from .model import QUARANTINE, BuildResult, DeviceState, Observed, Plan, Push, Target
+from .model import BuildResult, DeviceState, Observed, Plan, Target
 from .nix import NixExecutor
-from .push import ConfirmTimeoutError, RolledBackError, SshPusher
+from .push import SshPusher
 from .retry import retrying
 from .signing import verify_commit
 from .source import GitSource
 from .state import Store
+from .updates import UpdateExecutor
 
 log = logging.getLogger(__name__)
 
 
-class Controller:
+class Controller(UpdateExecutor):
     def __init__(self, cfg: Config, *, encoder: Encoder | None = None, clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
@@ -83,6 +81,9 @@ class Controller:
         self.busy: dict[str, DeviceState] = {}
         self.building: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.probing: set[str] = set()
+        self.probe_failures: dict[str, int] = {}
+        self._next_probe: float | None = None
         self._wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -209,10 +210,6 @@ class Controller:
         builds = {d: b for d, b in observed.builds.items() if not b.ok or (b.toplevel and os.path.exists(b.toplevel))}
         return replace(observed, builds=builds)
 
-    @property
-    def policy(self) -> RolloutPolicy:
-        return self.fleet.rollout if self.fleet else RolloutPolicy()
-
     async def step(self) -> Plan:
         if self._fetch_requested or self.clock() >= self._next_poll:
             await self.fetch()
@@ -232,6 +229,7 @@ class Controller:
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
                 self._spawn(self._push(push, desired.seen_at))
+        self._next_probe = self._probe_timeouts(desired, now)
         await self._sync_gcroots()
         self._snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
@@ -293,63 +291,6 @@ class Controller:
         finally:
             self.building.discard(drv)
 
-    def _phase(self, device: str) -> Callable[[DeviceState], None]:
-        def on_phase(state: DeviceState) -> None:
-            self.busy[device] = state
-            self.wake()
-
-        return on_phase
-
-    async def _push(self, push: Push, seen_at: float) -> None:
-        name = push.device
-        try:
-            dev = self.fleet.devices.get(name) if self.fleet else None
-            if dev is None:
-                return
-            try:
-                policy = self.policy
-                outcome = await self.pusher.push(dev, push.toplevel, activation=policy.activation,
-                                                 on_phase=self._phase(name), confirm_timeout=policy.confirm_timeout,
-                                                 health_check=policy.health_check)
-            except (TemporaryError, PermanentError) as exc:
-                kind = ("unreachable" if isinstance(exc, UnreachableError)
-                        else "transient" if isinstance(exc, TemporaryError)
-                        else "rolled_back" if isinstance(exc, RolledBackError)
-                        else "timed_out" if isinstance(exc, ConfirmTimeoutError) else "permanent")
-                self._push_failed(push, kind, str(exc))
-                return
-            except Exception as exc:  # an encoder or protocol bug: do not retry blindly
-                log.exception("push to %s failed", name)
-                self.bus.emit(ReconcileError(self.clock(), "push", f"{type(exc).__name__}: {exc}", name))
-                self._push_failed(push, "permanent", f"internal error: {type(exc).__name__}: {exc}")
-                return
-            now = self.clock()
-            old_state = str(self.busy.get(name) or DeviceState.PENDING)
-            self.store.record_ack(name, push.commit, push.toplevel, outcome.generation, now,
-                                  outcome.stream_bytes, outcome.nar_bytes, "adopted" if outcome.adopted else "committed")
-            if not outcome.adopted:
-                self.bus.emit(TransferFinished(now, name, outcome.stream_bytes, outcome.nar_bytes, outcome.seconds))
-            current = self.store.desired().targets.get(name)
-            result = "superseded" if current is not None and current.toplevel != push.toplevel else "committed"
-            self.bus.emit(DeviceStateChanged(now, name, old_state, str(DeviceState.IN_SYNC), "acknowledged"))
-            self.bus.emit(DeviceUpdated(now, name, result, push.commit, push.toplevel,
-                                        seconds_since_seen=now - seen_at if seen_at else None, adopted=outcome.adopted))
-            self._snapshot()
-        finally:
-            self.busy.pop(name, None)
-
-    def _push_failed(self, push: Push, kind: str, error: str) -> None:
-        now = self.clock()
-
-        def backoff(failures: int) -> float:  # jittered exponential, capped by [ssh] retry_max
-            return 0.0 if kind in QUARANTINE else min(self.cfg.ssh.retry_max, 2.0 ** failures) * random.uniform(0.5, 1.0)
-
-        self.store.record_failure(push.device, push.commit, push.toplevel, kind, error, now, backoff)
-        result = {"permanent": "failed", "unreachable": "unreachable", "rolled_back": "rolled_back",
-                  "timed_out": "timed_out"}.get(kind, "retry")
-        self.bus.emit(DeviceUpdated(now, push.device, result, push.commit, push.toplevel, error=error))
-        self.bus.emit(ReconcileError(now, "push", error, push.device))
-
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self, *, once: bool = False, on_start: Callable[[], None] | None = None) -> int:
@@ -375,7 +316,8 @@ class Controller:
                 plan = await self.step()
                 if once and not self.tasks and plan.settled() and not self._fetch_requested:
                     break
-                wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll) if w is not None]
+                wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
+                                       None if once else self._next_probe) if w is not None]
                 timeout = max(0.05, min(wakeups) - self.clock()) if wakeups else 3600.0
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 3600.0))

@@ -50,6 +50,10 @@ class RolledBackError(PermanentError):
 class ConfirmTimeoutError(PermanentError):
     """The confirmation could not be delivered before the deadline: the device rolls back by itself."""
 
+    def __init__(self, message: str, generation: int | None = None) -> None:
+        super().__init__(message)
+        self.generation = generation
+
 
 class BrokenBaseError(PermanentError):
     """The device lacks something the stream assumed it held; `path` names the store path if known."""
@@ -207,7 +211,7 @@ class SshPusher:
             raise classify_exit(res.exit_status, str(res.stderr or ""))
         return str(res.stdout or "")
 
-    async def status(self, dev: Device) -> DeviceStatus:
+    async def status(self, dev: Device, attempts: int | None = None) -> DeviceStatus:
         async def once() -> DeviceStatus:
             conn = await self._connect(dev)
             try:
@@ -215,7 +219,7 @@ class SshPusher:
             finally:
                 conn.close()
 
-        return await retrying(once, attempts=self.attempts)
+        return await retrying(once, attempts=attempts or self.attempts)
 
     async def push(
         self,
@@ -244,7 +248,7 @@ class SshPusher:
             if left <= 0.2:
                 raise ConfirmTimeoutError(
                     f"confirmation of generation {generation} not delivered before the deadline; "
-                    "the device rolls back by itself")
+                    "the device rolls back by itself", generation)
             try:
                 async with await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
                     res = await conn.run(confirm_command(generation, check), check=False,

@@ -209,7 +209,7 @@ class Store:
         ])
 
     def record_failure(self, device: str, commit: str, toplevel: str, kind: str, error: str, at: float,
-                       retry_delay: Callable[[int], float] | float) -> int:
+                       retry_delay: Callable[[int], float] | float, generation: int | None = None) -> int:
         """Record a failed push; returns the consecutive failures of this (commit, toplevel)."""
         rows = self._exec("SELECT attempt_commit, attempt_toplevel, attempt_failures, attempt_kind, attempt_since "
                           "FROM devices WHERE name=?", (device,))
@@ -221,10 +221,23 @@ class Store:
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
              "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
              (commit, toplevel, kind, error, failures, at + delay, error, at, since, at, device)),
-            ("INSERT INTO history(device, commit_id, toplevel, result, error, at) VALUES(?, ?, ?, ?, ?, ?)",
-             (device, commit, toplevel, kind, error, at)),
+            ("INSERT INTO history(device, commit_id, toplevel, generation, result, error, at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+             (device, commit, toplevel, generation, kind, error, at)),
         ])
         return failures
+
+    def attempt_generation(self, device: str, commit: str, toplevel: str, kind: str) -> int | None:
+        """The generation the device gave the last `kind` outcome of (commit, toplevel), if it said."""
+        rows = self._exec("SELECT generation FROM history WHERE device=? AND commit_id=? AND toplevel=? AND result=? "
+                          "ORDER BY id DESC LIMIT 1", (device, commit, toplevel, kind))
+        return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
+
+    def set_retry(self, device: str, at: float) -> None:
+        self._exec("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
+
+    def device_state(self, device: str) -> str | None:
+        rows = self._exec("SELECT state FROM devices WHERE name=?", (device,))
+        return str(rows[0]["state"]) if rows else None
 
     def reset_retry_timers(self) -> None:
         """On start-up every device gets one immediate attempt (permanent failures stay)."""
