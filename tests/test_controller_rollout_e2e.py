@@ -228,6 +228,79 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         lab.stop()
 
 
+def _pending_generation(lab: Lab, name: str) -> int | None:
+    try:
+        with open(os.path.join(lab.devices[name].root, "nix/var/reup/pending.json"), encoding="utf-8") as f:
+            return int(json.load(f)["generation"])
+    except FileNotFoundError:
+        return None
+
+
+def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.PathLike[str]) -> None:
+    lab = Lab(str(tmp_path), ["d1"])
+    lab.start()
+    with open(lab.config_path, encoding="utf-8") as f:
+        config = f.read()
+    with open(lab.config_path, "w", encoding="utf-8") as f:  # probe a device that is back within seconds
+        f.write(config.replace("retry_max = 30", "retry_max = 2"))
+    dev, proc = lab.devices["d1"], None
+    try:
+        lab.commit("first", {"d1": "1"}, fleet=fleet(lab, "confirm_timeout = 20"))
+        proc = start_controller(lab)
+        wait_for(lambda: states(api_status(lab)) == {"d1": "in_sync"}, 60, "first rollout")
+
+        # 1. The controller is killed (-9) while generation 2 awaits confirmation and cannot be confirmed
+        #    (sshd down). Restarted, it finds the pending generation running and confirms it: no re-send.
+        c2 = lab.commit("to 2", {"d1": "2!slow"}, fleet=fleet(lab, "confirm_timeout = 20"))
+        wait_for(lambda: lab.activations("d1")[-1:] == ["switch d1 2"], 30, "d1 activating 2")
+        dev.stop()
+        gen2 = wait_for(lambda: _pending_generation(lab, "d1"), 15, "generation 2 pending")
+        proc.kill()
+        proc.wait(timeout=10)
+        assert _pending_generation(lab, "d1") == gen2 and states(store_status(lab)) != {"d1": "in_sync"}
+        dev.start()
+        proc = start_controller(lab)
+        st = wait_for(lambda: (s := api_status(lab)) and states(s) == {"d1": "in_sync"} and s, 30, "confirmed")
+        assert st["revision"] == c2 and st["devices"][0]["generation"] == gen2
+        assert _pending_generation(lab, "d1") is None
+        assert lab.activations("d1") == ["switch d1 1", "switch d1 2"]  # not sent again, not rolled back
+        assert not os.path.exists(os.path.join(dev.root, "nix/var/reup/rollbacks.jsonl"))
+        assert [h["result"] for h in store_history(lab) if h["commit_id"] == c2] == ["adopted"]
+
+        # 2. A confirmation lands on the device but its answer is lost (here: confirmed on the device
+        #    itself while sshd is down); the controller reports `timed_out`, then, once the device
+        #    answers again, reads that the generation runs confirmed and counts it as committed.
+        c3 = lab.commit("to 3", {"d1": "3!slow"}, fleet=fleet(lab, "confirm_timeout = 5"))
+        wait_for(lambda: lab.activations("d1")[-1:] == ["switch d1 3"], 30, "d1 activating 3")
+        dev.stop()
+        gen3 = wait_for(lambda: (g := _pending_generation(lab, "d1")) and g != gen2 and g, 15, "generation 3 pending")
+        r = subprocess.run([dev.receiver, "--root", dev.root, "--confirm", str(gen3)], capture_output=True,
+                           text=True, timeout=30, check=False)
+        assert r.returncode == 0, r.stderr
+        wait_for(lambda: [h for h in store_history(lab) if h["commit_id"] == c3 and h["result"] == "timed_out"],
+                 20, "confirmation timed out")
+        assert states(api_status(lab)) == {"d1": "rolled_back"}  # what the controller knows so far
+        dev.start()
+        st = wait_for(lambda: (s := api_status(lab)) and states(s) == {"d1": "in_sync"} and s, 30, "committed")
+        d1 = st["devices"][0]
+        assert d1["generation"] == gen3 and d1["acknowledged_commit"] == c3 and d1["last_error"] is None
+        assert [h["result"] for h in store_history(lab) if h["commit_id"] == c3] == ["timed_out", "committed"]
+        assert lab.activations("d1") == ["switch d1 1", "switch d1 2", "switch d1 3"]
+        m = parse_metrics(lab.scrape())  # the restarted controller's counters: c3 only
+        assert metric(m, "reup_device_updates_total", result="timed_out") == 1
+        assert metric(m, "reup_device_updates_total", result="committed") == 2  # c2 (adopted), c3
+        assert metric(m, "reup_device_updates_total", result="rolled_back") == 0
+        assert not api_status(lab)["rollout"]["halted"]
+    except BaseException:
+        print(controller_log(lab))
+        raise
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=10)
+        lab.stop()
+
+
 def _signed_commit(lab: Lab, message: str, version: str, key: str | None) -> str:
     """Commit d1 at `version`, signed with the SSH key `key` (None: unsigned)."""
     with open(os.path.join(lab.repo, "flake.nix"), "w", encoding="utf-8") as f:
