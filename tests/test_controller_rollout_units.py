@@ -1,5 +1,6 @@
 """Safe-rollout pieces without devices: confirm/receive commands, status parsing, reup.toml signing
-keys, and the reconcile loop's pause/resume and supersede accounting with fake executors."""
+keys, judging a timed-out generation, and the reconcile loop's pause/resume, supersede and
+unreachable_after accounting with fake executors."""
 
 from __future__ import annotations
 
@@ -7,13 +8,26 @@ import asyncio
 import json
 import os
 import shlex
+import time
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from reup.config import parse_config
+from reup.controller import Controller
 from reup.errors import ConfigError
-from reup.push import DeviceStatus, confirm_command, parse_receive, parse_status, receive_command
+from reup.fleet import Device, Fleet
+from reup.model import Target
+from reup.push import (
+    DeviceStatus,
+    PushOutcome,
+    confirm_command,
+    parse_receive,
+    parse_status,
+    receive_command,
+)
 from reup.updates import judge_timed_out
-from test_controller_loop import make, states, until
+from test_controller_loop import KEY, FakeBuilder, FakePusher, make, states, until
 
 
 def test_confirm_and_receive_commands() -> None:
@@ -93,3 +107,86 @@ def test_judging_a_timed_out_generation_from_the_device_status() -> None:
     older = DeviceStatus(old, ((1, old),), last_rollback={"generation": 1, "reason": "x"})
     assert judge_timed_out(older, top, 2)[0] == "unknown"
     assert judge_timed_out(DeviceStatus(top, ((3, top),)), top, 2)[0] == "unknown"  # re-installed since
+
+
+WAVE_FLEET = "".join(f'[devices.{n}]\nhost = "h"\nhost_key = "{KEY}"\nwave = "{w}"\n'
+                     for n, w in (("a", "canary"), ("b", "canary"), ("c", "rest")))
+
+
+class WaveBuilder(FakeBuilder):
+    def evaluate(self, flake: str, fleet: Fleet, commit: str) -> list[Target]:
+        return [replace(t, wave=fleet.devices[t.device].wave) for t in super().evaluate(flake, fleet, commit)]
+
+
+class TimedPusher(FakePusher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: dict[str, float] = {}
+
+    async def push(self, dev: Device, toplevel: str, **kw: Any) -> PushOutcome:
+        self.started.setdefault(dev.name, time.time())
+        return await super().push(dev, toplevel, **kw)
+
+
+def unreachable_scenario(tmp: str, policy: str) -> tuple[Controller, TimedPusher]:
+    """a, b in wave canary, c in wave rest; b never answers."""
+    ctrl, src, _, _ = make(tmp)
+    builder, pusher = WaveBuilder(tmp), TimedPusher()
+    text = f'[rollout]\nwaves = ["canary", "rest"]\nunreachable_after = 1.5\n{policy}\n' + WAVE_FLEET
+    src.read_file = lambda commit, path: text  # type: ignore[method-assign]
+    ctrl.builder, ctrl.pusher = builder, pusher  # type: ignore[assignment]
+    pusher.down.add("b")
+    return ctrl, pusher
+
+
+def since_unreachable(ctrl: Controller, name: str) -> float:
+    attempt = ctrl.observe().devices[name].attempt
+    assert attempt is not None and attempt.kind == "unreachable"
+    return attempt.since
+
+
+def test_device_unreachable_past_unreachable_after_stops_blocking_its_wave(tmp_path: os.PathLike[str]) -> None:
+    ctrl, pusher = unreachable_scenario(str(tmp_path), "")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(ctrl.run())
+        await until(lambda: states(ctrl) == {"a": "in_sync", "b": "unreachable", "c": "pending"})
+        assert "c" not in pusher.started and time.time() < since_unreachable(ctrl, "b") + 1.5
+        assert ctrl.store.status()["rollout"]["wave"] == "canary"
+        await until(lambda: states(ctrl).get("c") == "in_sync", timeout=15)
+        ctrl.stop()
+        await task
+
+    try:
+        asyncio.run(scenario())
+        # c started only once b had been unreachable for unreachable_after; b left the wave's count
+        assert pusher.started["c"] >= since_unreachable(ctrl, "b") + 1.5
+        rollout = ctrl.store.status()["rollout"]
+        assert states(ctrl)["b"] == "unreachable" and not rollout["halted"] and rollout["failed"] == 0
+        assert rollout["wave"] == "rest" and rollout["waves"]["canary"]["committed"] == 1
+    finally:
+        ctrl.close()
+
+
+def test_device_unreachable_past_unreachable_after_counts_as_failure(tmp_path: os.PathLike[str]) -> None:
+    ctrl, pusher = unreachable_scenario(str(tmp_path), "unreachable_counts_as_failure = true\nfailure_threshold = 0.5")
+
+    async def scenario() -> None:
+        task = asyncio.create_task(ctrl.run())
+        await until(lambda: states(ctrl) == {"a": "in_sync", "b": "unreachable", "c": "pending"})
+        rollout = ctrl.store.status()["rollout"]
+        assert time.time() < since_unreachable(ctrl, "b") + 1.5
+        assert rollout["failed"] == 0 and "failure threshold" not in (rollout["halted"] or "")
+        await until(lambda: states(ctrl).get("c") == "halted", timeout=15)
+        assert time.time() >= since_unreachable(ctrl, "b") + 1.5
+        ctrl.stop()
+        await task
+
+    try:
+        asyncio.run(scenario())
+        rollout = ctrl.store.status()["rollout"]
+        assert rollout["failed"] == 1 and rollout["executed"] == 2 and rollout["waves"]["canary"]["failed"] == 1
+        assert "failure threshold reached: 1 failed of 2 executed" in rollout["halted"]
+        assert "c" not in pusher.started and ctrl.metrics.registry.get_sample_value("reup_rollout_halted") == 1
+    finally:
+        ctrl.close()
