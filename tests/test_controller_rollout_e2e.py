@@ -279,7 +279,7 @@ def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.Pat
         assert r.returncode == 0, r.stderr
         wait_for(lambda: [h for h in store_history(lab) if h["commit_id"] == c3 and h["result"] == "timed_out"],
                  20, "confirmation timed out")
-        assert states(api_status(lab)) == {"d1": "rolled_back"}  # what the controller knows so far
+        wait_for(lambda: states(api_status(lab)) == {"d1": "rolled_back"}, 10, "state from what the controller knows")
         dev.start()
         st = wait_for(lambda: (s := api_status(lab)) and states(s) == {"d1": "in_sync"} and s, 30, "committed")
         d1 = st["devices"][0]
