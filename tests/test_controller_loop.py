@@ -159,6 +159,10 @@ def test_new_commit_supersedes_push_in_flight(tmp_path: os.PathLike[str]) -> Non
         assert sorted(pusher.sent[:2]) == [("a", f"{tmp_path}/a-c1"), ("b", f"{tmp_path}/b-c1")]
         assert sorted(pusher.sent[2:]) == [("a", f"{tmp_path}/a-c2"), ("b", f"{tmp_path}/b-c2")]
         assert len(builder.built) == 4
+        # the c1 updates finished after c2 changed the targets: superseded, then c2 committed
+        reg = ctrl.metrics.registry
+        assert reg.get_sample_value("reup_device_updates_total", {"result": "superseded"}) == 2
+        assert reg.get_sample_value("reup_device_updates_total", {"result": "committed"}) == 2
     finally:
         ctrl.close()
 

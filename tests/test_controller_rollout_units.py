@@ -71,31 +71,6 @@ def test_pause_holds_and_resume_releases(tmp_path: os.PathLike[str]) -> None:
         ctrl.close()
 
 
-def test_update_finished_after_a_new_commit_counts_as_superseded(tmp_path: os.PathLike[str]) -> None:
-    ctrl, src, _, pusher = make(str(tmp_path))
-    pusher.gate = asyncio.Event()
-
-    async def scenario() -> None:
-        assert pusher.gate is not None
-        task = asyncio.create_task(ctrl.run())
-        await until(lambda: states(ctrl) == {"a": "transferring", "b": "transferring"})
-        src.head = "c2"
-        ctrl.request_fetch()
-        await until(lambda: (ctrl.store.revision() or ("",))[0] == "c2")
-        pusher.gate.set()
-        await until(lambda: all((d["acknowledged"] or "").endswith("-c2") for d in ctrl.store.status()["devices"]))
-        ctrl.stop()
-        await task
-
-    try:
-        asyncio.run(scenario())
-        reg = ctrl.metrics.registry
-        assert reg.get_sample_value("reup_device_updates_total", {"result": "superseded"}) == 2
-        assert reg.get_sample_value("reup_device_updates_total", {"result": "committed"}) == 2
-    finally:
-        ctrl.close()
-
-
 def test_judging_a_timed_out_generation_from_the_device_status() -> None:
     top, old = "/nix/store/" + "a" * 32 + "-new", "/nix/store/" + "b" * 32 + "-old"
     gens = ((1, old), (2, top))
