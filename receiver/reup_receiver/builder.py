@@ -120,9 +120,6 @@ class FileSink:
         self.written += len(data)
         return len(data)
 
-    def flush(self) -> None:
-        pass
-
     def close(self) -> None:
         self.fh.close()
         if self.written != self.entry.size:

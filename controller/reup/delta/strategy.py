@@ -90,9 +90,13 @@ def file_sha256(path: bytes) -> bytes:
     return h.digest()
 
 
-def iter_files(path: str) -> list[StoreFile]:
+Walk = list[tuple[list[bytes], os.stat_result]]
+
+
+def iter_files(path: str, walk: Walk) -> list[StoreFile]:
+    """The regular files of a store path, from its NAR-order walk."""
     out = []
-    for parts, st in walk_nar_order(path):
+    for parts, st in walk:
         if stat.S_ISREG(st.st_mode):
             out.append(StoreFile(path, b"/".join(parts), bool(st.st_mode & 0o100), st.st_size))
     return out
@@ -136,7 +140,8 @@ class FileCoder:
         self.stats = stats
         self.pool = pool
         self.inline = inline
-        self.old_files = {p: iter_files(p) for p in sorted(held)}
+        self.old_walks = {p: walk_nar_order(p) for p in sorted(held)}  # walked once, used twice
+        self.old_files = {p: iter_files(p, w) for p, w in self.old_walks.items()}
         self.index = ContentIndex([f for fs in self.old_files.values() for f in fs])
         self.pairs = pair_paths(
             missing,
@@ -195,7 +200,7 @@ class FileCoder:
         old = self.pairs.get(path)
         if old is None:
             return None
-        old_nodes = {tuple(parts): st for parts, st in walk_nar_order(old)}
+        old_nodes = {tuple(parts): st for parts, st in self.old_walks[old]}
         bold, bnew = os.fsencode(old), os.fsencode(path)
         mirrored: set[tuple[bytes, ...]] = set()
         files: list[StoreFile] = []
