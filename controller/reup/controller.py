@@ -51,6 +51,7 @@ from .model import BuildResult, DeviceState, Observed, Plan, Target
 from .nix import NixExecutor
 from .push import SshPusher
 from .retry import retrying
+from .shard import Shard, select
 from .signing import verify_commit
 from .source import GitSource
 from .state import Store
@@ -60,8 +61,10 @@ log = logging.getLogger(__name__)
 
 
 class Controller(UpdateExecutor):
-    def __init__(self, cfg: Config, *, encoder: Encoder | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: Config, *, encoder: Encoder | None = None, clock: Callable[[], float] = time.time,
+                 shard: Shard | None = None) -> None:
         self.cfg = cfg
+        self.shard = shard or Shard()
         self.clock = clock
         state_dir = cfg.state.dir
         self.store = Store(state_dir)
@@ -73,7 +76,8 @@ class Controller(UpdateExecutor):
         self.pusher = SshPusher(self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout,
                                 attempts=cfg.ssh.attempts)
         self.bus = EventBus()
-        self.metrics = Metrics(device_info=cfg.http.device_info)
+        self.metrics = Metrics(device_info=cfg.http.device_info, poll_interval=cfg.source.poll_interval,
+                               shard=(self.shard.index, self.shard.count))
         self.bus.subscribe(store_subscriber(self.store))
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(log_subscriber())
@@ -130,7 +134,7 @@ class Controller(UpdateExecutor):
         text = self.source.read_file(commit, self.cfg.source.fleet_file)
         if text is None:
             raise ConfigError(f"{self.cfg.source.fleet_file}: missing at {commit[:12]}")
-        return parse_fleet(text, where=self.cfg.source.fleet_file)
+        return select(parse_fleet(text, where=self.cfg.source.fleet_file), self.shard)
 
     def evaluate(self, commit: str) -> tuple[Fleet | None, list[Target], str | None]:
         """(fleet, targets, fleet error) of `commit`; a broken fleet.toml fails the last good fleet's devices."""

@@ -31,6 +31,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     run.add_argument("--config", "-c", default="reup.toml", help="reup.toml (default ./reup.toml)")
     run.add_argument("--once", action="store_true",
                      help="reconcile until every device is in sync, failed or unreachable; exit 1 unless all in sync")
+    run.add_argument("--shard", metavar="I/N",
+                     help="manage only the devices of shard I of N (one replica per shard; docs/controller.md)")
     run.add_argument("--verbose", "-v", action="store_true")
     run.set_defaults(func=cmd_run)
 
@@ -62,14 +64,16 @@ def setup_logging(verbose: bool = False) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     from .controller import Controller
     from .progress import TerminalProgress
+    from .shard import parse_shard
 
     setup_logging(args.verbose)
     try:
         cfg = load_config(args.config)
+        shard = parse_shard(args.shard) if args.shard else None
     except ConfigError as exc:
         print(f"reup: {exc}", file=sys.stderr)
         return 2
-    ctrl = Controller(cfg)
+    ctrl = Controller(cfg, shard=shard)
     if sys.stderr.isatty():  # a progress bar instead of one log line per event
         ctrl.bus.subscribe(TerminalProgress())
         logging.getLogger("reup.events").setLevel(logging.WARNING)

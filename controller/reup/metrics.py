@@ -31,11 +31,20 @@ RATIO_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0,
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None, *, device_info: bool = False) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, device_info: bool = False,
+                 poll_interval: float = 60.0, shard: tuple[int, int] = (0, 1)) -> None:
         r = self.registry = registry or CollectorRegistry()
         self.revision_info = Gauge("reup_source_revision_info", "Revision of the fleet repo being deployed",
                                    ["revision"], registry=r)
         self.git_fetches = Counter("reup_git_fetches", "Fetches of the fleet repo", ["result"], registry=r)
+        self.git_last_success = Gauge("reup_git_last_success_timestamp_seconds",
+                                      "End of the last successful fetch of the fleet repo", registry=r)
+        # Constant, so that alerts can say "no successful fetch for N poll intervals".
+        Gauge("reup_source_poll_interval_seconds", "Configured poll interval of the fleet repo",
+              registry=r).set(poll_interval)
+        # Constant: which devices this replica manages (`reup run --shard i/n`); sum() across replicas.
+        Gauge("reup_shard_info", "This controller's shard of the fleet", ["shard", "shards"],
+              registry=r).labels(str(shard[0]), str(shard[1])).set(1)
         self.builds = Counter("reup_builds", "Builds of device systems", ["result"], registry=r)
         self.build_duration = Histogram("reup_build_duration_seconds", "Time to build one system",
                                         buckets=DURATION_BUCKETS, registry=r)
@@ -75,6 +84,8 @@ class Metrics:
     def __call__(self, event: Event) -> None:
         if isinstance(event, GitFetched):
             self.git_fetches.labels(event.result).inc()
+            if event.result == "success":
+                self.git_last_success.set(event.at)
         elif isinstance(event, RevisionSeen):
             self.revision_info.clear()
             self.revision_info.labels(event.revision).set(1)
