@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from reup.errors import ConfigError
 from reup.fleet import parse_fleet
 from reup.shard import Shard, parse_shard, select, shard_of
@@ -84,7 +83,6 @@ def test_two_replicas_split_the_fleet(tmp_path: os.PathLike[str]) -> None:
 
 def test_shard_and_fetch_health_metrics() -> None:
     from prometheus_client import generate_latest
-
     from reup.events import GitFetched
     from reup.metrics import Metrics
 
