@@ -47,9 +47,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plan.add_argument("--json", action="store_true")
     plan.set_defaults(func=cmd_plan)
 
-    demo = sub.add_parser("demo", help="a local fleet of simulated devices behind real sshd: two rollouts")
-    demo.add_argument("--dir", help="work directory (default: a new temporary directory)")
-    demo.add_argument("--devices", type=int, default=4)
+    init = sub.add_parser("init", help="start a fleet repo from the template (NixOS flake, fleet.toml, modules)")
+    init.add_argument("dir", help="new or empty directory")
+    init.add_argument("--offline", action="store_true",
+                      help="the offline flavor: the same fleet from input-free derivations (no nixpkgs needed)")
+    init.set_defaults(func=cmd_init)
+
+    demo = sub.add_parser("demo", help="a local fleet of three simulated devices behind real sshd: install, "
+                          "change, revert")
+    demo.add_argument("--dir", help="work directory (default: a new temporary directory, removed at the end)")
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
     demo.set_defaults(func=cmd_demo)
 
@@ -177,9 +183,25 @@ def _num(n: int | None) -> str:
     return "-" if n is None else str(n)
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from .nix import NixError
+    from .template import init_fleet_repo
+
+    try:
+        commit = init_fleet_repo(args.dir, offline=args.offline)
+    except (ConfigError, NixError) as exc:
+        print(f"reup: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.dir}: fleet repo at {commit[:12]}. Next: set each device's host and host_key in fleet.toml"
+          + ("" if args.offline else ", the controller's key in hosts/common.nix")
+          + ", commit, and point reup.toml's [source] url at it.")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     setup_logging(False)
-    return run_demo(args.dir, devices=args.devices, keep=args.keep)
+    logging.getLogger("reup").setLevel(logging.WARNING)  # the demo prints its own live view
+    return run_demo(args.dir, keep=args.keep)
 

@@ -1,13 +1,13 @@
-"""`reup demo`: a whole reup setup on one machine, and two rollouts through it.
+"""`reup demo`: the whole reup story on one machine, live, then cleaned up.
 
-Called by controller_cli.py (`reup demo`, `make demo`); its `Lab` is also the
-integration tests' harness (tests/support/sshd.py). The lab is: an SSH client
-key, N simulated devices (simdevice.py: a device root behind its own `sshd` on
-127.0.0.1 with the `reup-receive --ssh-command` forced command), a local fleet
-repo (demofleet.py) and a reup.toml with SQLite state in the work directory.
-The demo commits a first revision, reconciles until every device is in sync,
-commits a second revision changing some devices, reconciles again, and prints
-the status, the bytes sent and a few metrics. Exit 0 when both rollouts converge.
+Called by controller_cli.py (`reup demo`, the README's `make demo`). It makes a
+fleet repo from the offline flavor of fleet-repo-template/ (`reup init
+--offline`), starts three simulated devices (lab.py: device roots behind real
+sshd on 127.0.0.1) and the controller in this process (SQLite state, the metrics
+endpoint), then: installs every device, commits a change to the `pi` system and
+shows its rollout wave by wave as it happens (bytes sent against a full copy),
+reverts the commit and shows the rollback, prints the bytes and metrics, and exits
+0 if all three rollouts converged. Every run uses a new directory and free ports.
 """
 
 from __future__ import annotations
@@ -17,137 +17,173 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable
+from typing import TextIO
 
 from . import demofleet
-from .config import Config, load_config
 from .controller import Controller
 from .controller_cli import format_status
-from .simdevice import SimDevice, free_port, generate_key
+from .events import (
+    BuildFinished,
+    DeviceStateChanged,
+    DeviceUpdated,
+    Event,
+    RolloutChanged,
+    TransferFinished,
+)
+from .lab import Lab
+from .progress import human_size
+from .template import git, init_fleet_repo
 
-DEMO_NIX_OPTIONS = {"sandbox": "false", "substituters": ""}
-
-
-class Lab:
-    """Simulated devices + fleet repo + reup.toml under `base`."""
-
-    def __init__(self, base: str, names: list[str], *, http_port: int | None = None,
-                 poll_interval: float = 60.0, device_configs: Mapping[str, str] | None = None) -> None:
-        self.base = os.path.abspath(base)
-        os.makedirs(self.base, exist_ok=True)
-        self.key = os.path.join(self.base, "id_ed25519")
-        self.client_pubkey = generate_key(self.key)
-        self.devices = {n: SimDevice(n, os.path.join(self.base, "devices", n), self.client_pubkey) for n in names}
-        self.device_configs = dict(device_configs or {n: n for n in names})
-        self.repo = os.path.join(self.base, "fleet")
-        self.state_dir = os.path.join(self.base, "state")
-        self.http_port = http_port or free_port()
-        self.config_path = os.path.join(self.base, "reup.toml")
-        self.poll_interval = poll_interval
-
-    def start(self) -> None:
-        for dev in self.devices.values():
-            dev.prepare()
-            dev.start()
-        demofleet.init_repo(self.repo)
-        options = ", ".join(f'{k} = "{v}"' for k, v in DEMO_NIX_OPTIONS.items())
-        with open(self.config_path, "w", encoding="utf-8") as f:
-            f.write(
-                f'[source]\nurl = "{self.repo}"\nbranch = "main"\npoll_interval = {self.poll_interval}\n\n'
-                f'[state]\ndir = "{self.state_dir}"\n\n[build]\nmax_parallel = 2\nnix_options = {{ {options} }}\n\n'
-                f'[ssh]\nkey = "{self.key}"\nconnect_timeout = 5\nattempts = 2\nretry_max = 30\n\n'
-                f'[http]\nlisten = "127.0.0.1:{self.http_port}"\n'
-            )
-
-    def stop(self) -> None:
-        for dev in self.devices.values():
-            dev.stop()
-
-    def fleet_toml(self, rollout: str = "") -> str:
-        parts = [f"[rollout]\n{rollout}\n"] if rollout else []
-        parts += [dev.fleet_entry(self.device_configs.get(name)) for name, dev in self.devices.items()]
-        return "\n".join(parts)
-
-    def commit(self, message: str, configs: Mapping[str, str], *, fleet: str | None = None) -> str:
-        return demofleet.commit(self.repo, message, configs=configs, fleet=fleet if fleet is not None else self.fleet_toml())
-
-    def config(self) -> Config:
-        return load_config(self.config_path)
-
-    def activations(self, name: str) -> list[str]:
-        path = os.path.join(self.devices[name].root, "activations")
-        if not os.path.exists(path):
-            return []
-        with open(path, encoding="utf-8") as f:
-            return f.read().splitlines()
-
-    def scrape(self, path: str = "/metrics") -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as resp:
-            return str(resp.read().decode())
+# Device -> (configuration, wave): one x86 board and two Pis, pi-01 as the canary.
+DEVICES = {"pi-01": ("pi", "canary"), "board-01": ("board", "main"), "pi-02": ("pi", "main")}
+# The demo's change: a new sensord release with a shorter interval on every Pi.
+CHANGE = (("version = \"1.4.0\"; interval = 5;", "version = \"1.5.0\"; interval = 2;"),)
+STUCK = ("failed", "rolled_back", "unreachable", "halted")
+SHOWN_METRICS = ("reup_devices{", "reup_device_updates_total", "reup_transfer_bytes_total", "reup_builds_total",
+                 "reup_rollout_progress_ratio", "reup_source_revision_info")
 
 
-def _reconcile(cfg: Config, *, serve: bool = False) -> tuple[int, str, str]:
-    """One `reup run --once`; returns (exit code, status table, selected metrics)."""
-    ctrl = Controller(cfg)
-    server = ctrl.start_http() if serve else None
+class LiveView:
+    """Event subscriber: one line per step of each device's update, as it happens."""
+
+    def __init__(self, out: TextIO, start: float) -> None:
+        self.out = out
+        self.start = start
+        self.last = ""
+
+    def __call__(self, event: Event) -> None:
+        line = None
+        if isinstance(event, BuildFinished):
+            name = event.drv_path.rsplit("/", 1)[-1].split("-", 1)[-1].removesuffix(".drv")
+            line = f"built {name} ({event.result}, {event.seconds:.1f}s)"
+        elif isinstance(event, RolloutChanged) and event.wave:
+            line = (f"rollout: wave {event.wave}, {event.progress:.0%} of devices done"
+                    + (f"; halted: {event.halted}" if event.halted else ""))
+        elif isinstance(event, DeviceStateChanged) and event.old:
+            line = f"{event.device:<9} {event.old} -> {event.new}"
+        elif isinstance(event, TransferFinished):
+            share = f"{event.stream_bytes / event.nar_bytes:.2%}" if event.nar_bytes else "-"
+            line = (f"{event.device:<9} sent {human_size(event.stream_bytes)} for {human_size(event.nar_bytes)} of new store "
+                    f"paths ({share}) in {event.seconds:.2f}s")
+        elif isinstance(event, DeviceUpdated) and event.result != "retry":
+            why = f": {event.error.strip().splitlines()[-1]}" if event.error else ""
+            line = f"{event.device:<9} {event.result}{why}"
+        if line and line != self.last:
+            self.last = line
+            print(f"  {event.at - self.start:6.1f}s  {line}", file=self.out, flush=True)
+
+
+def demo_fleet_toml(template_toml: str, lab: Lab) -> str:
+    """The template's fleet.toml with its [rollout] kept and its devices replaced by the lab's."""
+    head = template_toml.split("\n[devices.", 1)[0].rstrip() + "\n\n"
+    return head + "\n".join(lab.devices[n].fleet_entry(cfg, wave) for n, (cfg, wave) in DEVICES.items())
+
+
+async def _until(ctrl: Controller, commit: str, timeout: float) -> bool:
+    """Wait until every device settled on `commit`; True if all are in sync."""
+    ctrl.request_fetch()  # the watchdog sees the commit too; this makes the demo independent of it
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = ctrl.store.status()
+        devices = status["devices"]
+        if status["revision"] == commit and devices and all(d["commit"] == commit for d in devices):
+            if all(d["state"] == "in_sync" and d["acknowledged"] == d["target"] for d in devices):
+                return True
+            if not ctrl.tasks and any(d["state"] in STUCK for d in devices):
+                return False
+        await asyncio.sleep(0.2)
+    return False
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    return "\n".join(ln for ln in text.splitlines() if ln.startswith(SHOWN_METRICS) and not ln.endswith(" 0.0"))
+
+
+async def _story(lab: Lab, ctrl: Controller, metrics_url: str, out: TextIO) -> bool:
+    runner = asyncio.ensure_future(ctrl.run())
+    say: Callable[[str], None] = lambda text: print(text, file=out, flush=True)  # noqa: E731
+    ok = True
     try:
-        rc = asyncio.run(ctrl.run(once=True))
-        status = format_status(ctrl.store.status())
-        metrics = ""
-        if server is not None:
-            host, port = server.address
-            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as resp:
-                text = resp.read().decode()
-            keep = ("reup_devices{", "reup_device_updates_total", "reup_transfer_bytes_total", "reup_builds_total",
-                    "reup_source_revision_info", "reup_delta_ratio_sum", "reup_delta_ratio_count")
-            metrics = "\n".join(ln for ln in text.splitlines() if ln.startswith(keep) and not ln.endswith(" 0.0"))
-        return rc, status, metrics
+        commits = [git(lab.repo, "rev-parse", "HEAD")]
+        say(f"\n== {commits[0][:12]} first install: every device gets its whole system ==")
+        ok = await _until(ctrl, commits[0], 300) and ok
+        say(format_status(ctrl.store.status()))
+
+        pi = os.path.join(lab.repo, "hosts", "pi.nix")
+        with open(pi, encoding="utf-8") as f:
+            text = f.read()
+        for old, new in CHANGE:
+            text = text.replace(old, new)
+        with open(pi, "w", encoding="utf-8") as f:
+            f.write(text)
+        git(lab.repo, "commit", "-q", "-am", "pi: sensord 1.5.0, 2 s interval")
+        commits.append(git(lab.repo, "rev-parse", "HEAD"))
+        say(f"\n== {commits[1][:12]} a change to the pi system: canary pi-01 first, then pi-02; board-01 "
+            "keeps its system ==")
+        ok = await _until(ctrl, commits[1], 300) and ok
+        say(format_status(ctrl.store.status()))
+
+        git(lab.repo, "revert", "--no-edit", "HEAD")
+        commits.append(git(lab.repo, "rev-parse", "HEAD"))
+        say(f"\n== {commits[2][:12]} git revert: rolling back is one more commit ==")
+        ok = await _until(ctrl, commits[2], 300) and ok
+        say(format_status(ctrl.store.status()))
+
+        say("\n== bytes on the wire ==")
+        for h in ctrl.store.history():
+            if h["result"] == "committed" and h["commit_id"] in commits:
+                step = ("install", "change", "revert")[commits.index(str(h["commit_id"]))]
+                say(f"{h['device']:<9} {step:<8} {human_size(int(h['stream_bytes'] or 0)):>10} sent, "
+                    f"{human_size(int(h['nar_bytes'] or 0)):>10} as full NARs of the missing paths")
+        say(f"\n== {metrics_url} (served while the controller runs) ==")
+        say(await asyncio.to_thread(_scrape, metrics_url))
+        for name in DEVICES:
+            say(f"{name} activations: {lab.activations(name)}")
+        return ok
     finally:
-        if server is not None:
-            server.stop()
-        ctrl.close()
+        ctrl.stop()
+        await runner
 
 
-def run_demo(workdir: str | None = None, *, devices: int = 4, keep: bool = False) -> int:
+def run_demo(workdir: str | None = None, *, keep: bool = False, out: TextIO = sys.stdout) -> int:
     os.environ.setdefault("NIX_CONFIG", demofleet.NIX_CONFIG)
     base = workdir or tempfile.mkdtemp(prefix="reup-demo-")
-    names = [f"dev-{i}" for i in range(1, devices + 1)]
-    # dev-1 is the gateway, the last one the camera, the ones between share the sensor system.
-    configs = {n: ("gateway" if i == 0 else "camera" if i == len(names) - 1 and i > 1 else "sensor")
-               for i, n in enumerate(names)}
-    lab = Lab(base, names, device_configs=configs)
-    out = sys.stdout
+    lab = Lab(base, list(DEVICES), poll_interval=30)
+    ctrl = None
+    server = None
     try:
-        print(f"reup demo in {base}: {devices} devices behind sshd on 127.0.0.1 "
-              f"(ports {', '.join(str(d.port) for d in lab.devices.values())})", file=out)
-        lab.start()
-        c1 = lab.commit("first fleet revision", {"gateway": "1.0", "sensor": "1.0", "camera": "1.0"})
-        print(f"\n== commit {c1[:12]}: first install of every device ==", file=out, flush=True)
-        rc1, status, _ = _reconcile(lab.config())
-        print(status, file=out)
-        c2 = lab.commit("sensor 1.1", {"gateway": "1.0", "sensor": "1.1", "camera": "1.0"})
-        print(f"\n== commit {c2[:12]}: the sensor system changes ==", file=out, flush=True)
-        rc2, status, metrics = _reconcile(lab.config(), serve=True)
-        print(status, file=out)
-        print("\n== what was sent ==", file=out)
-        from .state import Store
-
-        store = Store(lab.state_dir)
-        for h in store.history():
-            if h["result"] in ("committed", "adopted"):
-                print(f"{h['device']:<8} {h['commit_id'][:12]}  {h['stream_bytes']:>9} bytes sent "
-                      f"(a full copy of the missing paths: {h['nar_bytes']} bytes)", file=out)
-        store.close()
-        print("\n== metrics (second rollout) ==\n" + metrics, file=out)
-        for name in names:
-            print(f"{name} activations: {lab.activations(name)}", file=out)
-        ok = rc1 == 0 and rc2 == 0
+        lab.start(init_repo=False)
+        print(f"reup demo in {base}\n  devices: " + ", ".join(
+            f"{n} ({cfg}, wave {wave}) ssh 127.0.0.1:{lab.devices[n].port}" for n, (cfg, wave) in DEVICES.items()),
+            file=out)
+        init_fleet_repo(lab.repo, offline=True, commit=False)
+        with open(os.path.join(lab.repo, "fleet.toml"), encoding="utf-8") as f:
+            template_toml = f.read()
+        with open(os.path.join(lab.repo, "fleet.toml"), "w", encoding="utf-8") as f:
+            f.write(demo_fleet_toml(template_toml, lab))
+        git(lab.repo, "add", "-A")
+        git(lab.repo, "commit", "-q", "-m", "fleet from reup init --offline, with the demo's devices")
+        ctrl = Controller(lab.config())
+        ctrl.bus.subscribe(LiveView(out, time.time()))
+        server = ctrl.start_http()
+        metrics_url = f"http://127.0.0.1:{lab.http_port}/metrics"
+        print(f"  fleet repo: {lab.repo}\n  controller state: {lab.state_dir}/reup.sqlite\n"
+              f"  metrics: {metrics_url}", file=out, flush=True)
+        ok = asyncio.run(_story(lab, ctrl, metrics_url, out))
         print(f"\ndemo {'succeeded' if ok else 'FAILED'}", file=out)
         return 0 if ok else 1
     finally:
+        if server is not None:
+            server.stop()
+        if ctrl is not None:
+            ctrl.close()
         lab.stop()
-        if workdir is None and not keep:
-            shutil.rmtree(base, ignore_errors=True)
-        elif keep:
+        if keep:
             print(f"kept {base} (reup status --config {lab.config_path})", file=out)
+        elif workdir is None:
+            shutil.rmtree(base, ignore_errors=True)

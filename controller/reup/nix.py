@@ -70,6 +70,10 @@ def eval_json_cmd(
     return argv
 
 
+def current_system_cmd() -> list[str]:
+    return ["nix", *FEATURES, "eval", "--impure", "--raw", "--expr", "builtins.currentSystem"]
+
+
 def option_args(options: Mapping[str, str] | None) -> list[str]:
     out: list[str] = []
     for key, value in sorted((options or {}).items()):
@@ -154,6 +158,10 @@ class NixExecutor:
 
     def eval_json(self, installable: str, *, apply: str | None = None) -> object:
         return json.loads(self.run(eval_json_cmd(installable, apply=apply, options=self.options)))
+
+    def current_system(self) -> str:
+        """The platform this Nix builds for by default, e.g. "x86_64-linux"."""
+        return self.run(current_system_cmd()).strip()
 
 
 def resolve_store_path(path: str, store_dir: str = "/nix/store") -> str:

@@ -31,14 +31,14 @@ class TerminalProgress:
             fill = int(self.width * done / total)
             busy = [f"{n}:{s}" for n, s, _, _ in event.devices if s not in ("in_sync", "failed", "unreachable")]
             line = (f"\r[{'#' * fill}{'.' * (self.width - fill)}] {synced}/{total} in sync, "
-                    f"{_size(self.sent)} sent ({_size(self.full)} full) {' '.join(busy[:4])}")
+                    f"{human_size(self.sent)} sent ({human_size(self.full)} full) {' '.join(busy[:4])}")
             self.stream.write(line[:160].ljust(160))
             if done == total:
                 self.stream.write("\n")
             self.stream.flush()
 
 
-def _size(n: int) -> str:
+def human_size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":

@@ -1,7 +1,7 @@
 """Integration-test harness for the controller: simulated devices behind real sshd, a fleet repo,
 and the `reup` command run as a real process.
 
-The lab itself (keys, sshd processes, repo, reup.toml) is `reup.demo.Lab`, shared
+The lab itself (keys, sshd processes, repo, reup.toml) is `reup.lab.Lab`, shared
 with `reup demo`; this module adds what tests need around it: running
 `reup run [--once]` as a subprocess, waiting for a state, reading metrics.
 """
@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from reup.demo import Lab
+from reup.lab import Lab
 from reup.simdevice import SimDevice, free_port, generate_key
 from reup.state import Store
 
