@@ -1,4 +1,4 @@
-"""`reup run`, `reup status`, `reup plan` and `reup demo`: the controller's subcommands.
+"""`reup run`, `reup status`, `reup plan`, `reup init` and `reup demo`: the controller's subcommands.
 
 Registered by cli.py through `register(subparsers)`. `run` drives controller.py
 (with `--once` it exits when every device is settled: 0 if all are in sync);
