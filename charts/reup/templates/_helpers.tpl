@@ -1,3 +1,4 @@
+{{/* Names and labels shared by the templates. Rendered by Helm, and by tests/support/helmlite.py in CI. */}}
 {{- define "reup.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
@@ -19,7 +20,39 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{/* A TOML value: strings quoted, numbers and booleans as they are. */}}
-{{- define "reup.tomlValue" -}}
-{{- if kindIs "string" . -}}{{ . | quote }}{{- else -}}{{ . }}{{- end -}}
+{{/* The Secret holding the SSH key: the user's, or <fullname>-ssh (created from ssh.privateKey, or by hand). */}}
+{{- define "reup.sshSecret" -}}
+{{- if and .Values.ssh.existingSecret .Values.ssh.privateKey -}}
+{{- fail "set ssh.privateKey or ssh.existingSecret, not both" -}}
+{{- end -}}
+{{- .Values.ssh.existingSecret | default (printf "%s-ssh" (include "reup.fullname" .)) -}}
+{{- end -}}
+
+{{/* reup.toml: .Values.config with the keys the chart owns; sections and keys in sorted order,
+     scalars and lists as JSON (which TOML reads the same), nested maps as sub-tables. */}}
+{{- define "reup.toml" -}}
+{{- $owned := dict "state" (dict "dir" "/var/lib/reup") "ssh" (dict "key" (printf "/etc/reup/ssh/%s" .Values.ssh.key)) "http" (dict "listen" (printf "0.0.0.0:%v" .Values.service.port)) -}}
+{{- $config := mergeOverwrite (deepCopy .Values.config) $owned -}}
+{{- range $section, $table := $config -}}
+[{{ $section }}]
+{{- range $key, $value := $table }}
+{{- if not (kindIs "map" $value) }}
+{{ $key }} = {{ toJson $value }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := $table }}
+{{- if kindIs "map" $value }}
+[{{ $section }}.{{ $key }}]
+{{- range $k, $v := $value }}
+{{ toJson $k }} = {{ toJson $v }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{ end }}
+{{- end -}}
+
+{{/* PromQL matchers that scope the alerts to this release's scrape job (a ServiceMonitor's job is its Service's name). */}}
+{{- define "reup.promSelector" -}}
+job="{{ include "reup.fullname" . }}", namespace="{{ .Release.Namespace }}"
 {{- end -}}
