@@ -1,29 +1,23 @@
-# Nix packaging of reup: the device side (reup-receiver) and the controller (reup), plus a
-# NixOS module that installs the receiver as the forced command of the controller's SSH key.
-# Not exercised by CI (no nixpkgs offline there); `make` + pip is the tested path.
+# Nix packaging of reup: the controller (`reup`) and the device side (`reup-receiver`), apps, NixOS
+# modules (the controller as a service; the receiver and the minification modules, which are the
+# fleet template's modules/*.nix files), a development shell and checks.
+# CI does not build this (no nixpkgs offline there): tests/test_nix_files.py parses it and
+# evaluates what needs no nixpkgs; `make` + pip is the tested path.
 {
   description = "reup: GitOps delivery of NixOS system closures to device fleets by binary delta";
 
-  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.05";
+  inputs.nixpkgs.url = "github:NixOS/nixpkgs/nixos-24.11";
 
   outputs = { self, nixpkgs }:
     let
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAll = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
       mkPackages = pkgs:
         let
           py = pkgs.python3Packages;
-          receiver = py.buildPythonPackage {
-            pname = "reup-receiver";
-            version = "0.1.0";
-            pyproject = true;
-            src = ./receiver;
-            build-system = [ py.setuptools ];
-            # HDiffPatch is optional on the device: the receiver reports what it can apply.
-            dependencies = [ py.zstandard py.bsdiff4 ];
-          };
-        in {
-          reup-receiver = py.toPythonApplication receiver;
+          # One definition with the fleet template's receiver module.
+          receiver = pkgs.callPackage ./fleet-repo-template/modules/receiver-package.nix { src = ./receiver; };
           reup = py.buildPythonApplication {
             pname = "reup";
             version = "0.1.0";
@@ -34,30 +28,234 @@
                              py.prometheus-client py.zstandard py.pyzstd py.bsdiff4 ];
             # hdiffpatch is not in nixpkgs; the encoder then uses its other codecs.
             pythonRemoveDeps = [ "hdiffpatch" ];
-            makeWrapperArgs = [ "--prefix PATH : ${pkgs.lib.makeBinPath [ pkgs.nix pkgs.git ]}" ];
+            makeWrapperArgs = [
+              # builds (nix), signed commits (git verify-commit with gpg or ssh-keygen)
+              "--prefix" "PATH" ":" (pkgs.lib.makeBinPath [ pkgs.nix pkgs.git pkgs.gnupg pkgs.openssh ])
+              # `reup init` copies the fleet template from here
+              "--set-default" "REUP_TEMPLATE_DIR" "${./fleet-repo-template}"
+            ];
+            pythonImportsCheck = [ "reup" ];
+            meta.mainProgram = "reup";
           };
+        in {
+          reup-receiver = receiver;
+          inherit reup;
         };
+
+      # Python tests that need neither network, sshd nor Nix builds (`nix flake check`).
+      pureTests = [
+        "tests/test_planner.py" "tests/test_planner_rollout.py" "tests/test_controller_rollout_units.py"
+        "tests/test_controller_units.py" "tests/test_controller_config.py" "tests/test_delta_pairing.py"
+        "tests/test_literal.py" "tests/test_wire_property.py" "tests/test_nix_files.py"
+      ];
     in {
       packages = forAll (pkgs: let p = mkPackages pkgs; in p // { default = p.reup; });
 
-      nixosModules.reup-receiver = { config, lib, pkgs, ... }:
-        let
-          cfg = config.services.reup-receiver;
-          receive = "${self.packages.${pkgs.system}.reup-receiver}/bin/reup-receive";
-        in {
-          options.services.reup-receiver = {
-            enable = lib.mkEnableOption "the reup receiver as the forced command of the controller's key";
-            controllerKey = lib.mkOption {
-              type = lib.types.str;
-              description = "The controller's SSH public key (ssh-ed25519 AAAA... reup-controller).";
+      apps = forAll (pkgs: let p = self.packages.${pkgs.system}; in {
+        reup = { type = "app"; program = "${p.reup}/bin/reup"; };
+        reup-receive = { type = "app"; program = "${p.reup-receiver}/bin/reup-receive"; };
+        default = { type = "app"; program = "${p.reup}/bin/reup"; };
+      });
+
+      nixosModules = {
+        # The device end: the fleet template's module, with this flake's receiver package.
+        receiver = { lib, pkgs, ... }: {
+          imports = [ ./fleet-repo-template/modules/receiver.nix ];
+          reup.receiver.package = lib.mkDefault self.packages.${pkgs.stdenv.hostPlatform.system}.reup-receiver;
+        };
+        minify = ./fleet-repo-template/modules/minify.nix;
+
+        # The controller as a systemd service: `reup run` with a reup.toml from `settings`.
+        controller = { config, lib, pkgs, ... }:
+          let
+            cfg = config.services.reup-controller;
+            toml = pkgs.formats.toml { };
+            configFile = toml.generate "reup.toml" cfg.settings;
+            credential = "/run/credentials/reup-controller.service/ssh-key";
+          in {
+            options.services.reup-controller = {
+              enable = lib.mkEnableOption "the reup controller (`reup run`)";
+
+              package = lib.mkOption {
+                type = lib.types.package;
+                default = self.packages.${pkgs.stdenv.hostPlatform.system}.reup;
+                defaultText = lib.literalExpression "reup.packages.\${system}.reup";
+                description = "The reup package.";
+              };
+
+              settings = lib.mkOption {
+                type = toml.type;
+                default = { };
+                example = lib.literalExpression ''
+                  {
+                    source.url = "ssh://git@git.example.org/fleet.git";
+                    source.branch = "main";
+                    build.nix_options = { builders = "ssh://builder aarch64-linux"; };
+                  }
+                '';
+                description = ''
+                  reup.toml (every key: docs/controller.md). `source.url` is required;
+                  `state.dir`, `ssh.key` and `http.listen` are filled in from `stateDir`,
+                  `sshKeyFile` and `metrics`. Relative paths in it would be relative to the
+                  Nix store: use absolute ones.'';
+              };
+
+              stateDir = lib.mkOption {
+                type = lib.types.str;
+                default = "/var/lib/reup";
+                description = ''
+                  State directory (SQLite database, git mirror, GC roots, delta cache), created by
+                  systemd (StateDirectory), so it must be under /var/lib.'';
+              };
+
+              sshKeyFile = lib.mkOption {
+                type = lib.types.nullOr lib.types.str;
+                default = null;
+                example = "/etc/reup/id_ed25519";
+                description = ''
+                  Private key the controller authenticates to devices with. Read by systemd
+                  (LoadCredential), so it may be readable by root only; it is not copied to the
+                  Nix store. Its public half goes into the devices' reup.receiver.controllerKeys.'';
+              };
+
+              metrics = {
+                listenAddress = lib.mkOption {
+                  type = lib.types.str;
+                  default = "127.0.0.1";
+                  example = "0.0.0.0";
+                  description = "Address of /metrics, /healthz, /api/status and /webhook.";
+                };
+                port = lib.mkOption {
+                  type = lib.types.port;
+                  default = 9120;
+                  description = "Port of the HTTP endpoints.";
+                };
+              };
+
+              openFirewall = lib.mkOption {
+                type = lib.types.bool;
+                default = false;
+                description = "Open `metrics.port` in the firewall.";
+              };
+
+              shard = lib.mkOption {
+                type = lib.types.nullOr (lib.types.strMatching "[0-9]+/[0-9]+");
+                default = null;
+                example = "0/3";
+                description = ''
+                  `reup run --shard i/n`: manage only the devices of shard i of n (0 <= i < n),
+                  one controller per shard, each with its own state directory.'';
+              };
+
+              user = lib.mkOption {
+                type = lib.types.str;
+                default = "reup";
+                description = "User the controller runs as (created if it is \"reup\").";
+              };
+
+              nixTrusted = lib.mkOption {
+                type = lib.types.bool;
+                default = false;
+                description = ''
+                  Add `user` to nix.settings.trusted-users, so that `build.nix_options` that only
+                  trusted users may pass (builders, substituters) take effect.'';
+              };
+            };
+
+            config = lib.mkIf cfg.enable {
+              assertions = [
+                {
+                  assertion = cfg.settings ? source && cfg.settings.source ? url;
+                  message = "services.reup-controller.settings.source.url: the fleet repo is required.";
+                }
+                {
+                  assertion = lib.hasPrefix "/var/lib/" cfg.stateDir;
+                  message = "services.reup-controller.stateDir must be under /var/lib (StateDirectory).";
+                }
+              ];
+
+              services.reup-controller.settings = {
+                state.dir = lib.mkDefault cfg.stateDir;
+                http.listen = lib.mkDefault "${cfg.metrics.listenAddress}:${toString cfg.metrics.port}";
+                ssh = lib.mkIf (cfg.sshKeyFile != null) { key = lib.mkDefault credential; };
+              };
+
+              users.users = lib.mkIf (cfg.user == "reup") {
+                reup = { isSystemUser = true; group = "reup"; home = cfg.stateDir; };
+              };
+              users.groups = lib.mkIf (cfg.user == "reup") { reup = { }; };
+              nix.settings.trusted-users = lib.mkIf cfg.nixTrusted [ cfg.user ];
+
+              environment.systemPackages = [ cfg.package ];
+              # `reup status --config /etc/reup/reup.toml`, `reup rollout pause ...` for operators.
+              environment.etc."reup/reup.toml".source = configFile;
+
+              networking.firewall.allowedTCPPorts = lib.mkIf cfg.openFirewall [ cfg.metrics.port ];
+
+              systemd.services.reup-controller = {
+                description = "reup controller: GitOps delivery of NixOS systems to devices";
+                wantedBy = [ "multi-user.target" ];
+                wants = [ "network-online.target" ];
+                after = [ "network-online.target" "nix-daemon.socket" ];
+                # nix for `nix eval`/`nix build` through the daemon, git for signature checks.
+                path = [ config.nix.package pkgs.git pkgs.gnupg pkgs.openssh ];
+                environment.HOME = cfg.stateDir;
+                restartTriggers = [ configFile ];
+                serviceConfig = {
+                  ExecStart = lib.concatStringsSep " " ([ "${cfg.package}/bin/reup" "run" "--config" "${configFile}" ]
+                    ++ lib.optionals (cfg.shard != null) [ "--shard" cfg.shard ]);
+                  User = cfg.user;
+                  Group = lib.mkIf (cfg.user == "reup") "reup";
+                  StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
+                  StateDirectoryMode = "0750";
+                  WorkingDirectory = cfg.stateDir;
+                  LoadCredential = lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}";
+                  Restart = "on-failure";
+                  RestartSec = 10;
+                  NoNewPrivileges = true;
+                  PrivateTmp = true;
+                  ProtectSystem = "full";
+                  ProtectHome = true;
+                };
+              };
             };
           };
-          config = lib.mkIf cfg.enable {
-            services.openssh.enable = true;
-            users.users.root.openssh.authorizedKeys.keys = [
-              ''restrict,command="${receive} --root / --ssh-command" ${cfg.controllerKey}''
-            ];
-          };
+      };
+
+      devShells = forAll (pkgs: {
+        default = pkgs.mkShell {
+          packages = [
+            (pkgs.python3.withPackages (ps: with ps; [
+              zstandard bsdiff4 pygit2 watchdog asyncssh tenacity prometheus-client pyzstd
+              pytest pytest-xdist pytest-timeout hypothesis
+            ]))
+            pkgs.nix pkgs.git pkgs.openssh pkgs.zstd pkgs.xz pkgs.gnupg pkgs.ruff pkgs.mypy
+          ];
+          # Both distributions from the work tree, without installing them.
+          shellHook = ''export PYTHONPATH="$PWD/receiver:$PWD/controller''${PYTHONPATH:+:$PYTHONPATH}"'';
         };
+      });
+
+      checks = forAll (pkgs:
+        let p = self.packages.${pkgs.system}; in {
+          inherit (p) reup reup-receiver;
+          python-tests = pkgs.runCommand "reup-python-tests" {
+            nativeBuildInputs = [
+              (pkgs.python3.withPackages (ps: with ps; [
+                p.reup-receiver pygit2 watchdog asyncssh tenacity prometheus-client zstandard pyzstd bsdiff4
+                pytest pytest-xdist pytest-timeout hypothesis
+              ]))
+              pkgs.nix pkgs.git
+            ];
+          } ''
+            cp -r ${self} src && chmod -R u+w src && cd src
+            # Nix for tests/test_nix_files.py (parse and evaluate only) with a store of its own.
+            export HOME=$TMPDIR NIX_STATE_DIR=$TMPDIR/nix/var NIX_LOG_DIR=$TMPDIR/nix/log \
+              NIX_CONF_DIR=$TMPDIR/nix/etc NIX_STORE_DIR=$TMPDIR/nix/store
+            export PYTHONPATH=$PWD/controller''${PYTHONPATH:+:$PYTHONPATH}
+            python -m pytest -p no:cacheprovider ${pkgs.lib.concatStringsSep " " pureTests}
+            touch $out
+          '';
+        });
     };
 }

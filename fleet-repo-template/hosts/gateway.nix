@@ -1,4 +1,0 @@
-{ ... }: {
-  networking.hostName = "gateway";
-  services.mosquitto.enable = true;
-}

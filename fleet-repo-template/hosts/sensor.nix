@@ -1,3 +1,0 @@
-{ ... }: {
-  networking.hostName = "sensor";
-}
