@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from support.receiverkit import (
     StreamCache,
     assert_one_line_error,
     current_toplevel,
+    nix_env,
     profile_links,
     read_activations,
     receive,
@@ -84,6 +86,27 @@ def test_missed_deadline_rolls_back_by_itself(gen1_root: str, gens: Generations,
     # the late confirmation is refused with the reason
     run = receive(gen1_root, None, "--confirm", str(gen))
     assert_one_line_error(run, 24, "rolled back", "not confirmed before the deadline")
+
+
+def test_watchdog_runs_under_a_wrapped_interpreter(gen1_root: str, gens: Generations,
+                                                   streams: StreamCache) -> None:
+    """As under nixpkgs' wrappers: the receiver is importable only through sys.path set in the entry
+    script (not PYTHONPATH, not the interpreter's own site-packages); the detached watchdog, a new
+    `python -m` process, must still start and roll back."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    sitedirs = [p for p in sys.path if p.endswith("site-packages")]
+    script = ("import site, sys\n" + "".join(f"site.addsitedir({d!r})\n" for d in sitedirs)
+              + "from reup_receiver.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    env = {k: v for k, v in nix_env().items() if k != "PYTHONPATH"}
+    bare = subprocess.run([base, "-c", "import reup_receiver"], capture_output=True, env=env, check=False)
+    assert bare.returncode != 0, "the base interpreter must not see the receiver for this test to mean anything"
+    run = subprocess.run([base, "-c", script, "--root", gen1_root, "--confirm-timeout", "1.5"],
+                         input=streams.get([gens.gen1], gens.gen2), capture_output=True, env=env, timeout=120,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert current_toplevel(gen1_root) == gens.gen2
+    wait_until(lambda: current_toplevel(gen1_root) == gens.gen1, 15)
+    assert status(gen1_root)["last_rollback"]["reason"] == "not confirmed before the deadline"
 
 
 def test_deadline_passed_while_device_was_down(gen1_root: str, gens: Generations,

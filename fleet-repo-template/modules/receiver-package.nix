@@ -8,21 +8,12 @@
 # HDiffPatch, an optional codec of the receiver, is not in nixpkgs: the receiver reports the codecs
 # it can apply (`reup-receive --status`) and the controller's encoder keeps to them.
 { lib, python3Packages, src, version ? "0.1.0" }:
-let
-  dependencies = [ python3Packages.zstandard python3Packages.bsdiff4 ];
-in
 python3Packages.buildPythonPackage {
   pname = "reup-receiver";
-  inherit version src dependencies;
+  inherit version src;
+  dependencies = [ python3Packages.zstandard python3Packages.bsdiff4 ];
   pyproject = true;
   build-system = [ python3Packages.setuptools ];
-  # After activating, the receiver starts its rollback watchdog as `python -m reup_receiver.cli`
-  # with the bare interpreter (sys.executable); the wrapper's PYTHONPATH lets that child import
-  # the receiver and its codecs.
-  makeWrapperArgs = [
-    "--prefix" "PYTHONPATH" ":"
-    "${placeholder "out"}/${python3Packages.python.sitePackages}:${python3Packages.makePythonPath dependencies}"
-  ];
   pythonImportsCheck = [ "reup_receiver" ];
   meta = {
     description = "Device side of reup: verified, atomic, resumable installs of Nix store paths from a reup stream";

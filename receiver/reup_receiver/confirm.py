@@ -68,11 +68,21 @@ def arm(device: Device, generation: int, previous: tuple[int, str] | None, activ
     return deadline
 
 
+# The watchdog child imports the receiver through our own import path, .pth files included: wrappers
+# such as nixpkgs' set sys.path inside the entry script, so a bare `python -m` child would not find
+# the receiver or its codecs.
+_WATCHDOG_BOOT = ("import os, site, sys\n"
+                  "for p in os.environ.pop('REUP_SYS_PATH').split(os.pathsep):\n"
+                  "    site.addsitedir(p)\n"
+                  "from reup_receiver.cli import main\n"
+                  "sys.exit(main(sys.argv[1:]))\n")
+
+
 def _spawn_watchdog(device: Device) -> None:
-    argv = [sys.executable, "-m", "reup_receiver.cli", "--root", device.root, "--watchdog"]
+    argv = [sys.executable, "-c", _WATCHDOG_BOOT, "--root", device.root, "--watchdog"]
     subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                     env={**os.environ, WATCHDOG_ENV: "1"})
+                     env={**os.environ, WATCHDOG_ENV: "1", "REUP_SYS_PATH": os.pathsep.join(p for p in sys.path if p)})
 
 
 def _roll_back(device: Device, record: dict[str, Any], reason: str) -> dict[str, Any]:
