@@ -127,14 +127,3 @@ tags = {{ site = "hamburg" }}
 def test_fleet_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_fleet(text)
-
-
-def test_fleet_repo_template_parses() -> None:
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "fleet-repo-template", "fleet.toml")
-    with open(path, encoding="utf-8") as f:
-        fleet = parse_fleet(f.read())
-    assert sorted(fleet.devices) == ["gw-01", "sensor-01", "sensor-02"]
-    assert fleet.rollout.waves == ("canary", "main")
-    assert {d.config for d in fleet.devices.values()} == {"gateway", "sensor"}
