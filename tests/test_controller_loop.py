@@ -68,7 +68,8 @@ class FakePusher:
 
     async def push(self, dev: Device, toplevel: str, *, activation: str = "switch",
                    on_phase: Callable[[DeviceState], None] = lambda s: None, confirm_timeout: float = 0.0,
-                   health_check: str | None = None) -> PushOutcome:
+                   health_check: str | None = None,
+                   on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None) -> PushOutcome:
         if dev.name in self.down:
             raise UnreachableError(f"{dev.name} unreachable: connection refused")
         if self.running.get(dev.name) == toplevel:
@@ -77,6 +78,7 @@ class FakePusher:
         if self.gate is not None:
             await self.gate.wait()
         self.sent.append((dev.name, toplevel))
+        on_sent(10, 100, 0.0)
         self.running[dev.name] = toplevel
         return PushOutcome(toplevel, len(self.sent), stream_bytes=10, nar_bytes=100)
 

@@ -176,6 +176,9 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         with open(os.path.join(lab.devices["d1"].root, "nix/var/reup/rollbacks.jsonl"), encoding="utf-8") as f:
             rb = json.loads(f.read().splitlines()[-1])
         assert "health check failed" in rb["reason"] and rb["time"] < t0 + 6 + 5  # well before a deadline lapse
+        # The rolled-back update's stream crossed the wire too: the bytes metric counts it.
+        committed = sum(int(h["stream_bytes"] or 0) for h in store_history(lab) if h["result"] == "committed")
+        assert metric(parse_metrics(lab.scrape()), "reup_transfer_bytes_total", kind="delta") > committed
 
         # 2. d2's sshd goes away right after activation: it rolls back by itself at the deadline;
         #    the controller reports it, nothing is acknowledged.

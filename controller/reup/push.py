@@ -230,9 +230,12 @@ class SshPusher:
         on_phase: Callable[[DeviceState], None] = lambda s: None,
         confirm_timeout: float = 0.0,
         health_check: str | None = None,
+        on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None,
     ) -> PushOutcome:
+        """Bring `dev` to `toplevel`; `on_sent(stream bytes, NAR bytes, seconds)` after each whole stream
+        sent, whatever the device then makes of it (so failed updates count on the wire too)."""
         async def once() -> PushOutcome:
-            return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout)
+            return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout, on_sent)
 
         outcome = await retrying(once, attempts=self.attempts)
         if outcome.generation is not None and outcome.confirm_deadline is not None:
@@ -270,7 +273,7 @@ class SshPusher:
 
     async def _push_once(
         self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None],
-        confirm_timeout: float = 0.0,
+        confirm_timeout: float = 0.0, on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None,
     ) -> PushOutcome:
         start = time.monotonic()
         async with await self._connect(dev) as conn:
@@ -286,7 +289,7 @@ class SshPusher:
             for _ in range(4):
                 try:
                     result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase,
-                                                     confirm_timeout, status.codecs)
+                                                     confirm_timeout, status.codecs, on_sent)
                     break
                 except BrokenBaseError as exc:
                     if exc.path and exc.path not in avoid and len(avoid) < 2:
@@ -309,8 +312,11 @@ class SshPusher:
                     staged: tuple[str, ...], avoid: tuple[str, ...], activation: str,
                     on_phase: Callable[[DeviceState], None],
                     confirm_timeout: float = 0.0,
-                    codecs: tuple[str, ...] | None = None) -> tuple[ReceiveResult, DeltaCache.Entry]:
+                    codecs: tuple[str, ...] | None = None,
+                    on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None,
+                    ) -> tuple[ReceiveResult, DeltaCache.Entry]:
         entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid, codecs)
+        start = time.monotonic()
         try:
             proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
             with open(entry.path, "rb") as f:
@@ -318,6 +324,7 @@ class SshPusher:
                     proc.stdin.write(chunk)
                     await proc.stdin.drain()
             proc.stdin.write_eof()
+            on_sent(entry.stream_bytes, entry.nar_bytes, time.monotonic() - start)
             on_phase(DeviceState.ACTIVATING)
             res = await proc.wait(check=False)
         except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:

@@ -82,6 +82,12 @@ class UpdateExecutor:
 
         return on_phase
 
+    def _sent(self, device: str) -> Callable[[int, int, float], None]:
+        def on_sent(stream_bytes: int, nar_bytes: int, seconds: float) -> None:
+            self.bus.emit(TransferFinished(self.clock(), device, stream_bytes, nar_bytes, seconds))
+
+        return on_sent
+
     async def _push(self, push: Push, seen_at: float) -> None:
         name = push.device
         try:
@@ -92,7 +98,7 @@ class UpdateExecutor:
                 policy = self.policy
                 outcome = await self.pusher.push(dev, push.toplevel, activation=policy.activation,
                                                  on_phase=self._phase(name), confirm_timeout=policy.confirm_timeout,
-                                                 health_check=policy.health_check)
+                                                 health_check=policy.health_check, on_sent=self._sent(name))
             except (TemporaryError, PermanentError) as exc:
                 kind = ("unreachable" if isinstance(exc, UnreachableError)
                         else "transient" if isinstance(exc, TemporaryError)
@@ -106,9 +112,6 @@ class UpdateExecutor:
                 self.bus.emit(ReconcileError(self.clock(), "push", f"{type(exc).__name__}: {exc}", name))
                 self._push_failed(push, "permanent", f"internal error: {type(exc).__name__}: {exc}")
                 return
-            if not outcome.adopted:
-                self.bus.emit(TransferFinished(self.clock(), name, outcome.stream_bytes, outcome.nar_bytes,
-                                               outcome.seconds))
             self._committed(push, outcome.generation, seen_at, outcome.stream_bytes, outcome.nar_bytes,
                             outcome.adopted, "acknowledged")
         finally:
