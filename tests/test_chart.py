@@ -23,8 +23,8 @@ import jsonschema
 import pytest
 import yaml
 from reup.config import parse_config
-from reup.metrics import Metrics
 from support.helmlite import Chart, RenderFail, TemplateError, go_float, manifests
+from support.metricnames import controller_metrics
 from support.promql import PromQLError, Selector, selectors
 
 CHART = os.path.join(os.path.dirname(__file__), "..", "charts", "reup")
@@ -326,18 +326,12 @@ def test_dashboard_panels() -> None:
 
 def exported() -> dict[str, frozenset[str]]:
     """Series name -> label names, for every metric of the controller's registry (all options on)."""
-    registry = Metrics(device_info=True).registry
-    families = {f.name: f.type for f in registry.collect()}
     suffixes: dict[str, dict[str, tuple[str, ...]]] = {
         "counter": {"_total": ()}, "gauge": {"": ()}, "histogram": {"_bucket": ("le",), "_sum": (), "_count": ()}}
     names: dict[str, frozenset[str]] = {"up": frozenset(SCRAPE_LABELS)}
-    # label names are not in the exposition of a metric without children: read them off the collectors
-    for collector in registry._collector_to_names:  # noqa: SLF001 - prometheus_client keeps no public accessor
-        for family in collector.collect():
-            assert families[family.name] == family.type
-            for sfx, extra in suffixes[family.type].items():
-                names[family.name + sfx] = frozenset(collector._labelnames) | SCRAPE_LABELS | set(extra)
-    assert len({n for n in names if n.startswith("reup_")}) >= len(families)
+    for name, (kind, labels) in controller_metrics().items():
+        for sfx, extra in suffixes[kind].items():
+            names[name + sfx] = labels | SCRAPE_LABELS | set(extra)
     return names
 
 

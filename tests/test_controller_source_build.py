@@ -57,7 +57,7 @@ def test_evaluate_isolates_errors_and_build_and_roots(tmp_path: os.PathLike[str]
     fleet = parse_fleet(FLEET)
     targets = {t.device: t for t in builder.evaluate(src.flake_ref(c1), fleet, c1)}
     assert targets["b"].drv_path == targets["c"].drv_path and targets["b"].drv_path != targets["a"].drv_path
-    assert targets["a"].error is None and targets["a"].toplevel and targets["a"].drv_path.endswith(".drv")
+    assert targets["a"].error is None and targets["a"].toplevel and (targets["a"].drv_path or "").endswith(".drv")
     assert targets["d"].drv_path is None and "configuration delta is broken" in (targets["d"].error or "")
 
     # An error that tryEval cannot catch (a type error) falls back to one evaluation per device.

@@ -38,7 +38,7 @@ def contents(rnd: random.Random, n: int) -> list[bytes]:
 
 
 def round_trip(tmp: str, files: list[bytes]) -> tuple[int, int]:
-    paths = []
+    paths: list[bytes] = []
     for i, data in enumerate(files):
         p = os.path.join(tmp, f"f{i}")
         with open(p, "wb") as fh:
@@ -48,8 +48,8 @@ def round_trip(tmp: str, files: list[bytes]) -> tuple[int, int]:
     enc.plan([(p, len(d)) for p, d in zip(paths, files, strict=True)])
     dec = LiteralStream(enc.codec)
     wire = 0
-    for p, data in zip(paths, files, strict=True):
-        chunk = enc.data(p)
+    for path, data in zip(paths, files, strict=True):
+        chunk = enc.data(path)
         wire += len(chunk)
         sink = Sink()
         for off in range(0, len(chunk), 4096):

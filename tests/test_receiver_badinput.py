@@ -90,7 +90,7 @@ def receive_inproc(root: str, stream: bytes) -> Run:
         sys.stdin, sys.stdout, sys.stderr = saved
     out.flush()
     err.flush()
-    return Run(code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())  # type: ignore[attr-defined]
+    return Run(code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode())
 
 
 def is_file(relpath: bytes, method: Method | None = None) -> object:

@@ -15,12 +15,11 @@ import sys
 import time
 
 import pytest
-from support.nixflake import Generations
+from support.nixflake import Generations, nix_env
 from support.receiverkit import (
     StreamCache,
     assert_one_line_error,
     current_toplevel,
-    nix_env,
     profile_links,
     read_activations,
     receive,

@@ -254,7 +254,7 @@ def test_registration_without_nix_tools(gens: Generations, streams: StreamCache,
     assert_holds(gen1_root, gens, gens.gen2)
     paths, refs = db_rows(gen1_root)
     assert {p for p, *_ in paths} == set(gens.closure(gens.gen1)) | set(gens.closure(gens.gen2))
-    refs_of = {}
+    refs_of: dict[str, set[str]] = {}
     for a, b in refs:
         refs_of.setdefault(a, set()).add(b)
     info = json.loads(subprocess.run(["nix", "path-info", "--json", "-r", gens.gen2],

@@ -76,7 +76,7 @@ def write_records(recs: list[tuple[int, bytes]]) -> bytes:
 
 def read_records(data: bytes) -> list[tuple[int, bytes]]:
     r = RecordReader(io.BytesIO(data))
-    out = []
+    out: list[tuple[int, bytes]] = []
     while True:
         tag, payload = r.next()
         if tag == T_TRAILER:
