@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from typing import Any
 
@@ -258,3 +259,12 @@ def test_fleet_devices_name_template_configurations() -> None:
         system = {"board": "x86_64-linux", "pi": "aarch64-linux"}[name]
         assert inline == [{"system": system, "receiver": f"reup-receiver-{system}"}]
     assert [os.path.relpath(m["path"], TEMPLATE) for m in r["image"]] == ["hosts/pi-sd-image.nix"]
+
+
+def test_flake_check_runs_existing_test_files() -> None:
+    """`checks.python-tests` names its test files: each must exist (a renamed file would vanish from it)."""
+    with open(os.path.join(ROOT, "flake.nix"), encoding="utf-8") as f:
+        names = re.findall(r'"(tests/[a-z_]+\.py)"', f.read())
+    assert len(names) >= 5
+    for name in names:
+        assert os.path.isfile(os.path.join(ROOT, name)), name
