@@ -101,8 +101,9 @@ def test_alerts_and_dashboard_on_a_live_controller(tmp_path: os.PathLike[str]) -
 
         lab.commit("activation breaks", {"d1": "2!fail", "d2": "2!fail"})
         wait_for(lambda: {"ReupRolloutHalted", "ReupDevicesFailed"} <= prom.firing(), 120, "alerts firing")
-        failed = prom.query('sum(reup_devices{state="failed"})')
-        assert failed and failed[0]["value"][1] == "2"
+        # The halt comes with the first failure (1 failed of 1 executed); the other device fails too.
+        wait_for(lambda: [r["value"][1] for r in prom.query('sum(reup_devices{state="failed"})')] == ["2"], 60,
+                 "both devices failed")
         for expr in dashboard_exprs():  # every panel's query evaluates on live data
             prom.query(dashboard_query(expr))
         saving = prom.query(dashboard_query(next(e for e in dashboard_exprs() if e.startswith("1 - sum("))))
