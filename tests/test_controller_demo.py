@@ -57,6 +57,12 @@ def test_demo_twice(tmp_path: os.PathLike[str]) -> None:
             with open(pid_file, encoding="ascii") as f:
                 assert not os.path.exists(f"/proc/{f.read().strip()}")
 
+    # The same --dir again is refused before anything starts; the first run's lab is left as it was.
+    before = sorted(os.listdir(workdir))
+    r = subprocess.run([reup_bin(), "demo", "--dir", workdir], capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 2 and "not empty" in r.stderr and sorted(os.listdir(workdir)) == before
+
     # A second run (no --dir) works too and removes its temporary directory.
     again = run_demo()
     base = re.search(r"^reup demo in (\S+)", again, re.MULTILINE)

@@ -151,6 +151,9 @@ async def _story(lab: Lab, ctrl: Controller, metrics_url: str, out: TextIO) -> b
 
 
 def run_demo(workdir: str | None = None, *, keep: bool = False, out: TextIO = sys.stdout) -> int:
+    if workdir and os.path.exists(workdir) and os.listdir(workdir):
+        print(f"reup: {workdir} exists and is not empty: the demo needs a new or empty directory", file=sys.stderr)
+        return 2
     os.environ.setdefault("NIX_CONFIG", demofleet.NIX_CONFIG)
     base = workdir or tempfile.mkdtemp(prefix="reup-demo-")
     lab = Lab(base, list(DEVICES), poll_interval=30)
