@@ -166,6 +166,14 @@ def ordered_bases(status: DeviceStatus, have_path: Callable[[str], bool]) -> tup
 # --- the executor --------------------------------------------------------------
 
 
+# on_sent(stream bytes, NAR bytes of the missing paths, seconds): one whole stream went to a device.
+SentHook = Callable[[int, int, float], None]
+
+
+def _unreported(stream_bytes: int, nar_bytes: int, seconds: float) -> None:
+    pass
+
+
 class SshPusher:
     def __init__(
         self,
@@ -230,7 +238,7 @@ class SshPusher:
         on_phase: Callable[[DeviceState], None] = lambda s: None,
         confirm_timeout: float = 0.0,
         health_check: str | None = None,
-        on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None,
+        on_sent: SentHook = _unreported,
     ) -> PushOutcome:
         """Bring `dev` to `toplevel`; `on_sent(stream bytes, NAR bytes, seconds)` after each whole stream
         sent, whatever the device then makes of it (so failed updates count on the wire too)."""
@@ -273,7 +281,7 @@ class SshPusher:
 
     async def _push_once(
         self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None],
-        confirm_timeout: float = 0.0, on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None,
+        confirm_timeout: float = 0.0, on_sent: SentHook = _unreported,
     ) -> PushOutcome:
         start = time.monotonic()
         async with await self._connect(dev) as conn:
@@ -313,7 +321,7 @@ class SshPusher:
                     on_phase: Callable[[DeviceState], None],
                     confirm_timeout: float = 0.0,
                     codecs: tuple[str, ...] | None = None,
-                    on_sent: Callable[[int, int, float], None] = lambda sent, nar, seconds: None,
+                    on_sent: SentHook = _unreported,
                     ) -> tuple[ReceiveResult, DeltaCache.Entry]:
         entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid, codecs)
         start = time.monotonic()
