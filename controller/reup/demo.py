@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from typing import TextIO
 
 from . import demofleet
@@ -106,14 +105,21 @@ def _scrape(url: str) -> str:
 
 async def _story(lab: Lab, ctrl: Controller, metrics_url: str, out: TextIO) -> bool:
     runner = asyncio.ensure_future(ctrl.run())
-    say: Callable[[str], None] = lambda text: print(text, file=out, flush=True)  # noqa: E731
-    ok = True
-    try:
-        commits = [git(lab.repo, "rev-parse", "HEAD")]
-        say(f"\n== {commits[0][:12]} first install: every device gets its whole system ==")
-        ok = await _until(ctrl, commits[0], 300) and ok
-        say(format_status(ctrl.store.status()))
+    commits: list[str] = []
 
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    async def rollout(title: str) -> bool:
+        """Roll out the repo's head; True when every device is in sync on it."""
+        commits.append(git(lab.repo, "rev-parse", "HEAD"))
+        say(f"\n== {commits[-1][:12]} {title} ==")
+        done = await _until(ctrl, commits[-1], 300)
+        say(format_status(ctrl.store.status()))
+        return done
+
+    try:
+        ok = await rollout("first install: every device gets its whole system")
         pi = os.path.join(lab.repo, "hosts", "pi.nix")
         with open(pi, encoding="utf-8") as f:
             text = f.read()
@@ -122,17 +128,9 @@ async def _story(lab: Lab, ctrl: Controller, metrics_url: str, out: TextIO) -> b
         with open(pi, "w", encoding="utf-8") as f:
             f.write(text)
         git(lab.repo, "commit", "-q", "-am", "pi: sensord 1.5.0, 2 s interval")
-        commits.append(git(lab.repo, "rev-parse", "HEAD"))
-        say(f"\n== {commits[1][:12]} a change to the pi system: canary pi-01 first, then pi-02; board-01 "
-            "keeps its system ==")
-        ok = await _until(ctrl, commits[1], 300) and ok
-        say(format_status(ctrl.store.status()))
-
+        ok = await rollout("a change to the pi system: canary pi-01 first, then pi-02; board-01 keeps its system") and ok
         git(lab.repo, "revert", "--no-edit", "HEAD")
-        commits.append(git(lab.repo, "rev-parse", "HEAD"))
-        say(f"\n== {commits[2][:12]} git revert: rolling back is one more commit ==")
-        ok = await _until(ctrl, commits[2], 300) and ok
-        say(format_status(ctrl.store.status()))
+        ok = await rollout("git revert: rolling back is one more commit") and ok
 
         say("\n== bytes on the wire ==")
         for h in ctrl.store.history():
