@@ -8,9 +8,9 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 setup: $(VENV)/.stamp
 
-$(VENV)/.stamp: receiver/pyproject.toml controller/pyproject.toml requirements-dev.txt
+$(VENV)/.stamp: receiver/pyproject.toml controller/pyproject.toml lab/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e "./receiver[hdiffpatch]" -e ./controller -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -e "./receiver[hdiffpatch]" -e ./controller -e ./lab -r requirements-dev.txt
 	touch $@
 
 test: setup
@@ -20,8 +20,9 @@ test-fast: setup
 	$(PY) -m pytest -n 2 -m "not slow" tests
 
 lint: setup
-	$(VENV)/bin/ruff check receiver controller tests bench
+	$(VENV)/bin/ruff check receiver controller lab tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) -m bench.run --out bench/results.md

@@ -1,7 +1,7 @@
 # Nix packaging of reup: the controller (`reup`) and the device side (`reup-receiver`), apps, NixOS
 # modules (the controller as a service; the receiver and the minification modules, which are the
 # fleet template's modules/*.nix files), a development shell and checks.
-# CI does not build this (no nixpkgs offline there): tests/test_nix_files.py parses it and
+# CI does not build this (no nixpkgs offline there): tests/integration/test_nix_files.py parses it and
 # evaluates what needs no nixpkgs; `make` + pip is the tested path.
 {
   description = "reup: GitOps delivery of NixOS system closures to device fleets by binary delta";
@@ -44,9 +44,9 @@
 
       # Python tests that need neither network, sshd nor Nix builds (`nix flake check`).
       pureTests = [
-        "tests/test_planner.py" "tests/test_planner_rollout.py" "tests/test_controller_rollout_units.py"
-        "tests/test_controller_units.py" "tests/test_controller_config.py" "tests/test_delta_pairing.py"
-        "tests/test_literal.py" "tests/test_wire_property.py" "tests/test_nix_files.py"
+        "tests/unit/test_planner.py" "tests/unit/test_planner_rollout.py" "tests/unit/test_controller_rollout_units.py"
+        "tests/unit/test_controller_units.py" "tests/unit/test_controller_config.py" "tests/unit/test_delta_pairing.py"
+        "tests/unit/test_literal.py" "tests/unit/test_wire_property.py" "tests/integration/test_nix_files.py"
       ];
     in {
       packages = forAll (pkgs: let p = mkPackages pkgs; in p // { default = p.reup; });
@@ -249,10 +249,10 @@
             ];
           } ''
             cp -r ${self} src && chmod -R u+w src && cd src
-            # Nix for tests/test_nix_files.py (parse and evaluate only) with a store of its own.
+            # Nix for tests/integration/test_nix_files.py (parse and evaluate only) with a store of its own.
             export HOME=$TMPDIR NIX_STATE_DIR=$TMPDIR/nix/var NIX_LOG_DIR=$TMPDIR/nix/log \
               NIX_CONF_DIR=$TMPDIR/nix/etc NIX_STORE_DIR=$TMPDIR/nix/store
-            export PYTHONPATH=$PWD/controller''${PYTHONPATH:+:$PYTHONPATH}
+            export PYTHONPATH=$PWD/controller:$PWD/lab''${PYTHONPATH:+:$PYTHONPATH}
             python -m pytest -p no:cacheprovider ${pkgs.lib.concatStringsSep " " pureTests}
             touch $out
           '';

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reup.nix import export_cmd
+from reup.io.nix import export_cmd
 
 from bench import baseline_files
 

@@ -2,7 +2,7 @@
 
 Called by `bench.run`. `build()` fetches the inputs (`bench.inputs`), writes the generation
 table as JSON and builds `bench/nix/corpus.nix` with `nix build -f` through
-`reup.nix.NixExecutor`, keeping GC roots under `bench/.work/roots/`. The pure parts
+`reup.io.nix.NixExecutor`, keeping GC roots under `bench/.work/roots/`. The pure parts
 (generation table, scenario table, store-name parsing) are unit-tested.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reup.nix import NixExecutor, PathInfo, build_file_cmd, parse_build_json
+from reup.io.nix import NixExecutor, PathInfo, build_file_cmd, parse_build_json
 
 from bench import inputs as inputs_mod
 

@@ -3,7 +3,7 @@
 Started by `bench.reup_rows.run_encode`, which measures this process's peak RSS. usage:
 python -m bench.encode_child '{"held": [...], "target": P, "out": F, "cache_dir": D}'
 (`held` current generation first, as the encoder expects). The first request goes through
-`reup.deltacache.DeltaCache` (empty `cache_dir`), which calls the encoder; the encoder call
+`reup.delta.cache.DeltaCache` (empty `cache_dir`), which calls the encoder; the encoder call
 itself is timed. The second, identical request is what a controller serving another device
 on the same base would do: it is timed whole. Without a delta cache module, the repeat is a
 second plain encode. Prints one JSON object; `ok` false with `error` when the encoder is
@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
     try:
         try:
-            from reup.deltacache import DeltaCache
+            from reup.delta.cache import DeltaCache
         except ImportError:
             timed_encode(held, target, out)
             t1 = time.perf_counter()
@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
             t1 = time.perf_counter()
             entry = cache.get(held, target)
             repeat = time.perf_counter() - t1
-            via = "reup.deltacache.DeltaCache (hit)" if entry.cached else "DeltaCache (miss!)"
+            via = "reup.delta.cache.DeltaCache (hit)" if entry.cached else "DeltaCache (miss!)"
     except Exception as exc:  # noqa: BLE001
         tb = traceback.format_exc().strip().splitlines()[-3:]
         print(json.dumps({"ok": False, "error": f"encode failed: {exc!r}", "trace": tb}))

@@ -4,7 +4,7 @@ usage: python -m bench.run --out bench/results.md [--only 1,5] [--skip-reup] [--
                            [--code HEAD|worktree]
 
 Runs from the repository root. Nix runs offline (no substituters, sandbox off) through
-`reup.nix.NixExecutor`. Scenarios run one after another so that each timing has the
+`reup.io.nix.NixExecutor`. Scenarios run one after another so that each timing has the
 machine to itself. The encoder and receiver measured are those of a git ref (default
 HEAD, extracted under the workdir), so uncommitted edits in the tree do not leak into the
 published numbers; `--code worktree` measures the working tree instead. Also writes `<workdir>/results.json` with every measured number.
@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from reup.nix import NixExecutor, PathInfo
+from reup.io.nix import NixExecutor, PathInfo
 
 from bench import baseline_files, baselines, corpus, reup_rows, storefs
 from bench.report import ScenarioResult, fmt_bytes, render

@@ -1,5 +1,5 @@
 # Pure helpers of the reup NixOS modules (minify.nix), written with builtins only: no nixpkgs, so
-# that they evaluate offline (the reup repository's tests/test_nix_files.py checks them on
+# that they evaluate offline (the reup repository's tests/integration/test_nix_files.py checks them on
 # hosts/board.lsmod with plain `nix-instantiate --eval`).
 #
 #   parseLsmod TEXT          -> sorted, unique kernel module names ("-" read as "_")

@@ -18,9 +18,16 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from .errors import Corrupt, HashMismatch, MissingBase, Oversized, UnsafeWrite, Unsupported
-from .literal import MAX_WINDOW, LiteralStream, Sink, zstd_feed
-from .model import (
+from reup_receiver.errors import (
+    Corrupt,
+    HashMismatch,
+    MissingBase,
+    Oversized,
+    UnsafeWrite,
+    Unsupported,
+)
+from reup_receiver.format.literal import MAX_WINDOW, LiteralStream, Sink, zstd_feed
+from reup_receiver.format.model import (
     F_EXECUTABLE,
     F_REWRITE,
     FILE_HASH_LEN,
@@ -33,8 +40,8 @@ from .model import (
     Method,
     split_relpath,
 )
-from .nar import NarHasher, walk_nar_order
-from .rewrite import rewrite_bytes, rewrite_chunks
+from reup_receiver.format.nar import NarHasher, walk_nar_order
+from reup_receiver.format.rewrite import rewrite_bytes, rewrite_chunks
 
 READ_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -180,7 +187,7 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
 
         sink.write(hdiffpatch.apply(old, patch))
     elif codec == Codec.BSDIFF_LZMA:
-        from . import bsdiffxz
+        from reup_receiver.format import bsdiffxz
 
         sink.write(bsdiffxz.apply(old, patch))
     elif codec == Codec.ZSTD_PREFIX:

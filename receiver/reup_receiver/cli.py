@@ -18,10 +18,11 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from . import confirm, maintenance
-from .device import Device, translate_oserror
-from .errors import ReceiveError, UsageError
-from .receive import ACTIONS, receive
+from reup_receiver import confirm, maintenance
+from reup_receiver.device import Device, translate_oserror
+from reup_receiver.errors import ReceiveError, UsageError
+from reup_receiver.protocol import ACTIONS, VERBS
+from reup_receiver.receive import receive
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -57,7 +58,7 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     if words and os.path.basename(words[0]) == "reup-receive":
         words = words[1:]
     verb = argparse.ArgumentParser(prog="reup-receive (ssh)", add_help=False, exit_on_error=False)
-    verb.add_argument("verb", choices=("status", "receive", "rollback", "gc", "confirm"))
+    verb.add_argument("verb", choices=VERBS)
     verb.add_argument("generation", type=int, nargs="?")
     verb.add_argument("--activate", choices=ACTIONS, default=args.activate)
     verb.add_argument("--keep", type=int, default=args.keep)

@@ -24,9 +24,9 @@ import sys
 import time
 from typing import Any
 
-from .device import Device, write_atomic
-from .errors import HealthCheckFailed, NotPending
-from .receive import revert_to
+from reup_receiver.device import Device, write_atomic
+from reup_receiver.errors import HealthCheckFailed, NotPending
+from reup_receiver.generations import revert_to
 
 WATCHDOG_ENV = "REUP_WATCHDOG"
 

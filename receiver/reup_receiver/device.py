@@ -16,40 +16,12 @@ import os
 import re
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
-from . import nixdb
-from .errors import Locked, ReceiveError
+from reup_receiver import nixdb
+from reup_receiver.errors import Locked, ReceiveError
+from reup_receiver.nixdb import PathRecord
 
 _GEN_RE = re.compile(r"^system-(\d+)-link$")
-
-
-@dataclass(frozen=True)
-class PathRecord:
-    """What registering a path needs; kept by the receiver for devices without a Nix DB."""
-
-    path: str
-    nar_hash: bytes
-    nar_size: int
-    references: tuple[str, ...]
-    deriver: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "path": self.path,
-            "narHash": self.nar_hash.hex(),
-            "narSize": self.nar_size,
-            "references": list(self.references),
-            "deriver": self.deriver,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PathRecord:
-        return cls(
-            d["path"], bytes.fromhex(d["narHash"]), int(d["narSize"]),
-            tuple(d["references"]), d.get("deriver"),
-        )
 
 
 class Device:
@@ -234,7 +206,7 @@ def make_writable_tree(path: str) -> None:
 
 
 def translate_oserror(exc: OSError, what: str) -> ReceiveError:
-    from .errors import DiskFull
+    from reup_receiver.errors import DiskFull
 
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"disk full while {what}")

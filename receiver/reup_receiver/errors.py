@@ -1,4 +1,4 @@
-"""Receiver errors and their exit codes (documented in docs/stream-format.md).
+"""Receiver errors, one class per exit code of the protocol (protocol.py, docs/stream-format.md).
 
 Every failure the receiver can meet maps to one `ReceiveError` subclass with a
 distinct exit code, so the controller can tell a corrupt transfer (retry) from a
@@ -9,44 +9,43 @@ the exit code by cli.py.
 
 from __future__ import annotations
 
+from reup_receiver.protocol import EXITS, ExitCode
+
 
 class ReceiveError(Exception):
-    exit_code = 1
-    kind = "error"
+    exit_code = ExitCode.ERROR
+
+    @property
+    def kind(self) -> str:
+        return EXITS[self.exit_code][0]
 
 
 class UsageError(ReceiveError):
-    exit_code = 2
-    kind = "usage"
+    exit_code = ExitCode.USAGE
 
 
 class BadMagic(ReceiveError):
-    exit_code = 10
-    kind = "bad-magic"
+    exit_code = ExitCode.BAD_MAGIC
 
 
 class Truncated(ReceiveError):
-    exit_code = 11
-    kind = "truncated"
+    exit_code = ExitCode.TRUNCATED
 
 
 class Corrupt(ReceiveError):
     """Malformed framing, bad lengths, digest mismatch."""
 
-    exit_code = 12
-    kind = "corrupt"
+    exit_code = ExitCode.CORRUPT
 
 
 class HashMismatch(ReceiveError):
-    exit_code = 13
-    kind = "hash-mismatch"
+    exit_code = ExitCode.HASH_MISMATCH
 
 
 class MissingBase(ReceiveError):
     """An operation needs a base file the device does not have."""
 
-    exit_code = 14
-    kind = "missing-base"
+    exit_code = ExitCode.MISSING_BASE
 
     def __init__(self, message: str, base: str) -> None:
         super().__init__(message)
@@ -54,69 +53,58 @@ class MissingBase(ReceiveError):
 
 
 class UnsafeName(ReceiveError):
-    exit_code = 15
-    kind = "unsafe-name"
+    exit_code = ExitCode.UNSAFE_NAME
 
 
 class UnsafeWrite(ReceiveError):
     """A write would go through a symlink or out of the staging tree."""
 
-    exit_code = 16
-    kind = "unsafe-write"
+    exit_code = ExitCode.UNSAFE_WRITE
 
 
 class Oversized(ReceiveError):
     """More data than the manifest or an operation declared."""
 
-    exit_code = 17
-    kind = "oversized"
+    exit_code = ExitCode.OVERSIZED
 
 
 class DiskFull(ReceiveError):
-    exit_code = 18
-    kind = "disk-full"
+    exit_code = ExitCode.DISK_FULL
 
 
 class Locked(ReceiveError):
-    exit_code = 19
-    kind = "locked"
+    exit_code = ExitCode.LOCKED
 
 
 class ActivationFailed(ReceiveError):
-    exit_code = 20
-    kind = "activation-failed"
+    exit_code = ExitCode.ACTIVATION_FAILED
 
 
 class MissingPath(ReceiveError):
     """A manifest path is neither in the stream, staged, nor in the store."""
 
-    exit_code = 21
-    kind = "missing-path"
+    exit_code = ExitCode.MISSING_PATH
 
 
 class Unsupported(ReceiveError):
     """Unknown record, operation or codec (a newer encoder)."""
 
-    exit_code = 22
-    kind = "unsupported"
+    exit_code = ExitCode.UNSUPPORTED
 
 
 class NoGeneration(ReceiveError):
     """--rollback with no earlier generation."""
 
-    exit_code = 23
-    kind = "no-generation"
+    exit_code = ExitCode.NO_GENERATION
 
 
 class NotPending(ReceiveError):
     """confirm for a generation that is not awaiting confirmation (e.g. already rolled back)."""
 
-    exit_code = 24
-    kind = "not-pending"
+    exit_code = ExitCode.NOT_PENDING
 
 
 class HealthCheckFailed(ReceiveError):
     """The health check failed at confirmation; the device rolled back."""
 
-    exit_code = 25
-    kind = "health-check-failed"
+    exit_code = ExitCode.HEALTH_CHECK_FAILED

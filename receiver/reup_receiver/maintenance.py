@@ -10,12 +10,12 @@ import os
 import re
 from collections.abc import Iterable
 
-from . import confirm
-from .builder import available_codecs
-from .device import Device
-from .errors import NoGeneration
-from .receive import switch_generation
-from .wire import VERSION
+from reup_receiver import confirm
+from reup_receiver.builder import available_codecs
+from reup_receiver.device import Device
+from reup_receiver.errors import NoGeneration
+from reup_receiver.format.wire import VERSION
+from reup_receiver.generations import switch_generation
 
 _HASH_RE = re.compile(rb"[0-9a-df-np-sv-z]{32}")
 

@@ -15,12 +15,10 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any
 
-from .errors import ReceiveError
-
-if TYPE_CHECKING:
-    from .device import PathRecord
+from reup_receiver.errors import ReceiveError
 
 
 class NixDb:
@@ -96,3 +94,30 @@ class NixDb:
             doomed = [ids[p] for p in paths if p in ids]
             conn.executemany("DELETE FROM Refs WHERE referrer = ?", [(i,) for i in doomed])
             conn.executemany("DELETE FROM ValidPaths WHERE id = ?", [(i,) for i in doomed])
+
+
+@dataclass(frozen=True)
+class PathRecord:
+    """What registering a path needs; kept by the receiver for devices without a Nix DB."""
+
+    path: str
+    nar_hash: bytes
+    nar_size: int
+    references: tuple[str, ...]
+    deriver: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "narHash": self.nar_hash.hex(),
+            "narSize": self.nar_size,
+            "references": list(self.references),
+            "deriver": self.deriver,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> PathRecord:
+        return cls(
+            d["path"], bytes.fromhex(d["narHash"]), int(d["narSize"]),
+            tuple(d["references"]), d.get("deriver"),
+        )

@@ -14,47 +14,34 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
-from dataclasses import dataclass
 from typing import BinaryIO
 
-from .builder import PathBuilder
-from .device import Device, PathRecord, write_atomic
-from .entries import EntryCoder
-from .errors import ActivationFailed, Corrupt, HashMismatch, MissingBase, MissingPath
-from .literal import LiteralStream
-from .manifest import decode_manifest
-from .model import Manifest
-from .wire import T_DATA, T_ENTRY, T_MANIFEST, T_PATH, T_PATH_END, T_TRAILER, Buf, RecordReader
-
-ACTIONS = ("switch", "boot", "test", "none")
-
-
-@dataclass
-class Result:
-    generation: int
-    toplevel: str
-    installed: list[str]
-    bytes_read: int
-    seconds: float
-    unchanged: bool = False
-    confirm_deadline: float | None = None  # epoch seconds, when armed
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "generation": self.generation,
-            "toplevel": self.toplevel,
-            "installed": self.installed,
-            "bytes_read": self.bytes_read,
-            "seconds": round(self.seconds, 3),
-            "unchanged": self.unchanged,
-            "confirm_deadline": self.confirm_deadline,
-        }
+from reup_receiver.builder import PathBuilder
+from reup_receiver.confirm import arm
+from reup_receiver.device import Device, write_atomic
+from reup_receiver.errors import Corrupt, HashMismatch, MissingBase, MissingPath
+from reup_receiver.format.entries import EntryCoder
+from reup_receiver.format.literal import LiteralStream
+from reup_receiver.format.manifest import decode_manifest
+from reup_receiver.format.model import Manifest
+from reup_receiver.format.wire import (
+    T_DATA,
+    T_ENTRY,
+    T_MANIFEST,
+    T_PATH,
+    T_PATH_END,
+    T_TRAILER,
+    Buf,
+    RecordReader,
+)
+from reup_receiver.generations import switch_generation
+from reup_receiver.nixdb import PathRecord
+from reup_receiver.protocol import ReceiveAnswer
 
 
 def receive(device: Device, inp: BinaryIO, activate: str = "switch",
-            confirm_timeout: float = 0) -> Result:
+            confirm_timeout: float = 0) -> ReceiveAnswer:
     """Receive a stream; with `confirm_timeout`, the new generation must be confirmed in time."""
     start = time.monotonic()
     with device.lock():
@@ -66,15 +53,12 @@ def receive(device: Device, inp: BinaryIO, activate: str = "switch",
         toplevel = manifest.store_path(manifest.toplevel)
         current = device.current()
         if current is not None and current[1] == toplevel:
-            return Result(current[0], toplevel, installed, reader.bytes_read,
-                          time.monotonic() - start, unchanged=True)
+            return ReceiveAnswer(current[0], toplevel, tuple(installed), reader.bytes_read,
+                                 time.monotonic() - start, unchanged=True)
         number, previous = switch_generation(device, toplevel, activate)
-        result = Result(number, toplevel, installed, reader.bytes_read, time.monotonic() - start)
-        if confirm_timeout > 0:
-            from .confirm import arm
-
-            result.confirm_deadline = arm(device, number, previous, activate, confirm_timeout)
-        return result
+        deadline = arm(device, number, previous, activate, confirm_timeout) if confirm_timeout > 0 else None
+        return ReceiveAnswer(number, toplevel, tuple(installed), reader.bytes_read, time.monotonic() - start,
+                             confirm_deadline=deadline, confirm_remaining=confirm_timeout if deadline else None)
 
 
 def _read_manifest(reader: RecordReader, device: Device) -> Manifest:
@@ -209,48 +193,3 @@ def _install(m: Manifest, device: Device) -> list[str]:
     if device.db.exists():
         device.db.register([r for r in records if r.path not in valid])
     return installed
-
-
-def switch_generation(device: Device, toplevel: str, activate: str) -> tuple[int, tuple[int, str] | None]:
-    """Phase 3: new generation, atomic profile swap, activation with roll-back on failure.
-
-    Returns the new generation's number and the previous generation.
-    """
-    previous = device.current()
-    number = device.add_generation(toplevel)
-    device.switch_to(number)
-    try:
-        run_activation(device, toplevel, activate)
-    except ActivationFailed as exc:
-        try:
-            revert_to(device, previous, number, activate)
-        except ActivationFailed as again:
-            raise ActivationFailed(f"{exc}; {again}") from again
-        raise ActivationFailed(f"{exc}; rolled back to generation "
-                               f"{previous[0] if previous else 'none'}") from exc
-    return number, previous
-
-
-def revert_to(device: Device, previous: tuple[int, str] | None, failed: int, activate: str) -> None:
-    """Put `system` back on `previous`, drop generation `failed`, re-activate `previous`."""
-    if previous is not None:
-        device.switch_to(previous[0])
-    device.drop_generation(failed)
-    if previous is not None:
-        try:
-            run_activation(device, previous[1], activate)
-        except ActivationFailed as exc:
-            raise ActivationFailed(f"re-activating generation {previous[0]} also failed: {exc}") from exc
-
-
-def run_activation(device: Device, toplevel: str, activate: str) -> None:
-    if activate == "none":
-        return
-    script = device.host(toplevel + "/bin/switch-to-configuration")
-    if not os.path.exists(script):
-        raise ActivationFailed(f"activation failed: {toplevel} has no bin/switch-to-configuration")
-    env = {**os.environ, "REUP_ROOT": device.root, "REUP_TOPLEVEL": toplevel}
-    proc = subprocess.run([script, activate], env=env, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or [""])[-1]
-        raise ActivationFailed(f"activation failed ({activate}, exit {proc.returncode}): {detail}")

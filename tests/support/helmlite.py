@@ -1,6 +1,6 @@
 """helmlite: a small Go-template renderer for the Helm chart's tests (no Helm binary in CI).
 
-Called by tests/test_chart.py: `Chart(path).render(values)` returns every template's output,
+Called by tests/integration/test_chart.py: `Chart(path).render(values)` returns every template's output,
 `manifests()` the parsed YAML documents. It implements only the subset charts/reup uses:
 actions with `-` trimming and comments; `if`/`else if`/`else`, `with`, `range` (lists, maps in
 sorted key order, `$k, $v :=`), `define` and `include`, variables (`$x :=`, `$x =`, `$`), field

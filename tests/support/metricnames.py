@@ -7,8 +7,8 @@ of each labelled kind; a metric still without a series fails loudly instead of p
 
 from __future__ import annotations
 
-from reup.events import DevicesSnapshot, ReconcileError, RevisionSeen
-from reup.metrics import Metrics
+from reup.loop.events import DevicesSnapshot, ReconcileError, RevisionSeen
+from reup.loop.metrics import Metrics
 
 
 def controller_metrics() -> dict[str, tuple[str, frozenset[str]]]:

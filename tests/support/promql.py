@@ -1,4 +1,4 @@
-"""Which metrics, with which labels, a PromQL expression needs: for tests/test_chart.py.
+"""Which metrics, with which labels, a PromQL expression needs: for tests/integration/test_chart.py.
 
 `selectors(expr)` tokenizes an expression (from the chart's alert rules or Grafana dashboard)
 and returns, for every metric selector, the metric name and the label names the expression

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from reup_receiver.nar import nar_hash_tree
+from reup_receiver.format.nar import nar_hash_tree
 
 from .nixflake import nix_env
 

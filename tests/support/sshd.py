@@ -1,7 +1,7 @@
 """Integration-test harness for the controller: simulated devices behind real sshd, a fleet repo,
 and the `reup` command run as a real process.
 
-The lab itself (keys, sshd processes, repo, reup.toml) is `reup.lab.Lab`, shared
+The lab itself (keys, sshd processes, repo, reup.toml) is `reup_lab.lab.Lab`, shared
 with `reup demo`; this module adds what tests need around it: running
 `reup run [--once]` as a subprocess, waiting for a state, reading metrics.
 """
@@ -17,9 +17,9 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from reup.lab import Lab
-from reup.simdevice import SimDevice, free_port, generate_key
-from reup.state import Store
+from reup.loop.state import StateDB
+from reup_lab.lab import Lab
+from reup_lab.simdevice import SimDevice, free_port, generate_key
 
 __all__ = ["Lab", "SimDevice", "free_port", "generate_key", "metric", "parse_metrics", "reup_bin"]
 
@@ -71,7 +71,7 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float
 
 
 def store_status(lab: Lab) -> dict[str, Any]:
-    store = Store(lab.state_dir)
+    store = StateDB(lab.state_dir)
     try:
         return store.status()
     finally:
@@ -79,7 +79,7 @@ def store_status(lab: Lab) -> dict[str, Any]:
 
 
 def store_history(lab: Lab) -> list[dict[str, Any]]:
-    store = Store(lab.state_dir)
+    store = StateDB(lab.state_dir)
     try:
         return store.history()
     finally:

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import zstandard
-from reup_receiver import model
-from reup_receiver.entries import EntryCoder
-from reup_receiver.manifest import decode_manifest, encode_manifest
-from reup_receiver.model import (
+from reup_receiver.format import model
+from reup_receiver.format.entries import EntryCoder
+from reup_receiver.format.manifest import decode_manifest, encode_manifest
+from reup_receiver.format.model import (
     F_EXECUTABLE,
     KIND_DIR,
     KIND_FILE,
@@ -32,8 +32,8 @@ from reup_receiver.model import (
     Method,
     PathEntry,
 )
-from reup_receiver.nar import nar_hash_tree, walk_nar_order
-from reup_receiver.wire import (
+from reup_receiver.format.nar import nar_hash_tree, walk_nar_order
+from reup_receiver.format.wire import (
     DIGEST_SIZE,
     HEADER,
     MAGIC,

@@ -21,9 +21,9 @@ from types import ModuleType
 import bsdiff4
 import pyzstd
 import zstandard
-from reup_receiver import bsdiffxz
-from reup_receiver.model import Codec
-from reup_receiver.rewrite import rewrite_bytes
+from reup_receiver.format import bsdiffxz
+from reup_receiver.format.model import Codec
+from reup_receiver.format.rewrite import rewrite_bytes
 
 SMALL = 1 << 20  # below: try all codecs and keep the smallest
 HDIFF_MAX = 128 << 20

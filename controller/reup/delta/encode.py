@@ -1,6 +1,6 @@
 """The delta encoder: (what the device holds, target toplevel) -> a reup stream.
 
-`encode` reads the local Nix store (through reup.nix for path metadata), works
+`encode` reads the local Nix store (through reup.io.nix for path metadata), works
 out which store paths the device lacks, plans every path (a MIRROR of its
 predecessor or plain entries; per file dedup, hash rewrite, patch or literal:
 strategy.py, with diffs running on a process pool), then writes the body in
@@ -20,13 +20,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reup_receiver.entries import EntryCoder
-from reup_receiver.manifest import encode_manifest
-from reup_receiver.model import (
+from reup_receiver.format.entries import EntryCoder
+from reup_receiver.format.manifest import encode_manifest
+from reup_receiver.format.model import (
     F_REWRITE,
     KIND_DIR,
     KIND_MIRROR,
@@ -38,8 +38,8 @@ from reup_receiver.model import (
     PathEntry,
     is_store_name,
 )
-from reup_receiver.nar import parse_hash, walk_nar_order
-from reup_receiver.wire import (
+from reup_receiver.format.nar import parse_hash, walk_nar_order
+from reup_receiver.format.wire import (
     T_ENTRY,
     T_MANIFEST,
     T_PATH,
@@ -49,37 +49,9 @@ from reup_receiver.wire import (
     stream_size,
 )
 
-from ..nix import NixExecutor, PathInfo
-from .strategy import Decision, FileCoder, MirrorPlan, StoreFile
-
-
-@dataclass
-class DeltaStats:
-    stream_bytes: int = 0
-    nar_bytes: int = 0  # NAR bytes of the paths the device lacks (what `nix copy` would move)
-    paths: int = 0
-    files: int = 0
-    bytes_by_kind: dict[str, int] = field(default_factory=dict)
-    ops_by_kind: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    peak_rss_bytes: int = 0
-
-    def add(self, kind: str, nbytes: int) -> None:
-        self.bytes_by_kind[kind] = self.bytes_by_kind.get(kind, 0) + nbytes
-        self.ops_by_kind[kind] = self.ops_by_kind.get(kind, 0) + 1
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "stream_bytes": self.stream_bytes,
-            "nar_bytes": self.nar_bytes,
-            "ratio": round(self.stream_bytes / self.nar_bytes, 6) if self.nar_bytes else None,
-            "paths": self.paths,
-            "files": self.files,
-            "bytes_by_kind": self.bytes_by_kind,
-            "ops_by_kind": self.ops_by_kind,
-            "seconds": round(self.seconds, 3),
-            "peak_rss_bytes": self.peak_rss_bytes,
-        }
+from reup.delta.stats import DeltaStats
+from reup.delta.strategy import FileCoder, FileCoding, MirrorPlan, StoreFile
+from reup.io.nix import NixExecutor, PathInfo
 
 
 def toposort(infos: dict[str, PathInfo], paths: Iterable[str]) -> list[str]:
@@ -233,7 +205,7 @@ class InlineExecutor(Executor):
         return future
 
 
-Node = tuple[bytes, os.stat_result, Decision | None]
+Node = tuple[bytes, os.stat_result, FileCoding | None]
 
 
 @dataclass
@@ -241,16 +213,16 @@ class PathPlan:
     nodes: list[Node]  # entries to send (all nodes, or a mirror's explicit ones), NAR order
     mirror: MirrorPlan | None = None
 
-    def order(self) -> list[tuple[list[bytes], Decision | None, Node | None]]:
+    def order(self) -> list[tuple[list[bytes], FileCoding | None, Node | None]]:
         """Everything of the path in stream order: mirrored files and explicit nodes merged."""
-        items: list[tuple[list[bytes], Decision | None, Node | None]] = [
+        items: list[tuple[list[bytes], FileCoding | None, Node | None]] = [
             (node[0].split(b"/") if node[0] else [], None, node) for node in self.nodes]
         if self.mirror is not None:
             items += [(d.file.relpath.split(b"/") if d.file.relpath else [], d, None)
                       for d in self.mirror.files]
         return sorted(items, key=lambda item: item[0])
 
-    def decisions(self) -> list[Decision]:
+    def decisions(self) -> list[FileCoding]:
         """The path's file decisions in stream order."""
         out = []
         for _, mirrored, node in self.order():

@@ -15,7 +15,7 @@ import lzma
 from collections.abc import Sequence
 
 import zstandard
-from reup_receiver.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, dict_log_for, lzma_filters
+from reup_receiver.format.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, dict_log_for, lzma_filters
 
 ZSTD_LEVEL = 19
 ZSTD_WINDOW_LOG = 25  # 32 MiB: the receiver's decoder memory stays bounded

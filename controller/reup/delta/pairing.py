@@ -1,7 +1,7 @@
 """Pairing: which old store path each new one replaces, and which old file each new file.
 
 Pure functions over names and reference graphs, golden-tested in
-tests/test_delta_pairing.py. Path pairing walks the reference graphs from the
+tests/unit/test_delta_pairing.py. Path pairing walks the reference graphs from the
 toplevels in step (so two old paths with the same name are told apart by
 where they hang), then falls back to a unique match by full name, then by
 package name without version; remaining ties go to the candidate with the

@@ -18,9 +18,8 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from reup_receiver.model import (
+from reup_receiver.format.model import (
     F_EXECUTABLE,
     F_REWRITE,
     FILE_HASH_LEN,
@@ -30,16 +29,21 @@ from reup_receiver.model import (
     Method,
     MirrorFile,
 )
-from reup_receiver.nar import walk_nar_order
-from reup_receiver.rewrite import rewrite_bytes
+from reup_receiver.format.nar import walk_nar_order
+from reup_receiver.format.rewrite import rewrite_bytes
 
-from ..nix import PathInfo
-from .codecs import DiffResult, diff_job
-from .literal import LiteralEncoder
-from .pairing import Graph, pair_files, pair_paths, parse_drv_name, rewrite_pairs, store_name
-
-if TYPE_CHECKING:
-    from .encode import DeltaStats
+from reup.delta.codecs import DiffResult, diff_job
+from reup.delta.literal import LiteralEncoder
+from reup.delta.pairing import (
+    Graph,
+    pair_files,
+    pair_paths,
+    parse_drv_name,
+    rewrite_pairs,
+    store_name,
+)
+from reup.delta.stats import DeltaStats
+from reup.io.nix import PathInfo
 
 HASH_LEN = 32
 INLINE_MAX = 64 << 10
@@ -106,12 +110,12 @@ def iter_files(path: str, walk: Walk) -> list[StoreFile]:
 class MirrorPlan:
     old: str  # the source path on the device
     skip: list[bytes]  # its relpaths the new tree does not mirror (with subtrees)
-    files: list[Decision]  # mirrored files, NAR order
+    files: list[FileCoding]  # mirrored files, NAR order
     explicit: list[tuple[list[bytes], os.stat_result]]  # nodes sent as entries, NAR order
 
 
 @dataclass
-class Decision:
+class FileCoding:
     """How one new file is coded; `diff` is pending work on the pool."""
 
     file: StoreFile
@@ -166,7 +170,7 @@ class FileCoder:
         return pair_files([f.relpath for f in new_files], [f.relpath for f in self.old_files[old]],
                           new_version, old_version)
 
-    def plan(self, f: StoreFile, partner: bytes | None) -> Decision:
+    def plan(self, f: StoreFile, partner: bytes | None) -> FileCoding:
         """Decide for one new file, in stream order; starts its diff on the pool."""
         sha = file_sha256(f.host)
         key = (sha, f.executable)
@@ -174,18 +178,18 @@ class FileCoder:
         found = self.index.find(key, f.size)
         self.index.add(key, f)
         if found is not None:
-            return Decision(f, sha, "dedup", source=found)
+            return FileCoding(f, sha, "dedup", source=found)
         if partner is not None:
             return self._diff(f, sha, self.pairs[f.path], partner)
-        return Decision(f, sha, "literal")
+        return FileCoding(f, sha, "literal")
 
-    def _diff(self, f: StoreFile, sha: bytes, old: str, old_rel: bytes) -> Decision:
+    def _diff(self, f: StoreFile, sha: bytes, old: str, old_rel: bytes) -> FileCoding:
         """Start diffing `f` against the old file (after the hash rewrite)."""
         old_host = os.path.join(os.fsencode(old), old_rel) if old_rel else os.fsencode(old)
         # Small pairs cost less to diff here than to ship to a worker.
         pool = self.inline if f.size < INLINE_MAX else self.pool
         future = pool.submit(diff_job, old_host, f.host, self.rewrites, sha, self.codecs, self.allowed)
-        return Decision(f, sha, "diff", source=(old, old_rel), diff=future)
+        return FileCoding(f, sha, "diff", source=(old, old_rel), diff=future)
 
     def mirror_plan(self, path: str, nodes: Sequence[tuple[list[bytes], os.stat_result]]) -> MirrorPlan | None:
         """How much of the path's tree its old partner already has, or None if too little.
@@ -238,7 +242,7 @@ class FileCoder:
             return rewrite_bytes(old_target, self.rewrites) == new_target
         return True
 
-    def mirror_spec(self, d: Decision) -> tuple[MirrorFile, bytes, str]:
+    def mirror_spec(self, d: FileCoding) -> tuple[MirrorFile, bytes, str]:
         """A mirrored file's spec, its DATA and the stats kind (literal data made now, in order)."""
         assert d.diff is not None
         result = d.diff.result()
@@ -255,13 +259,13 @@ class FileCoder:
         return self.literal.data(f.host)
 
     @staticmethod
-    def is_literal(d: Decision) -> bool:
+    def is_literal(d: FileCoding) -> bool:
         """Whether a planned file ends up in the literal stream (waits for its diff)."""
         if d.kind == "literal":
             return True
         return d.diff is not None and d.diff.result().kind == "literal"
 
-    def emit(self, d: Decision, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
+    def emit(self, d: FileCoding, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
         """(entry, data, stats kind) for a planned file."""
         f = d.file
         flags = F_EXECUTABLE if f.executable else 0

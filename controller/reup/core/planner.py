@@ -1,0 +1,115 @@
+"""The pure planner: (desired, observed, policy, now) -> a decision per device.
+
+Called by the reconcile loop (controller.py) on every pass and by `reup plan`.
+No I/O, no clock: everything it needs is in its arguments, so its decisions are
+golden-tested in tests/unit/test_planner.py. Rules, per device, first match wins:
+
+1. an error in the target (fleet.toml, evaluation)        -> failed, stay put
+2. acknowledged toplevel == target toplevel               -> in_sync
+3. a push in flight                                       -> its state (transferring/activating)
+4. target not built: build failed at this revision        -> failed
+                     build running or needed              -> building (+ Build, once per drv)
+5. last push of this revision failed permanently          -> failed (quarantined until a new commit)
+   ... rolled back or was not confirmed in time           -> rolled_back (quarantined likewise)
+6. last push failed transiently MAX_TRANSIENT times       -> failed (gave up until a new commit)
+   last push failed transiently, retry time not reached   -> unreachable/pending (+ Wait)
+7. otherwise                                              -> pending + Push
+
+Then the rollout rules (rollout.py) gate every Push, in wave order:
+8. rollout halted (failure threshold, operator pause)     -> halted, nothing starts
+9. an earlier wave short of its success condition          -> pending (+ Wait for the bake), or
+                                                              halted when that wave settled short
+10. more than policy.max_parallel updating in the wave     -> pending (waiting for a slot)
+Devices mid-update always finish (rule 3), so a new commit supersedes a running
+rollout only for devices that have not started.
+"""
+
+from __future__ import annotations
+
+from reup.core.model import (
+    QUARANTINE,
+    Build,
+    Decision,
+    Desired,
+    DeviceObservation,
+    DeviceState,
+    Observed,
+    Plan,
+    Push,
+    RolloutPolicy,
+    Target,
+    Wait,
+)
+from reup.core.rollout import MAX_TRANSIENT, assess, wave_index
+
+S = DeviceState
+__all__ = ["MAX_TRANSIENT", "plan"]
+
+
+def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float) -> Plan:
+    builds: list[str] = []
+    # Waves in policy order, then by name, so that a limited budget goes to early waves first.
+    names = sorted(desired.targets, key=lambda n: (wave_index(policy, desired.targets[n].wave), n))
+    base: dict[str, Decision] = {}
+    for name in names:
+        target = desired.targets[name]
+        decision = _decide(target, observed.devices.get(name, DeviceObservation(name=name)), observed, now)
+        if isinstance(decision.action, Build) and decision.action.drv_path not in builds:
+            builds.append(decision.action.drv_path)
+        base[name] = decision
+
+    gate = assess(desired, observed, policy, now, base)
+    in_flight: dict[int, int] = {}
+    for name, obs in observed.devices.items():
+        if obs.busy is not None and name in desired.targets:
+            i = wave_index(policy, desired.targets[name].wave)
+            in_flight[i] = in_flight.get(i, 0) + 1
+    decisions: dict[str, Decision] = {}
+    for name, decision in base.items():
+        if isinstance(decision.action, Push):
+            i = wave_index(policy, desired.targets[name].wave)
+            if gate.halted is not None:
+                decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.halted)
+            elif i > gate.open_index and gate.blocked is not None:
+                decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.blocked)
+            elif i > gate.open_index:
+                wait = Wait(gate.wait_until) if gate.wait_until is not None else None
+                decision = Decision(name, S.PENDING, wait, gate.waiting)
+            elif policy.max_parallel > 0 and in_flight.get(i, 0) >= policy.max_parallel:
+                decision = Decision(name, S.PENDING, None, "waiting for a free slot (rollout.max_parallel)")
+            else:
+                in_flight[i] = in_flight.get(i, 0) + 1
+        decisions[name] = decision
+    return Plan(decisions=decisions, builds=tuple(builds), rollout=gate.rollout)
+
+
+def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: float) -> Decision:
+    name = target.device
+    if target.error is not None:
+        return Decision(name, S.FAILED, None, target.error)
+    assert target.toplevel is not None and target.drv_path is not None
+    if obs.acked_toplevel == target.toplevel:
+        return Decision(name, S.IN_SYNC, None, "acknowledged")
+    if obs.busy is not None:
+        return Decision(name, obs.busy, None, "update in flight")
+
+    build = observed.builds.get(target.drv_path)
+    if target.drv_path in observed.building:
+        return Decision(name, S.BUILDING, None, "build in flight")
+    if build is None or (not build.ok and build.commit != target.commit):
+        return Decision(name, S.BUILDING, Build(target.drv_path), "target not built")
+    if not build.ok:
+        return Decision(name, S.FAILED, None, build.error or "build failed")
+
+    attempt = obs.attempt
+    if attempt is not None and attempt.commit == target.commit and attempt.toplevel == target.toplevel:
+        if attempt.kind in QUARANTINE:
+            return Decision(name, QUARANTINE[attempt.kind], None, attempt.error)
+        if attempt.kind == "transient" and attempt.failures >= MAX_TRANSIENT:
+            return Decision(name, S.FAILED, None, f"gave up after {attempt.failures} attempts: {attempt.error}")
+        if now < attempt.retry_at:
+            state = S.UNREACHABLE if attempt.kind == "unreachable" else S.PENDING
+            return Decision(name, state, Wait(attempt.retry_at), attempt.error)
+    if attempt is not None and attempt.kind == "unreachable":
+        return Decision(name, S.UNREACHABLE, Push(name, target.commit, target.toplevel), "retrying: " + attempt.error)
+    return Decision(name, S.PENDING, Push(name, target.commit, target.toplevel), "update needed")

@@ -1,0 +1,103 @@
+"""The delta cache: streams from the encoder, keyed by (held, target, staged), in `<state>/deltas`.
+
+Called by the push executor (push.py) and `reup plan` (which only needs the
+size). Several devices holding the same generation share one encoded stream;
+the cache keeps the newest `max_entries` streams. The encoder is
+`reup.delta.encode.encode(held, target, out, staged)` (out: a file path)
+unless one is injected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from reup_receiver.format.wire import VERSION as STREAM_VERSION
+
+from reup import __version__
+from reup.io.nix import NixExecutor
+
+# encoder(held, target, out, staged, avoid, codecs) -> stats with .stream_bytes and .nar_bytes;
+# codecs: the patch codecs the device can apply (None: all).
+Encoder = Callable[[Sequence[str], str, str, Sequence[str], Sequence[str], Sequence[str] | None], Any]
+# Streams of an older encoder or format are not reused after an upgrade.
+CACHE_VERSION = f"{__version__}/{STREAM_VERSION}"
+
+
+def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
+    """The real encoder, running its Nix queries through `nix`."""
+
+    def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
+                codecs: Sequence[str] | None) -> Any:
+        from reup_receiver.format.model import Codec
+
+        from reup.delta.encode import encode
+
+        allowed = [Codec[c.upper()] for c in codecs if c.upper() in Codec.__members__] if codecs is not None else None
+        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed)
+
+    return encoder
+
+
+class DeltaCache:
+    @dataclass(frozen=True)
+    class Entry:
+        path: str
+        stream_bytes: int
+        nar_bytes: int
+        cached: bool
+
+    def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64) -> None:
+        self.dir = directory
+        self.encoder = encoder or nix_encoder()
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._building: dict[str, threading.Lock] = {}
+        os.makedirs(directory, exist_ok=True)
+
+    @staticmethod
+    def key(held: Sequence[str], target: str, staged: Sequence[str], avoid: Sequence[str] = (),
+            codecs: Sequence[str] | None = None) -> str:
+        # held keeps its order: the encoder pairs against its first entries first.
+        blob = json.dumps([CACHE_VERSION, list(dict.fromkeys(held)), target, sorted(set(staged)),
+                           sorted(set(avoid)), sorted(set(codecs)) if codecs is not None else None]).encode()
+        return hashlib.sha256(blob).hexdigest()[:32]
+
+    def get(self, held: Sequence[str], target: str, staged: Sequence[str] = (),
+            avoid: Sequence[str] = (), codecs: Sequence[str] | None = None) -> DeltaCache.Entry:
+        """The stream for a device holding `held` (its current generation first), encoded once."""
+        key = self.key(held, target, staged, avoid, codecs)
+        with self._lock:
+            lock = self._building.setdefault(key, threading.Lock())
+        with lock:  # two devices needing the same stream encode it once
+            stream, meta = os.path.join(self.dir, key + ".stream"), os.path.join(self.dir, key + ".json")
+            if os.path.exists(stream) and os.path.exists(meta):
+                with open(meta, encoding="utf-8") as f:
+                    m = json.load(f)
+                os.utime(stream)
+                return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
+            tmp = stream + ".tmp"
+            stats = self.encoder(list(held), target, tmp, list(staged), list(avoid),
+                                 list(codecs) if codecs is not None else None)
+            size = os.path.getsize(tmp)
+            stream_bytes = int(getattr(stats, "stream_bytes", size) or size)
+            nar_bytes = int(getattr(stats, "nar_bytes", 0) or 0)
+            os.replace(tmp, stream)
+            with open(meta, "w", encoding="utf-8") as f:
+                json.dump({"stream_bytes": stream_bytes, "nar_bytes": nar_bytes, "target": target}, f)
+            self._prune()
+            return self.Entry(stream, stream_bytes, nar_bytes, False)
+
+    def _prune(self) -> None:
+        streams = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.endswith(".stream")]
+        streams.sort(key=lambda p: os.path.getmtime(p), reverse=True)
+        for old in streams[self.max_entries:]:
+            for path in (old, old[: -len(".stream")] + ".json"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)

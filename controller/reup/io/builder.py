@@ -1,0 +1,135 @@
+"""Evaluate and build device systems, and keep their GC roots: the controller's Nix executor.
+
+Called by the reconcile loop (controller.py) and `reup plan`; every Nix call goes
+through `reup.io.nix.NixExecutor`. `evaluate` makes one `nix eval` for the whole
+fleet (drvPath and outPath of each device's toplevel); if that fails or a device
+throws, each failing device is evaluated alone to get its own error text, so one
+broken device never fails the others. `build` realises one drvPath with
+`nix build --json --no-link`, keeping a failed build's output in
+`<state>/logs`. `GcRoots` keeps an indirect root in
+`<state>/gcroots` for each needed toplevel and drops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+
+from reup.core.errors import PermanentError, TemporaryError
+from reup.core.model import Fleet, Target
+from reup.io.nix import (
+    TOPLEVEL_PATHS_APPLY,
+    NixError,
+    NixExecutor,
+    add_root_cmd,
+    parse_toplevels,
+    toplevel_installable,
+    toplevels_apply,
+)
+
+log = logging.getLogger(__name__)
+
+
+def nix_error_text(exc: NixError) -> str:
+    lines = [ln for ln in exc.stderr.strip().splitlines() if ln.strip()]
+    return "\n".join(lines[-12:]) or str(exc)
+
+
+class Builder:
+    def __init__(self, nix: NixExecutor, *, timeout: float = 3600.0, log_dir: str | None = None) -> None:
+        self.nix = nix
+        self.timeout = timeout
+        self.log_dir = log_dir
+
+    def _save_log(self, drv_path: str, text: str) -> str | None:
+        """Keep a failed build's whole Nix output as `<log_dir>/<drv name>.log`; returns the file."""
+        if not self.log_dir:
+            return None
+        os.makedirs(self.log_dir, exist_ok=True)
+        path = os.path.join(self.log_dir, os.path.basename(drv_path) + ".log")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def evaluate(self, flake: str, fleet: Fleet, commit: str) -> list[Target]:
+        """One Target per device of `fleet` at `commit`: drvPath and toplevel, or the error."""
+        configs = {name: dev.config for name, dev in fleet.devices.items()}
+        results: dict[str, tuple[str, str] | None]
+        try:
+            value = self.nix.eval_json(f"{flake}#nixosConfigurations", apply=toplevels_apply(configs))
+            results = parse_toplevels(value)
+        except (NixError, ValueError) as exc:
+            log.warning("fleet evaluation failed, evaluating devices one by one: %s", exc)
+            results = dict.fromkeys(configs)
+        targets = []
+        for name, dev in sorted(fleet.devices.items()):
+            res = results.get(name)
+            if res is None:
+                res_or_error = self._evaluate_one(flake, dev.config)
+                if isinstance(res_or_error, str):
+                    targets.append(Target(name, commit, dev.wave, error=res_or_error))
+                    continue
+                res = res_or_error
+            targets.append(Target(name, commit, dev.wave, res[0], res[1]))
+        return targets
+
+    def _evaluate_one(self, flake: str, config: str) -> tuple[str, str] | str:
+        """(drvPath, outPath) of one configuration, or its evaluation error text."""
+        try:
+            value = self.nix.eval_json(toplevel_installable(flake, config), apply=TOPLEVEL_PATHS_APPLY)
+        except NixError as exc:
+            return "evaluation failed: " + nix_error_text(exc)
+        if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
+            return str(value[0]), str(value[1])
+        return f"evaluation failed: nixosConfigurations.{config} has no usable toplevel"
+
+    def build(self, drv_path: str) -> str:
+        """Build one derivation; return its output path. Build errors are permanent for the revision."""
+        try:
+            outputs = self.nix.build([drv_path])
+        except NixError as exc:
+            log_file = self._save_log(drv_path, exc.stderr)
+            where = f" (full log: {log_file})" if log_file else ""
+            raise PermanentError(f"build failed{where}: " + nix_error_text(exc)) from exc
+        except subprocess.TimeoutExpired as exc:
+            raise TemporaryError(f"build of {drv_path} timed out") from exc
+        out = outputs[0].get("out") if outputs else None
+        if not out:
+            raise PermanentError(f"build of {drv_path} returned no 'out' output: {outputs!r}")
+        return out
+
+
+class GcRoots:
+    """Indirect GC roots `<state>/gcroots/<name>` for the toplevels the controller needs."""
+
+    def __init__(self, nix: NixExecutor, root_dir: str) -> None:
+        self.nix = nix
+        self.dir = root_dir
+        os.makedirs(root_dir, exist_ok=True)
+
+    def current(self) -> dict[str, str]:
+        out = {}
+        for name in os.listdir(self.dir):
+            link = os.path.join(self.dir, name)
+            if os.path.islink(link):
+                out[name] = os.readlink(link)
+        return out
+
+    def sync(self, needed: dict[str, str]) -> tuple[list[str], list[str]]:
+        """Make the roots exactly `needed` ({name: store path}); returns (added, dropped)."""
+        have = self.current()
+        added, dropped = [], []
+        buildable = {name: path for name, path in needed.items() if os.path.exists(path)}  # unbuilt: nothing to keep
+        for name, path in sorted(buildable.items()):
+            if have.get(name) == path:
+                continue
+            link = os.path.join(self.dir, name)
+            if os.path.islink(link):
+                os.unlink(link)
+            self.nix.run(add_root_cmd(path, link))
+            added.append(name)
+        for name in sorted(set(have) - set(buildable)):
+            os.unlink(os.path.join(self.dir, name))
+            dropped.append(name)
+        return added, dropped

@@ -1,0 +1,324 @@
+"""The controller's durable state: one SQLite database (WAL) in the state directory.
+
+Holds revisions (commits seen), targets (per commit and device: drvPath,
+toplevel or error), builds (per drvPath), devices (state, acknowledged
+generation, last failed attempt and its retry time), history (every push
+outcome) and events. Written by the reconcile loop (controller.py) after each
+executor outcome, so that after `kill -9` a restart carries on from here; read by
+`reup status`, `/api/status` and the planner's inputs (`desired`, `observed`).
+Thread-safe: one connection guarded by a lock (the HTTP server reads from its thread).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from reup.core.model import (
+    Attempt,
+    BuildResult,
+    Decision,
+    Desired,
+    DeviceObservation,
+    DeviceState,
+    Observed,
+    RolloutControl,
+    Target,
+)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS revisions(
+  commit_id TEXT PRIMARY KEY, seen_at REAL NOT NULL, fleet_error TEXT, completed_at REAL);
+CREATE TABLE IF NOT EXISTS targets(
+  commit_id TEXT NOT NULL, device TEXT NOT NULL, wave TEXT NOT NULL, drv_path TEXT, toplevel TEXT,
+  error TEXT, PRIMARY KEY(commit_id, device));
+CREATE TABLE IF NOT EXISTS builds(
+  drv_path TEXT PRIMARY KEY, commit_id TEXT NOT NULL, ok INTEGER NOT NULL, toplevel TEXT, error TEXT,
+  seconds REAL, finished_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS devices(
+  name TEXT PRIMARY KEY, wave TEXT NOT NULL DEFAULT 'default', state TEXT NOT NULL DEFAULT 'pending',
+  target_toplevel TEXT, target_commit TEXT,
+  acked_toplevel TEXT, acked_commit TEXT, acked_generation INTEGER, acked_at REAL,
+  last_error TEXT, updated_at REAL,
+  attempt_commit TEXT, attempt_toplevel TEXT, attempt_kind TEXT, attempt_error TEXT,
+  attempt_failures INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0,
+  active INTEGER NOT NULL DEFAULT 1, attempt_since REAL NOT NULL DEFAULT 0, attempt_at REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS history(
+  id INTEGER PRIMARY KEY, device TEXT NOT NULL, commit_id TEXT, toplevel TEXT, generation INTEGER,
+  result TEXT NOT NULL, error TEXT, stream_bytes INTEGER, nar_bytes INTEGER, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS events(
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, device TEXT, data TEXT);
+"""
+
+
+class StateDB:
+    def __init__(self, state_dir: str) -> None:
+        os.makedirs(state_dir, exist_ok=True)
+        self.path = os.path.join(state_dir, "reup.sqlite")
+        self._lock = threading.RLock()
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(devices)")}
+        for column in ("attempt_since", "attempt_at"):  # databases of the first controller version
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} REAL NOT NULL DEFAULT 0")
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    def _exec(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self.db.execute(sql, tuple(args)).fetchall()
+
+    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self.db.execute(sql, args)
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    # --- meta and revisions ---------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._exec("SELECT value FROM meta WHERE key=?", (key,))
+        return str(rows[0]["value"]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._exec("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def revision(self) -> tuple[str, float] | None:
+        commit = self.get_meta("revision")
+        if commit is None:
+            return None
+        rows = self._exec("SELECT seen_at FROM revisions WHERE commit_id=?", (commit,))
+        return commit, float(rows[0]["seen_at"]) if rows else 0.0
+
+    def has_targets(self, commit: str) -> bool:
+        return bool(self._exec("SELECT 1 FROM revisions WHERE commit_id=?", (commit,)))
+
+    def record_revision(self, commit: str, seen_at: float, targets: Iterable[Target], fleet_error: str | None) -> None:
+        """Store the evaluated targets of `commit` and make it the current revision, atomically."""
+        stmts: list[tuple[str, tuple[Any, ...]]] = [
+            ("INSERT OR REPLACE INTO revisions(commit_id, seen_at, fleet_error) VALUES(?, ?, ?)", (commit, seen_at, fleet_error)),
+            ("DELETE FROM targets WHERE commit_id=?", (commit,)),
+        ]
+        names = []
+        for t in targets:
+            names.append(t.device)
+            stmts.append((
+                "INSERT INTO targets(commit_id, device, wave, drv_path, toplevel, error) VALUES(?, ?, ?, ?, ?, ?)",
+                (commit, t.device, t.wave, t.drv_path, t.toplevel, t.error),
+            ))
+            stmts.append((
+                "INSERT INTO devices(name, wave, state, target_toplevel, target_commit, updated_at) VALUES(?, ?, 'pending', ?, ?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET wave=excluded.wave, target_toplevel=excluded.target_toplevel, "
+                "target_commit=excluded.target_commit, active=1",
+                (t.device, t.wave, t.toplevel, commit, seen_at),
+            ))
+        marks = ",".join("?" * len(names))
+        stmts.append((f"UPDATE devices SET active=0 WHERE name NOT IN ({marks})", tuple(names)))
+        stmts.append(("INSERT INTO meta(key, value) VALUES('revision', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (commit,)))
+        self._tx(stmts)
+
+    def complete_revision(self, commit: str, at: float) -> bool:
+        """Mark `commit` fully rolled out; True the first time."""
+        rows = self._exec("SELECT completed_at FROM revisions WHERE commit_id=?", (commit,))
+        if not rows or rows[0]["completed_at"] is not None:
+            return False
+        self._exec("UPDATE revisions SET completed_at=? WHERE commit_id=?", (at, commit))
+        return True
+
+    # --- planner inputs -------------------------------------------------------
+
+    def desired(self, commit: str | None = None) -> Desired:
+        """The targets of `commit` (default: the current revision)."""
+        if commit is None:
+            rev = self.revision()
+            if rev is None:
+                return Desired(commit=None)
+            commit, seen_at = rev
+        else:
+            rows = self._exec("SELECT seen_at FROM revisions WHERE commit_id=?", (commit,))
+            seen_at = float(rows[0]["seen_at"]) if rows else 0.0
+        rows = self._exec("SELECT * FROM targets WHERE commit_id=? ORDER BY device", (commit,))
+        targets = {
+            r["device"]: Target(r["device"], commit, r["wave"], r["drv_path"], r["toplevel"], r["error"]) for r in rows
+        }
+        return Desired(commit=commit, seen_at=seen_at, targets=targets)
+
+    def observed(self, busy: Mapping[str, DeviceState], building: Iterable[str] = ()) -> Observed:
+        devices = {}
+        for r in self._exec("SELECT * FROM devices WHERE active=1"):
+            attempt = None
+            if r["attempt_kind"]:
+                attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], r["attempt_kind"], r["attempt_error"] or "",
+                                  r["attempt_failures"], r["retry_at"], r["attempt_since"], r["attempt_at"])
+            devices[r["name"]] = DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy.get(r["name"]),
+                                                   attempt, r["acked_at"])
+        builds = {
+            r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
+            for r in self._exec("SELECT * FROM builds")
+        }
+        return Observed(devices=devices, builds=builds, building=frozenset(building), control=self.rollout_control())
+
+    def rollout_control(self) -> RolloutControl:
+        resumed = json.loads(self.get_meta("rollout_resumed") or "{}")
+        return RolloutControl(paused=self.get_meta("rollout_paused") == "1", resumed_commit=resumed.get("commit"),
+                              resumed_at=float(resumed.get("at") or 0.0))
+
+    def pause_rollout(self, paused: bool, at: float, commit: str | None = None) -> None:
+        """`reup rollout pause` (paused) or `resume` (also lifts a halt of `commit` from now on)."""
+        self.set_meta("rollout_paused", "1" if paused else "0")
+        if not paused and commit:
+            self.set_meta("rollout_resumed", json.dumps({"commit": commit, "at": at}))
+
+    # --- executor outcomes ----------------------------------------------------
+
+    def record_build(self, result: BuildResult, seconds: float, at: float) -> None:
+        self._exec(
+            "INSERT OR REPLACE INTO builds(drv_path, commit_id, ok, toplevel, error, seconds, finished_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+            (result.drv_path, result.commit, int(result.ok), result.toplevel, result.error, seconds, at),
+        )
+
+    def forget_build(self, drv_path: str) -> None:
+        self._exec("DELETE FROM builds WHERE drv_path=?", (drv_path,))
+
+    def record_ack(self, device: str, commit: str, toplevel: str, generation: int | None, at: float,
+                   stream_bytes: int = 0, nar_bytes: int = 0, result: str = "committed") -> None:
+        self._tx([
+            ("UPDATE devices SET acked_toplevel=?, acked_commit=?, acked_generation=?, acked_at=?, state='in_sync', "
+             "last_error=NULL, updated_at=?, attempt_commit=NULL, attempt_toplevel=NULL, attempt_kind=NULL, "
+             "attempt_error=NULL, attempt_failures=0, retry_at=0 WHERE name=?",
+             (toplevel, commit, generation, at, at, device)),
+            ("INSERT INTO history(device, commit_id, toplevel, generation, result, stream_bytes, nar_bytes, at) "
+             "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", (device, commit, toplevel, generation, result, stream_bytes, nar_bytes, at)),
+        ])
+
+    def record_failure(self, device: str, commit: str, toplevel: str, kind: str, error: str, at: float,
+                       retry_delay: Callable[[int], float] | float, generation: int | None = None) -> int:
+        """Record a failed push; returns the consecutive failures of this (commit, toplevel)."""
+        rows = self._exec("SELECT attempt_commit, attempt_toplevel, attempt_failures, attempt_kind, attempt_since "
+                          "FROM devices WHERE name=?", (device,))
+        same = bool(rows) and rows[0]["attempt_commit"] == commit and rows[0]["attempt_toplevel"] == toplevel
+        failures = (int(rows[0]["attempt_failures"]) if same else 0) + 1
+        since = float(rows[0]["attempt_since"]) if same and rows[0]["attempt_kind"] == kind else at
+        delay = retry_delay(failures) if callable(retry_delay) else retry_delay
+        self._tx([
+            ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
+             "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
+             (commit, toplevel, kind, error, failures, at + delay, error, at, since, at, device)),
+            ("INSERT INTO history(device, commit_id, toplevel, generation, result, error, at) VALUES(?, ?, ?, ?, ?, ?, ?)",
+             (device, commit, toplevel, generation, kind, error, at)),
+        ])
+        return failures
+
+    def attempt_generation(self, device: str, commit: str, toplevel: str, kind: str) -> int | None:
+        """The generation the device gave the last `kind` outcome of (commit, toplevel), if it said."""
+        rows = self._exec("SELECT generation FROM history WHERE device=? AND commit_id=? AND toplevel=? AND result=? "
+                          "ORDER BY id DESC LIMIT 1", (device, commit, toplevel, kind))
+        return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
+
+    def set_retry(self, device: str, at: float) -> None:
+        self._exec("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
+
+    def device_state(self, device: str) -> str | None:
+        rows = self._exec("SELECT state FROM devices WHERE name=?", (device,))
+        return str(rows[0]["state"]) if rows else None
+
+    def reset_retry_timers(self) -> None:
+        """On start-up every device gets one immediate attempt (permanent failures stay)."""
+        self._exec("UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ('permanent', 'rolled_back', 'timed_out')")
+
+    def set_states(self, decisions: Iterable[Decision], at: float) -> list[tuple[str, str, str]]:
+        """Persist each device's planned state; returns (device, old, new) for those that changed."""
+        changed = []
+        current = {r["name"]: (r["state"], r["last_error"]) for r in self._exec("SELECT name, state, last_error FROM devices")}
+        stmts: list[tuple[str, tuple[Any, ...]]] = []
+        for d in decisions:
+            old, old_err = current.get(d.device, ("", None))
+            err = d.reason if d.state in (DeviceState.FAILED, DeviceState.UNREACHABLE, DeviceState.ROLLED_BACK,
+                                          DeviceState.HALTED) else (
+                old_err if d.state == DeviceState.PENDING else None)
+            if old != d.state or err != old_err:
+                stmts.append(("UPDATE devices SET state=?, last_error=?, updated_at=? WHERE name=?", (str(d.state), err, at, d.device)))
+                if old != d.state:
+                    changed.append((d.device, old, str(d.state)))
+        if stmts:
+            self._tx(stmts)
+        return changed
+
+    def log_event(self, kind: str, device: str | None, data: Mapping[str, Any], at: float | None = None) -> None:
+        self._exec("INSERT INTO events(at, kind, device, data) VALUES(?, ?, ?, ?)",
+                   (at if at is not None else time.time(), kind, device, json.dumps(data, default=str)))
+
+    # --- read side --------------------------------------------------------------
+
+    def needed_toplevels(self) -> dict[str, str]:
+        """GC roots to keep: {root name: store path} for each device's target and acknowledged toplevel."""
+        out = {}
+        for r in self._exec("SELECT name, target_toplevel, acked_toplevel FROM devices WHERE active=1"):
+            if r["target_toplevel"]:
+                out[f"{r['name']}-target"] = r["target_toplevel"]
+            if r["acked_toplevel"]:
+                out[f"{r['name']}-acknowledged"] = r["acked_toplevel"]
+        return out
+
+    def history(self, device: str | None = None) -> list[dict[str, Any]]:
+        if device is None:
+            rows = self._exec("SELECT * FROM history ORDER BY id")
+        else:
+            rows = self._exec("SELECT * FROM history WHERE device=? ORDER BY id", (device,))
+        return [dict(r) for r in rows]
+
+    def device_events(self, device: str) -> list[dict[str, Any]]:
+        """The device's history: state changes, update outcomes and errors, oldest first."""
+        rows = self._exec("SELECT * FROM events WHERE device=? ORDER BY id", (device,))
+        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
+
+    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
+        rows = self._exec("SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id", (kind,) if kind else ())
+        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
+
+    def status(self) -> dict[str, Any]:
+        rev = self.revision()
+        fleet_error = None
+        if rev is not None:
+            rows = self._exec("SELECT fleet_error FROM revisions WHERE commit_id=?", (rev[0],))
+            fleet_error = rows[0]["fleet_error"] if rows else None
+        devices = [
+            {
+                "name": r["name"],
+                "state": r["state"],
+                "wave": r["wave"],
+                "target": r["target_toplevel"],
+                "acknowledged": r["acked_toplevel"],
+                "commit": r["target_commit"],
+                "acknowledged_commit": r["acked_commit"],
+                "generation": r["acked_generation"],
+                "last_error": r["last_error"],
+                "updated_at": r["updated_at"],
+            }
+            for r in self._exec("SELECT * FROM devices WHERE active=1 ORDER BY name")
+        ]
+        return {
+            "revision": rev[0] if rev else None,
+            "revision_seen_at": rev[1] if rev else None,
+            "fleet_error": fleet_error,
+            "rollout": json.loads(self.get_meta("rollout") or "null"),
+            "refused": json.loads(self.get_meta("refused") or "null"),
+            "devices": devices,
+        }

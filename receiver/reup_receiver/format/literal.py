@@ -1,0 +1,128 @@
+"""The literal stream: the content of new files that have no base, in stream order.
+
+Two codecs, chosen per stream by the encoder (the manifest's `literal` field):
+
+- ZSTD: one zstd stream through all literal files; each file's DATA is what the
+  encoder flushed for it, so a file is complete when its DATA has arrived.
+- LZMA_X86: groups of consecutive literal files, each group one raw stream of
+  the x86 branch filter + LZMA2 (what `xz` uses for executables). A group's
+  dictionary size (one byte, log2) and compressed bytes arrive as the DATA of
+  its first file; later files of the
+  group carry no DATA and are cut from the same decompressor. Memory: one
+  group's compressed bytes and the LZMA2 dictionary.
+
+Output is produced in bounded steps in both cases. Used by builder.py; the
+encoder's side is reup.delta.literal.
+"""
+
+from __future__ import annotations
+
+import lzma
+from typing import Protocol
+
+import zstandard
+
+from reup_receiver.errors import Corrupt, Unsupported
+
+MAX_WINDOW = 1 << 31
+LITERAL_ZSTD, LITERAL_LZMA_X86 = 0, 1
+MAX_DICT_LOG = 25  # 32 MiB
+STEP = 1 << 20
+
+
+def lzma_filters(dict_log: int) -> list[dict[str, int]]:
+    return [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << dict_log}]
+
+
+def dict_log_for(size: int) -> int:
+    """The dictionary a group of `size` bytes needs: the decoder allocates all of it."""
+    return max(16, min(MAX_DICT_LOG, (size - 1).bit_length()))
+
+
+class Sink(Protocol):
+    def write(self, data: bytes) -> int: ...
+
+
+def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> None:
+    """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
+    so this bounds each step's output (and memory) to about 3 MiB."""
+    view = memoryview(data)
+    for off in range(0, len(view), 64):
+        out = dobj.decompress(view[off : off + 64])
+        if out:
+            sink.write(out)
+
+
+class LiteralStream:
+    def __init__(self, codec: int) -> None:
+        if codec not in (LITERAL_ZSTD, LITERAL_LZMA_X86):
+            raise Unsupported(f"unknown literal codec {codec}")
+        self.codec = codec
+        self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
+        self.group: lzma.LZMADecompressor | None = None
+        self.pending = bytearray()  # compressed bytes of a group still arriving
+
+    def feed(self, sink: Sink, data: bytes) -> None:
+        """DATA of the current literal file."""
+        if self.codec == LITERAL_LZMA_X86:
+            self.pending += data
+            return
+        try:
+            zstd_feed(self.zstd, data, sink)
+        except zstandard.ZstdError as exc:
+            raise Corrupt(f"literal data does not decompress: {exc}") from exc
+
+    def complete(self, sink: Sink, size: int, data_len: int) -> None:
+        """The current literal file's DATA is in: cut its `size` bytes (LZMA groups)."""
+        if self.codec != LITERAL_LZMA_X86:
+            return
+        first = b""
+        if data_len:
+            if size == 0:
+                raise Corrupt("a literal group must start at a non-empty file")
+            self._end_group()
+            dict_log, first = self.pending[0], bytes(self.pending[1:])
+            self.pending = bytearray()
+            if not 16 <= dict_log <= MAX_DICT_LOG:
+                raise Corrupt(f"literal group: bad dictionary size 2^{dict_log}")
+            self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log))
+        if size == 0:
+            return
+        if self.group is None:
+            raise Corrupt("literal file without a literal group")
+        self._cut(sink, size, first)
+
+    def _cut(self, sink: Sink, size: int, first: bytes) -> None:
+        assert self.group is not None
+        data = first
+        left = size
+        try:
+            while left:
+                out = self.group.decompress(data, max_length=min(STEP, left))
+                data = b""
+                if out:
+                    sink.write(out)
+                    left -= len(out)
+                elif self.group.needs_input or self.group.eof:
+                    break
+        except lzma.LZMAError as exc:
+            raise Corrupt(f"literal group does not decompress: {exc}") from exc
+        if left:
+            raise Corrupt(f"literal group ended {left} bytes early")
+
+    def _end_group(self) -> None:
+        group = self.group
+        if group is None:
+            return
+        try:
+            rest = group.decompress(b"", max_length=1) if not group.eof else b""
+        except lzma.LZMAError as exc:
+            raise Corrupt(f"literal group does not decompress: {exc}") from exc
+        if rest or not group.eof or group.unused_data:
+            raise Corrupt("literal group holds more data than its files")
+
+    def finish(self) -> None:
+        """End of stream: the last group must be used up exactly."""
+        if self.pending:
+            raise Corrupt("literal data outside a file")
+        self._end_group()

@@ -1,0 +1,58 @@
+"""Generations on the device: add one and switch the `system` profile to it, activate it, and revert.
+
+Called by receive.py (phase 3 of a receive), confirm.py (rollback at the deadline or on a failed
+health check) and maintenance.py (`--rollback`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+from reup_receiver.device import Device
+from reup_receiver.errors import ActivationFailed
+
+
+def switch_generation(device: Device, toplevel: str, activate: str) -> tuple[int, tuple[int, str] | None]:
+    """Phase 3: new generation, atomic profile swap, activation with roll-back on failure.
+
+    Returns the new generation's number and the previous generation.
+    """
+    previous = device.current()
+    number = device.add_generation(toplevel)
+    device.switch_to(number)
+    try:
+        run_activation(device, toplevel, activate)
+    except ActivationFailed as exc:
+        try:
+            revert_to(device, previous, number, activate)
+        except ActivationFailed as again:
+            raise ActivationFailed(f"{exc}; {again}") from again
+        raise ActivationFailed(f"{exc}; rolled back to generation "
+                               f"{previous[0] if previous else 'none'}") from exc
+    return number, previous
+
+
+def revert_to(device: Device, previous: tuple[int, str] | None, failed: int, activate: str) -> None:
+    """Put `system` back on `previous`, drop generation `failed`, re-activate `previous`."""
+    if previous is not None:
+        device.switch_to(previous[0])
+    device.drop_generation(failed)
+    if previous is not None:
+        try:
+            run_activation(device, previous[1], activate)
+        except ActivationFailed as exc:
+            raise ActivationFailed(f"re-activating generation {previous[0]} also failed: {exc}") from exc
+
+
+def run_activation(device: Device, toplevel: str, activate: str) -> None:
+    if activate == "none":
+        return
+    script = device.host(toplevel + "/bin/switch-to-configuration")
+    if not os.path.exists(script):
+        raise ActivationFailed(f"activation failed: {toplevel} has no bin/switch-to-configuration")
+    env = {**os.environ, "REUP_ROOT": device.root, "REUP_TOPLEVEL": toplevel}
+    proc = subprocess.run([script, activate], env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or [""])[-1]
+        raise ActivationFailed(f"activation failed ({activate}, exit {proc.returncode}): {detail}")
