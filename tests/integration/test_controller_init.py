@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 
+import pytest
 from reup.config.fleet_toml import parse_fleet
+from reup.core.errors import ConfigError
+from support.fleetkeys import with_real_keys
 from support.sshd import reup_bin
 
 NIX_CONFIG = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\n"
@@ -30,7 +33,10 @@ def test_init_nixos_flavor(tmp_path: os.PathLike[str]) -> None:
     assert {"flake.nix", "fleet.toml", "README.md", "modules/minify.nix", "modules/receiver.nix"} <= files
     assert not any(f.startswith("offline/") for f in files)
     with open(os.path.join(dest, "fleet.toml"), encoding="utf-8") as f:
-        fleet = parse_fleet(f.read())
+        text = f.read()
+    with pytest.raises(ConfigError, match=r"devices\.pi-01\.host_key: .*placeholder.*ssh-keyscan"):
+        parse_fleet(text)  # refused until the team puts in the devices' real keys
+    fleet = parse_fleet(with_real_keys(text))
     assert {d.config for d in fleet.devices.values()} == {"board", "pi"}
     # Refused: the directory is not empty now; nothing in it changes.
     again = init(dest)
@@ -44,7 +50,7 @@ def test_init_offline_flavor_builds(tmp_path: os.PathLike[str]) -> None:
     assert r.returncode == 0, r.stderr
     assert {"flake.nix", "fleet.toml", "hosts/pi.nix", "hosts/board.nix", "src/sensord.c"} <= tracked(dest)
     with open(os.path.join(dest, "fleet.toml"), encoding="utf-8") as f:
-        fleet = parse_fleet(f.read())
+        fleet = parse_fleet(with_real_keys(f.read()))
     env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
     attrs = [f".#nixosConfigurations.{c}.config.system.build.toplevel" for c in sorted({d.config for d in
                                                                                           fleet.devices.values()})]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from reup.config.fleet_toml import parse_fleet
+from support.fleetkeys import with_real_keys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TEMPLATE = os.path.join(ROOT, "fleet-repo-template")
@@ -233,7 +234,7 @@ def test_top_level_flake_outputs() -> None:
 
 def test_fleet_devices_name_template_configurations() -> None:
     with open(os.path.join(TEMPLATE, "fleet.toml"), encoding="utf-8") as f:
-        fleet = parse_fleet(f.read())
+        fleet = parse_fleet(with_real_keys(f.read()))
     r = nix_eval(f"""
       let
         flake = import {nix_path("fleet-repo-template", "flake.nix")};

@@ -1,4 +1,4 @@
-"""Unit tests: reup.toml (config.py) and fleet.toml (fleet.py) parsing and validation."""
+"""Unit tests: reup.toml (config/reup_toml.py) and fleet.toml (config/fleet_toml.py) parsing and validation."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ tags = {{ site = "hamburg" }}
         ('[devices.a]\nhost = "h"\n', "missing required key 'host_key'"),
         ('[devices.a]\nhost = "h"\nhost_key = "AAAA"\n', "expected an OpenSSH public key"),
         (f'[devices.a]\nhost_key = "{KEY}"\n', "missing required key 'host'"),
-        (f'[devices.a]\nhost = "h"\nhost_key = "{KEY}"\nport = 70000\n', "out of range"),
+        (f'[devices.a]\nhost = "h"\nhost_key = "{KEY}"\nport = 70000\n', "devices.a.port: must be <= 65535, got 70000"),
         (f'[rollout]\nspeed = 3\n[devices.a]\nhost = "h"\nhost_key = "{KEY}"\n', "unknown key: speed"),
         (f'[rollout]\nactivation = "test"\n[devices.a]\nhost = "h"\nhost_key = "{KEY}"\n', "expected one of switch, boot"),
         (f'[rollout]\nwaves = ["x"]\n[devices.a]\nhost = "h"\nhost_key = "{KEY}"\nwave = "y"\n', "not in rollout.waves"),
@@ -127,3 +127,59 @@ tags = {{ site = "hamburg" }}
 def test_fleet_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_fleet(text)
+
+
+PLACEHOLDER = "ssh-ed25519 AAAA\u2026PLACEHOLDER\u2026"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('hots = "h"\n', "devices.pi-01: unknown key: hots (did you mean `host`?)"),
+        ('host = "h"\nport = "22"\n', "devices.pi-01.port: expected an integer, got '22'"),
+        ('host = "h"\nport = true\n', "devices.pi-01.port: expected an integer, got True"),
+        ('host = "h"\nwaev = "x"\n', "unknown key: waev (did you mean `wave`?)"),
+        ('host = "h"\nzzz = 1\n', "unknown key: zzz$"),
+    ],
+)
+def test_device_mistakes_name_the_key_and_the_closest_known_one(body: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        parse_fleet(f'[devices.pi-01]\nhost_key = "{KEY}"\n' + body)
+
+
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [
+        ("success_ratio = 2", "rollout.success_ratio: must be <= 1.0, got 2"),
+        ('activation = "swich"', "rollout.activation: expected one of switch, boot, got 'swich'"),
+        ("confirm_timeout = nan", "rollout.confirm_timeout: expected a finite number"),
+        ("bake_time = -1", "rollout.bake_time: must be >= 0.0, got -1"),
+        ("waves = []", "rollout.waves: must not be empty"),
+        ('waves = ["a", "a"]', "rollout.waves: wave names must be unique"),
+        ("max_paralel = 3", "unknown key: max_paralel (did you mean `max_parallel`?)"),
+    ],
+)
+def test_rollout_range_and_choice_errors(rollout: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        parse_fleet(f'[rollout]\n{rollout}\n[devices.a]\nhost = "h"\nhost_key = "{KEY}"\n')
+
+
+@pytest.mark.parametrize("key", [PLACEHOLDER, "ssh-ed25519 AAAAPLACEHOLDER", "ssh-ed25519 " + KEY.split()[1][:-4],
+                                 "ssh-rsa " + KEY.split()[1]])
+def test_placeholder_or_malformed_host_key_is_refused_with_the_way_to_the_real_one(key: str) -> None:
+    with pytest.raises(ConfigError, match=r"devices\.pi-01\.host_key: .*ssh-keyscan -t ed25519 HOST"):
+        parse_fleet(f'[devices.pi-01]\nhost = "h"\nhost_key = "{key}"\n')
+
+
+def test_every_problem_is_one_line() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_fleet(f'[rollout]\nsuccess_ratio = 2\n[devices.a]\nhots = "h"\nhost_key = "{KEY}"\n'
+                    f'[devices.b]\nhost = "h"\nhost_key = "{KEY}"\nport = "22"\n')
+    lines = str(err.value).splitlines()
+    assert len(lines) == 4, lines  # a: unknown hots + missing host; b: port; rollout: ratio
+    assert all(line.startswith("fleet.toml: ") for line in lines)
+
+
+def test_config_names_keep_any_text() -> None:
+    fleet = parse_fleet(f'[devices.a]\nhost = "h"\nhost_key = "{KEY}"\nconfig = "x${{y}}\\"z\u00e4"\n')
+    assert fleet.devices["a"].config == 'x${y}"z\u00e4'

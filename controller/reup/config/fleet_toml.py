@@ -1,91 +1,129 @@
 """fleet.toml: the devices of a fleet and the rollout policy, as committed in the fleet repo.
 
-Parsed by the controller (controller.py, via source.py which reads the file at a
-commit) and by `reup plan`. Pure: text in, `Fleet` out, `ConfigError` on any
-malformed or unknown key. The `[rollout]` keys are those of the rollout issue;
-this version of the controller enforces `max_parallel` and `activation`, and
-validates the rest so that fleet repos written for it stay valid.
+Parsed by the reconcile loop (at each new commit) and by `reup plan`/`reup check`. Pure: text in,
+`core.model.Fleet` out, `ConfigError` on any malformed or unknown key, one line per problem. The
+defaults are those of the core dataclasses (`RolloutPolicy`, `Device`), stated there once.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import dataclasses
 import re
-import tomllib
+import struct
+from typing import Annotated, Any, Literal
 
-from reup.config.tomlschema import Table
+from pydantic import Field, field_validator, model_validator
+
+from reup.config.schema import Section, load_toml, validate
 from reup.core.errors import ConfigError
 from reup.core.model import Device, Fleet, RolloutPolicy
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
+Seconds = Annotated[float, Field(allow_inf_nan=False)]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
 
-def parse_rollout(t: Table) -> RolloutPolicy:
-    d = RolloutPolicy()
-    policy = RolloutPolicy(
-        waves=t.strings("waves", d.waves),
-        max_parallel=t.integer("max_parallel", d.max_parallel, minimum=0),
-        success_ratio=t.number("success_ratio", d.success_ratio, minimum=0.0),
-        bake_time=t.number("bake_time", d.bake_time, minimum=0.0),
-        failure_threshold=t.number("failure_threshold", d.failure_threshold, minimum=0.0),
-        min_executed=t.integer("min_executed", d.min_executed, minimum=1),
-        unreachable_counts_as_failure=t.flag("unreachable_counts_as_failure", d.unreachable_counts_as_failure),
-        unreachable_after=t.number("unreachable_after", d.unreachable_after, minimum=0.0),
-        confirm_timeout=t.number("confirm_timeout", d.confirm_timeout, minimum=0.0),
-        activation=t.choice("activation", ("switch", "boot"), d.activation),
-        health_check=t.text("health_check", None),
-    )
-    t.reject_unknown()
-    if policy.success_ratio > 1.0 or policy.failure_threshold > 1.0:
-        raise ConfigError(f"{t.where}: success_ratio and failure_threshold are ratios in [0, 1]")
-    if len(set(policy.waves)) != len(policy.waves) or not policy.waves:
-        raise ConfigError(f"{t.where}.waves: wave names must be unique and non-empty")
-    return policy
+def _default(cls: type[Any], name: str) -> Any:
+    return {f.name: f for f in dataclasses.fields(cls)}[name].default
 
 
-def parse_device(name: str, t: Table) -> Device:
-    if not _NAME.match(name):
-        raise ConfigError(f"{t.where}: invalid device name {name!r}")
-    host_key = t.text("host_key").strip()
-    parts = host_key.split()
+_R = RolloutPolicy()
+
+
+class RolloutSpec(Section):
+    waves: list[str] = Field(default_factory=lambda: list(_R.waves), min_length=1)
+    max_parallel: int = Field(_R.max_parallel, ge=0)
+    success_ratio: Ratio = _R.success_ratio
+    bake_time: Seconds = Field(_R.bake_time, ge=0.0)
+    failure_threshold: Ratio = _R.failure_threshold
+    min_executed: int = Field(_R.min_executed, ge=1)
+    unreachable_counts_as_failure: bool = _R.unreachable_counts_as_failure
+    unreachable_after: Seconds = Field(_R.unreachable_after, ge=0.0)
+    confirm_timeout: Seconds = Field(_R.confirm_timeout, ge=0.0, le=86400.0)
+    activation: Literal["switch", "boot"] = "switch"
+    health_check: str | None = _R.health_check
+
+    @field_validator("waves")
+    @classmethod
+    def _unique(cls, waves: list[str]) -> list[str]:
+        if len(set(waves)) != len(waves) or not all(waves):
+            raise ValueError("wave names must be unique and non-empty")
+        return waves
+
+    def policy(self) -> RolloutPolicy:
+        return RolloutPolicy(**{**self.model_dump(), "waves": tuple(self.waves)})
+
+
+class DeviceSpec(Section):
+    host: str = Field(min_length=1)
+    host_key: str
+    port: int = Field(_default(Device, "port"), ge=1, le=65535)
+    user: str = Field(_default(Device, "user"), min_length=1)
+    config: str | None = None  # default: the device's name
+    wave: str = _default(Device, "wave")
+    tags: list[str] | dict[str, str | int | float | bool] = Field(default_factory=list)
+
+    @field_validator("host_key")
+    @classmethod
+    def _openssh_key(cls, value: str) -> str:
+        return check_host_key(value)
+
+    def device(self, name: str) -> Device:
+        tags = (tuple(f"{k}={v}" for k, v in sorted(self.tags.items())) if isinstance(self.tags, dict)
+                else tuple(self.tags))
+        return Device(name=name, host=self.host, host_key=self.host_key, port=self.port, user=self.user,
+                      config=self.config if self.config is not None else name, wave=self.wave, tags=tags)
+
+
+class FleetToml(Section):
+    devices: dict[str, DeviceSpec]
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _names(cls, devices: object) -> object:
+        if isinstance(devices, dict):
+            for name in devices:
+                if not _NAME.match(name):
+                    raise ValueError(f"invalid device name {name!r} (letters, digits, '.', '_', '-'; "
+                                     "at most 63; starting with a letter or digit)")
+            if not devices:
+                raise ValueError("no devices")
+        return devices
+
+    @model_validator(mode="after")
+    def _waves(self) -> FleetToml:
+        waves = self.rollout.waves
+        for name, dev in self.devices.items():
+            if dev.wave not in waves and waves != ["default"]:
+                raise ValueError(f"devices.{name}.wave {dev.wave!r} is not in rollout.waves")
+        return self
+
+
+def check_host_key(value: str) -> str:
+    """An OpenSSH public key line -> "TYPE BASE64" (the comment dropped); ValueError if it is not one,
+    e.g. the template's placeholder."""
+    parts = value.strip().split()
+    hint = "get the device's real key with `ssh-keyscan -t ed25519 HOST`"
     if len(parts) < 2 or parts[0] not in _KEY_TYPES:
-        raise ConfigError(f"{t.where}.host_key: expected an OpenSSH public key ('ssh-ed25519 AAAA...')")
-    tags_value = t.data.get("tags", [])
-    if isinstance(tags_value, dict):
-        tags = tuple(f"{k}={v}" for k, v in sorted(tags_value.items()))
-        t.seen.add("tags")
-    else:
-        tags = t.strings("tags", ())
-    dev = Device(
-        name=name,
-        host=t.text("host"),
-        host_key=" ".join(parts[:2]),
-        port=t.integer("port", 22, minimum=1),
-        user=t.text("user", "root"),
-        config=t.text("config", name),
-        wave=t.text("wave", "default"),
-        tags=tags,
-    )
-    t.reject_unknown()
-    if dev.port > 65535:
-        raise ConfigError(f"{t.where}.port: out of range")
-    return dev
+        raise ValueError(f"expected an OpenSSH public key ('ssh-ed25519 AAAA...'); {hint}")
+    try:
+        blob = base64.b64decode(parts[1].encode("ascii"), validate=True)
+        (n,) = struct.unpack(">I", blob[:4])
+        inner = blob[4:4 + n].decode("ascii")
+    except (UnicodeError, binascii.Error, struct.error) as exc:
+        raise ValueError(f"{parts[0]} key is not valid base64 (a placeholder?); {hint}") from exc
+    if inner != parts[0] or (inner == "ssh-ed25519" and len(blob) != 51):
+        raise ValueError(f"not a well-formed {parts[0]} key (a placeholder?); {hint}")
+    return " ".join(parts[:2])
 
 
 def parse_fleet(text: str, *, where: str = "fleet.toml") -> Fleet:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    root = Table(data, where)
-    rollout = parse_rollout(root.table("rollout"))
-    devs = root.table("devices", required=True)
-    devices = {name: parse_device(name, Table(value, f"{where}: devices.{name}")) for name, value in devs.data.items()}
-    devs.seen.update(devices)
-    root.reject_unknown()
-    if not devices:
+    raw = validate(FleetToml, load_toml(text, where), where)
+    if not raw.devices:  # pragma: no cover - refused by the schema
         raise ConfigError(f"{where}: no devices")
-    for dev in devices.values():
-        if dev.wave not in rollout.waves and rollout.waves != ("default",):
-            raise ConfigError(f"{where}: devices.{dev.name}.wave {dev.wave!r} is not in rollout.waves")
-    return Fleet(devices=devices, rollout=rollout)
+    return Fleet(devices={name: spec.device(name) for name, spec in raw.devices.items()},
+                 rollout=raw.rollout.policy())

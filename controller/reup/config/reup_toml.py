@@ -1,55 +1,84 @@
-"""reup.toml: the controller's own configuration, parsed and validated.
+"""reup.toml: the controller's own configuration, one typed schema with its defaults stated once.
 
-Called by controller_cli.py (`reup run/status/plan --config`) and the demo.
-Every key has a default except `[source] url`; unknown keys are a `ConfigError`.
-Relative paths (a local `source.url`, `state.dir`, `ssh.key`) are resolved
-against the directory of the configuration file. Documented in docs/controller.md.
+Called by the `reup` commands (cli/) and the lab. Every key has a default except `[source] url`;
+unknown keys and out-of-range values are a `ConfigError` naming the key (config/schema.py).
+Relative paths (a local `source.url`, `state.dir`, `ssh.key`, the signing trust roots) are resolved
+against the directory of the configuration file. The key reference is docs/controller.md, which
+tests/unit/test_config_schema.py holds against these models, as it does the chart's values schema.
 """
 
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
+from typing import Annotated
 
-from reup.config.tomlschema import Table
+from pydantic import Field, field_validator, model_validator
+
+from reup.config.schema import Section, load_toml, validate
 from reup.core.errors import ConfigError
 
+Seconds = Annotated[float, Field(allow_inf_nan=False)]
 
-@dataclass(frozen=True)
-class SourceConfig:
+
+class SourceConfig(Section):
     url: str
-    branch: str = "main"
-    poll_interval: float = 60.0
-    fleet_file: str = "fleet.toml"
+    branch: str = Field("main", min_length=1)
+    poll_interval: Seconds = Field(60.0, ge=0.1)
+    fleet_file: str = Field("fleet.toml", min_length=1)
     require_signed: bool = False  # deploy only heads signed by an allowed key
     allowed_signers: str | None = None  # SSH allowed-signers file (git gpg.ssh.allowedSignersFile)
     gpg_home: str | None = None  # GnuPG home holding the allowed OpenPGP keys
 
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, url: str) -> str:
+        if not is_local(url) and not url.startswith(("file://", "ssh://", "https://", "http://", "git@")):
+            raise ValueError(f"unsupported URL {url!r} (local path, file://, ssh:// or https://)")
+        return url
 
-@dataclass(frozen=True)
-class StateConfig:
-    dir: str
+    @model_validator(mode="after")
+    def _trust_root(self) -> SourceConfig:
+        if self.require_signed and not (self.allowed_signers or self.gpg_home):
+            raise ValueError("require_signed needs source.allowed_signers or source.gpg_home")
+        return self
 
 
-@dataclass(frozen=True)
-class BuildConfig:
-    max_parallel: int = 2
-    nix_options: dict[str, str] = field(default_factory=dict)
+class StateConfig(Section):
+    dir: str = "state"
 
 
-@dataclass(frozen=True)
-class SshConfig:
+class BuildConfig(Section):
+    max_parallel: int = Field(2, ge=1)
+    nix_options: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("nix_options", mode="before")
+    @classmethod
+    def _as_strings(cls, value: object) -> object:
+        # Nix options are strings on the command line; TOML gives numbers and booleans too.
+        if isinstance(value, dict):
+            return {k: ("true" if v else "false") if isinstance(v, bool) else
+                    str(v) if isinstance(v, int | float) else v for k, v in value.items()}
+        return value
+
+
+class SshConfig(Section):
     key: str | None = None
-    connect_timeout: float = 10.0
-    attempts: int = 3  # tries per push (tenacity, jittered exponential backoff)
-    retry_max: float = 300.0  # cap of the backoff between reconcile passes for a device
+    connect_timeout: Seconds = Field(10.0, ge=0.1)
+    attempts: int = Field(3, ge=1)  # tries per push (tenacity, jittered exponential backoff)
+    retry_max: Seconds = Field(300.0, ge=0.0)  # cap of the backoff between reconcile passes for a device
 
 
-@dataclass(frozen=True)
-class HttpConfig:
+class HttpConfig(Section):
     listen: str | None = "127.0.0.1:9120"
     device_info: bool = False  # opt-in reup_device_info{device,state,generation}
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str | None) -> str | None:
+        if listen and not listen.rpartition(":")[2].isdigit():
+            raise ValueError(f"expected host:port, got {listen!r}")
+        return listen or None
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -59,17 +88,29 @@ class HttpConfig:
         return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class ReupToml(Section):
+    """The file as written."""
+
+    source: SourceConfig
+    state: StateConfig = Field(default_factory=StateConfig)
+    build: BuildConfig = Field(default_factory=BuildConfig)
+    ssh: SshConfig = Field(default_factory=SshConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+
+
 @dataclass(frozen=True)
 class Config:
+    """reup.toml with its paths resolved, and where it was read from."""
+
     source: SourceConfig
-    state: StateConfig
+    state: StateConfig = field(default_factory=StateConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     path: str | None = None
 
 
-def _is_local(url: str) -> bool:
+def is_local(url: str) -> bool:
     return "://" not in url and not (":" in url.split("/", 1)[0] and "@" in url)
 
 
@@ -79,58 +120,16 @@ def _path(base_dir: str, value: str | None) -> str | None:
 
 def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> Config:
     where = path or "reup.toml"
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    root = Table(data, "")
-
-    src = root.table("source", required=True)
-    url = src.text("url")
-    if _is_local(url):
-        url = os.path.normpath(os.path.join(base_dir, os.path.expanduser(url)))
-    elif not url.startswith(("file://", "ssh://", "https://", "http://", "git@")):
-        raise ConfigError(f"source.url: unsupported URL {url!r} (local path, file://, ssh:// or https://)")
-    source = SourceConfig(
-        url=url,
-        branch=src.text("branch", "main"),
-        poll_interval=src.number("poll_interval", 60.0, minimum=0.1),
-        fleet_file=src.text("fleet_file", "fleet.toml"),
-        require_signed=src.flag("require_signed", False),
-        allowed_signers=_path(base_dir, src.text("allowed_signers", None)),
-        gpg_home=_path(base_dir, src.text("gpg_home", None)),
-    )
-    src.reject_unknown()
-    if source.require_signed and not (source.allowed_signers or source.gpg_home):
-        raise ConfigError("source.require_signed needs source.allowed_signers or source.gpg_home")
-
-    st = root.table("state")
-    state = StateConfig(dir=os.path.normpath(os.path.join(base_dir, os.path.expanduser(st.text("dir", "state")))))
-    st.reject_unknown()
-
-    b = root.table("build")
-    build = BuildConfig(max_parallel=b.integer("max_parallel", 2, minimum=1), nix_options=b.str_map("nix_options"))
-    b.reject_unknown()
-
-    s = root.table("ssh")
-    key = s.text("key", None)
-    ssh = SshConfig(
-        key=os.path.normpath(os.path.join(base_dir, os.path.expanduser(key))) if key else None,
-        connect_timeout=s.number("connect_timeout", 10.0, minimum=0.1),
-        attempts=s.integer("attempts", 3, minimum=1),
-        retry_max=s.number("retry_max", 300.0, minimum=0.0),
-    )
-    s.reject_unknown()
-
-    h = root.table("http")
-    listen = h.text("listen", "127.0.0.1:9120")
-    if listen and not listen.rpartition(":")[2].isdigit():
-        raise ConfigError(f"http.listen: expected host:port, got {listen!r}")
-    http = HttpConfig(listen=listen or None, device_info=h.flag("device_info", False))
-    h.reject_unknown()
-
-    root.reject_unknown()
-    return Config(source=source, state=state, build=build, ssh=ssh, http=http, path=path)
+    raw = validate(ReupToml, load_toml(text, where), where)
+    src = raw.source
+    source = src.model_copy(update={
+        "url": _path(base_dir, src.url) if is_local(src.url) else src.url,
+        "allowed_signers": _path(base_dir, src.allowed_signers),
+        "gpg_home": _path(base_dir, src.gpg_home),
+    })
+    state = raw.state.model_copy(update={"dir": _path(base_dir, raw.state.dir)})
+    ssh = raw.ssh.model_copy(update={"key": _path(base_dir, raw.ssh.key)})
+    return Config(source=source, state=state, build=raw.build, ssh=ssh, http=raw.http, path=path)
 
 
 def load_config(path: str) -> Config:
