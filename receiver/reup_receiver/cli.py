@@ -17,10 +17,12 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 from reup_receiver import confirm, maintenance
 from reup_receiver.device import Device, translate_oserror
 from reup_receiver.errors import ReceiveError, UsageError
+from reup_receiver.format.wire import VERSION
 from reup_receiver.protocol import ACTIONS, VERBS
 from reup_receiver.receive import receive
 
@@ -28,7 +30,9 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="reup-receive", description="Install a reup stream read on stdin.")
+    p = argparse.ArgumentParser(prog="reup-receive", description="reup's device side: install a reup stream read "
+                                "on stdin, verified and failure-atomically, or run one of the verbs below.")
+    p.add_argument("--version", action="version", version=f"reup-receive {_version()} (stream format {VERSION})")
     p.add_argument("--root", default="/", help="device filesystem root (default /)")
     p.add_argument("--activate", choices=ACTIONS, default="switch",
                    help="switch-to-configuration action after install (default switch)")
@@ -46,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after activating, roll back unless --confirm arrives within SECONDS")
     p.add_argument("--check", metavar="CMD", help="with --confirm: health check to pass first")
     return p
+
+
+def _version() -> str:
+    try:
+        return version("reup-receiver")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:

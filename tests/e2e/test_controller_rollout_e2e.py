@@ -117,7 +117,7 @@ def test_failing_activation_halts_then_revert_and_offline_device(tmp_path: os.Pa
         r = cli(lab, "rollout", "status")
         assert r.returncode == 0 and "halted: failure threshold reached" in r.stdout, r.stdout
         r = cli(lab, "history", "d3")
-        assert "-> halted (rollout halted: failure threshold" in r.stdout, r.stdout
+        assert "-> halted: rollout halted: failure threshold" in r.stdout, r.stdout
         assert "update committed" in cli(lab, "history", "d1").stdout
         # `reup rollout resume` lifts the threshold halt, but the quarantined canaries are not retried,
         # so the canary wave stays short of its success_ratio and the second wave stays halted.

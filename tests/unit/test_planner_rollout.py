@@ -174,3 +174,17 @@ def test_wave_settled_short_of_success_halts_later_waves() -> None:
     p = plan(desired(), observed({"a": failed("a", "permanent"), "b": acked("b", 5.0)}), WAVES, 100.0)
     assert got(p)["x"] == ("halted", None) and "wave canary settled short" in (p.rollout.halted or "")
     assert p.settled()
+
+
+def test_devices_behind_an_unreachable_canary_are_blocked_so_run_once_can_end() -> None:
+    down = {"a": DeviceObservation("a", acked_toplevel=top("a", C2), acked_commit=C2, acked_at=10.0),
+            "b": DeviceObservation("b", attempt=Attempt(C2, top("b", C2), "unreachable", "refused", failures=1,
+                                                        retry_at=130.0, since=20.0, at=20.0))}
+    policy = RolloutPolicy(waves=("canary", "rest"), unreachable_after=600.0)
+    p = plan(desired(), observed(down), policy, 100.0)
+    assert p.decisions["b"].state == S.UNREACHABLE and not p.settled() and p.quiescent()
+    assert p.blocked() == {"x": "wave canary waits on unreachable b", "y": "wave canary waits on unreachable b"}
+    # a canary still to be pushed is no block: the wave can move without anybody's retry
+    fresh = {"a": DeviceObservation("a"), **{k: v for k, v in down.items() if k != "a"}}
+    p2 = plan(desired(), observed(fresh), policy, 100.0)
+    assert p2.blocked() == {} and not p2.quiescent()

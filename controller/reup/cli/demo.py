@@ -11,8 +11,6 @@ import argparse
 import logging
 import sys
 
-from reup.cli.common import setup_logging
-
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="a local fleet of three simulated devices behind real sshd: install, "
@@ -31,7 +29,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("reup: the demo needs the lab: pip install reup-lab (./lab in the source tree)", file=sys.stderr)
         return 2
 
-    setup_logging(False)
-    logging.getLogger("reup").setLevel(logging.WARNING)  # the demo prints its own live view
+    if args.log_level == "info":  # the demo prints its own live view; records only when asked for
+        logging.getLogger("reup").setLevel(logging.WARNING)
     return run_demo(args.dir, keep=args.keep)
 

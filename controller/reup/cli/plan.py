@@ -17,27 +17,28 @@ import logging
 import os
 import sys
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from reup.cli.common import setup_logging
 from reup.config.reup_toml import Config, load_config
 from reup.core import planner
 from reup.core.errors import ReupError
 from reup.core.model import Build, BuildResult, Desired, Push, Wait
-from reup.loop.controller import Controller
+
+if TYPE_CHECKING:
+    from reup.loop.controller import Controller
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     plan = sub.add_parser("plan", help="dry run: what would happen to each device, and the predicted bytes")
-    plan.add_argument("--config", "-c", default="reup.toml")
+    plan.add_argument("--config", "-c", default="reup.toml", help="reup.toml (default ./reup.toml)")
     plan.add_argument("--build", action="store_true", help="build missing targets (local store only) to predict bytes")
-    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--json", action="store_true", help="print JSON, one object per device")
     plan.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    setup_logging(False)
-    logging.getLogger("reup").setLevel(logging.WARNING)
+    if args.log_level == "info":  # the table is the output; records only when asked for
+        logging.getLogger("reup").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config)
         rows = dry_run(cfg, build=args.build)
@@ -61,6 +62,8 @@ def _num(n: int | None) -> str:
 
 
 def dry_run(cfg: Config, *, build: bool = False) -> list[dict[str, Any]]:
+    from reup.loop.controller import Controller  # asyncssh and all: only when planning
+
     ctrl = Controller(cfg)
     try:
         return asyncio.run(_dry_run(ctrl, build))

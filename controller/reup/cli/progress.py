@@ -1,12 +1,13 @@
-"""Progress display for long work: a redrawn progress bar on a terminal, plain logs otherwise.
+"""Progress display for long work: one redrawn line on a terminal, sized to it; plain logs otherwise.
 
-Subscribed to the event bus by `reup run` and `reup demo` (controller_cli.py)
-when stderr is a terminal; without a terminal the log subscriber (events.py)
-already writes one line per event.
+Subscribed to the event bus by `reup run` (cli/run.py) when stderr is a terminal; without a terminal
+the log subscriber (loop/events.py) already writes one line per event. `human_size` is shared with
+the demo.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import TextIO
 
@@ -32,7 +33,10 @@ class TerminalProgress:
             busy = [f"{n}:{s}" for n, s, _, _ in event.devices if s not in ("in_sync", "failed", "unreachable")]
             line = (f"\r[{'#' * fill}{'.' * (self.width - fill)}] {synced}/{total} in sync, "
                     f"{human_size(self.sent)} sent ({human_size(self.full)} full) {' '.join(busy[:4])}")
-            self.stream.write(line[:160].ljust(160))
+            # Fit the terminal as it is now (it may have been resized) and clear the rest of the line,
+            # instead of padding: a padded line wraps on a narrow terminal and the redraw breaks.
+            columns = shutil.get_terminal_size((80, 24)).columns - 1
+            self.stream.write(line[:columns + 1] + "\x1b[K")
             if done == total:
                 self.stream.write("\n")
             self.stream.flush()

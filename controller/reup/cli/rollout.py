@@ -17,24 +17,28 @@ import json
 import sys
 import time
 import urllib.request
+from typing import TYPE_CHECKING
 
-from reup.cli.common import opened_store
-from reup.cli.status import format_rollout
-from reup.config.reup_toml import Config
-from reup.core.errors import ConfigError
+from reup.cli.common import opened_store, render_table
+from reup.cli.status import event_row, format_rollout
+
+if TYPE_CHECKING:
+    from reup.config.reup_toml import Config
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     rollout = sub.add_parser("rollout", help="show, pause or resume the rollout of the current revision")
-    rollout.add_argument("action", choices=("status", "pause", "resume"))
-    rollout.add_argument("--config", "-c", default="reup.toml")
-    rollout.add_argument("--json", action="store_true")
+    rollout.add_argument("action", choices=("status", "pause", "resume"), metavar="ACTION",
+                         help="status: show the rollout; pause: no device starts an update; resume: go on "
+                              "(also lifts a failure-threshold halt of the current revision)")
+    rollout.add_argument("--config", "-c", default="reup.toml", help="reup.toml (default ./reup.toml)")
+    rollout.add_argument("--json", action="store_true", help="print JSON")
     rollout.set_defaults(func=cmd_rollout)
 
     history = sub.add_parser("history", help="a device's state changes and update outcomes")
-    history.add_argument("device")
-    history.add_argument("--config", "-c", default="reup.toml")
-    history.add_argument("--json", action="store_true")
+    history.add_argument("device", metavar="DEVICE", help="the device's name in fleet.toml")
+    history.add_argument("--config", "-c", default="reup.toml", help="reup.toml (default ./reup.toml)")
+    history.add_argument("--json", action="store_true", help="print the raw events as JSON")
     history.set_defaults(func=cmd_history)
 
 
@@ -48,50 +52,31 @@ def _nudge(cfg: Config) -> None:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    try:
-        with opened_store(args.config) as (cfg, store):
-            if args.action != "status":
-                rev = store.revision()
-                store.pause_rollout(args.action == "pause", time.time(), rev[0] if rev else None)
-                _nudge(cfg)
-            status = store.status()
-            control = store.rollout_control()
-    except ConfigError as exc:
-        print(f"reup: {exc}", file=sys.stderr)
-        return 2
+    with opened_store(args.config) as (cfg, store):
+        if args.action != "status":
+            rev = store.revision()
+            store.pause_rollout(args.action == "pause", time.time(), rev[0] if rev else None)
+            _nudge(cfg)
+        status = store.status()
     if args.json:
-        print(json.dumps({"rollout": status["rollout"], "refused": status["refused"], "paused": control.paused},
+        print(json.dumps({"rollout": status["rollout"], "refused": status["refused"], "paused": status["paused"]},
                          indent=1))
     else:
         lines = format_rollout(status) or ["no rollout yet"]
         if args.action != "status":
-            lines.insert(0, "paused" if control.paused else "resumed")
+            lines.insert(0, "paused" if status["paused"] else "resumed")
         print("\n".join(lines))
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    try:
-        with opened_store(args.config) as (_, store):
-            events = store.device_events(args.device)
-    except ConfigError as exc:
-        print(f"reup: {exc}", file=sys.stderr)
-        return 2
+    with opened_store(args.config) as (_, store):
+        events = store.device_events(args.device)
     if args.json:
         print(json.dumps(events, indent=1))
         return 0
     if not events:
         print(f"reup: no history for {args.device}", file=sys.stderr)
         return 1
-    for e in events:
-        d = e["data"]
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["at"]))
-        if e["kind"] == "DeviceStateChanged":
-            text = f"{d.get('old') or 'new'} -> {d.get('new')}" + (f" ({d['reason']})" if d.get("reason") else "")
-        elif e["kind"] == "DeviceUpdated":
-            text = f"update {d.get('result')} {str(d.get('commit'))[:12]} {d.get('toplevel')}" + (
-                f": {d['error']}" if d.get("error") else "")
-        else:
-            text = e["kind"] + " " + json.dumps(d, default=str)[:200]
-        print(f"{when}  {text}")
+    print(render_table(("TIME", "EVENT", "BYTES", "DURATION", "DETAIL"), [event_row(e) for e in events]))
     return 0

@@ -32,3 +32,22 @@ class PermanentError(ReupError):
 
 class ConfigError(ReupError, ValueError):
     """A malformed reup.toml or fleet.toml: the message names the file and key."""
+
+
+MAX_ERROR_CHARS = 4096  # what state, /api/status and `reup status DEVICE` keep of one error
+
+
+def bounded(message: str | None) -> str | None:
+    """A whole error message, cut (with a mark) only past MAX_ERROR_CHARS."""
+    if message is None or len(message) <= MAX_ERROR_CHARS:
+        return message
+    return message[:MAX_ERROR_CHARS - 20] + " ... [truncated]"
+
+
+def headline(message: str | None) -> str:
+    """The one line of an error worth a table cell: Nix's last `error:` line (not its
+    `--show-trace` hint), else the last line that says something."""
+    lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
+    lines = [ln for ln in lines if "--show-trace" not in ln] or lines
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or [""])[-1]

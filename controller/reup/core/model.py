@@ -129,6 +129,9 @@ class Decision:
     state: DeviceState
     action: Action | None = None
     reason: str = ""
+    # Waiting for an earlier wave that can only move on through unreachable devices (their retries,
+    # or rollout.unreachable_after): `reup run --once` need not wait for it.
+    blocked_by: str | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +176,17 @@ class Plan:
         return not self.builds and all(
             d.state in SETTLED and not isinstance(d.action, Build | Push) for d in self.decisions.values()
         )
+
+    def quiescent(self) -> bool:
+        """Settled, or every unsettled device blocked behind a wave of unreachable devices (`--once`)."""
+        return not self.builds and all(
+            (d.state in SETTLED or d.blocked_by is not None) and not isinstance(d.action, Build | Push)
+            for d in self.decisions.values()
+        )
+
+    def blocked(self) -> dict[str, str]:
+        """Devices blocked behind unreachable ones, and why."""
+        return {n: d.blocked_by for n, d in self.decisions.items() if d.blocked_by is not None}
 
 
 # --- the fleet as fleet.toml describes it (parsed by config/fleet_toml.py) ---

@@ -74,7 +74,7 @@ def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float
                 decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.blocked)
             elif i > gate.open_index:
                 wait = Wait(gate.wait_until) if gate.wait_until is not None else None
-                decision = Decision(name, S.PENDING, wait, gate.waiting)
+                decision = Decision(name, S.PENDING, wait, gate.waiting, blocked_by=gate.stalled)
             elif policy.max_parallel > 0 and in_flight.get(i, 0) >= policy.max_parallel:
                 decision = Decision(name, S.PENDING, None, "waiting for a free slot (rollout.max_parallel)")
             else:

@@ -49,6 +49,7 @@ class Gate:
     wait_until: float | None = None  # the open wave is baking until then
     blocked: str | None = None  # why later waves will not open without a change (halts them)
     waiting: str = ""  # why later waves wait
+    stalled: str | None = None  # the open wave waits only on unreachable devices (named)
 
 
 def wave_index(policy: RolloutPolicy, wave: str) -> int:
@@ -67,6 +68,7 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
     updating = [0] * n_waves
     excluded = [0] * n_waves
     unsettled = [0] * n_waves
+    unreachable: list[list[str]] = [[] for _ in range(n_waves)]
     executed = 0
     for name, target in desired.targets.items():
         i = wave_index(policy, target.wave)
@@ -76,6 +78,8 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
         if d is not None and (d.state not in SETTLED or d.state == DeviceState.UNREACHABLE
                               or isinstance(d.action, Push | Build)):
             unsettled[i] += 1
+            if d.state == DeviceState.UNREACHABLE and obs.busy is None:
+                unreachable[i].append(name)
         if obs.busy is not None:
             updating[i] += 1
         if target.error is None and obs.acked_toplevel == target.toplevel:
@@ -104,7 +108,7 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
         halted = (f"failure threshold reached: {total_failed} failed of {executed} executed "
                   f"(failure_threshold {policy.failure_threshold:g}, min_executed {policy.min_executed})")
 
-    open_index, wait_until, blocked, waiting = n_waves - 1, None, None, ""
+    open_index, wait_until, blocked, waiting, stalled = n_waves - 1, None, None, "", None
     for i, wave in enumerate(policy.waves[:-1]):
         needed = math.ceil(policy.success_ratio * (devices[i] - excluded[i]) - 1e-9)
         done = sorted(committed_at[i])
@@ -119,6 +123,8 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
             waiting = f"waiting for wave {wave}: {len(done)} of {needed} needed committed"
             if not unsettled[i]:
                 blocked = f"wave {wave} settled short of success_ratio: {len(done)} of {needed} needed committed"
+            elif len(unreachable[i]) == unsettled[i]:
+                stalled = f"wave {wave} waits on unreachable {', '.join(sorted(unreachable[i]))}"
         break
 
     total = len(desired.targets)
@@ -136,4 +142,4 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
         progress=sum(len(c) for c in committed_at) / total if total else 1.0,
         waves=counts,
     )
-    return Gate(rollout, open_index, halted, wait_until, blocked, waiting)
+    return Gate(rollout, open_index, halted, wait_until, blocked, waiting, stalled)

@@ -53,14 +53,22 @@ class GitSource:
 
     def fetch(self) -> str:
         """Fetch the branch; return its head commit id. Network trouble is a TemporaryError."""
+        if self.is_local:
+            path = self.url.removeprefix("file://")
+            if not os.path.isdir(path) or pygit2.discover_repository(path) is None:
+                raise TemporaryError(f"not a git repository: {path}")
         with self._lock:
+            ref = f"refs/heads/{self.branch}"
             try:
                 repo = self._open()
-                ref = f"refs/heads/{self.branch}"
                 repo.remotes["origin"].fetch([f"+{ref}:{ref}"], callbacks=self._callbacks())
-                return str(repo.references[ref].target)
             except (pygit2.GitError, KeyError, OSError) as exc:
+                if "couldn't find remote ref" in str(exc):
+                    raise TemporaryError(f"no branch {self.branch!r} in {self.url}") from exc
                 raise TemporaryError(f"git fetch {self.url} {self.branch}: {exc}") from exc
+            if ref not in repo.references:
+                raise TemporaryError(f"no branch {self.branch!r} in {self.url}")
+            return str(repo.references[ref].target)
 
     def read_file(self, commit: str, path: str) -> str | None:
         """The text of `path` at `commit`, or None if it is absent."""

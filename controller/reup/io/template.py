@@ -23,13 +23,16 @@ GIT_ENV = {"GIT_AUTHOR_NAME": "reup", "GIT_AUTHOR_EMAIL": "reup@localhost",
 
 
 def template_dir() -> str:
+    """REUP_TEMPLATE_DIR, else the copy installed with the package (controller/setup.py), else the source
+    tree's."""
     env = os.environ.get("REUP_TEMPLATE_DIR")
     candidates = [env] if env else []
-    candidates.append(os.path.join(os.path.dirname(__file__), "..", "..", "..", "fleet-repo-template"))
+    package = os.path.dirname(os.path.dirname(__file__))
+    candidates += [os.path.join(package, "fleet_template"), os.path.join(package, "..", "..", "fleet-repo-template")]
     for path in candidates:
         if os.path.isfile(os.path.join(path, "fleet.toml")):
             return os.path.normpath(path)
-    raise ConfigError("fleet-repo-template not found: set REUP_TEMPLATE_DIR to its directory")
+    raise ConfigError("the fleet-repo template is not installed with reup: set REUP_TEMPLATE_DIR to its directory")
 
 
 def init_fleet_repo(dest: str, *, offline: bool = False, system: str | None = None,
@@ -61,8 +64,21 @@ def init_fleet_repo(dest: str, *, offline: bool = False, system: str | None = No
 
 
 def git(repo: str, *args: str) -> str:
-    env = {**os.environ, **{k: v for k, v in GIT_ENV.items() if k not in os.environ}}
+    env = {**os.environ, **_fallback_identity(repo)}
     proc = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise ConfigError(f"git {' '.join(args)}: {proc.stderr.strip()}")
     return proc.stdout.strip()
+
+
+def _fallback_identity(repo: str) -> dict[str, str]:
+    """reup's own identity for the parts of the user's that git lacks (the user's wins: their commit)."""
+    out: dict[str, str] = {}
+    for key, (author, committer) in (("name", ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME")),
+                                     ("email", ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"))):
+        configured = subprocess.run(["git", "-C", repo, "config", "--get", f"user.{key}"], capture_output=True,
+                                    text=True, check=False).stdout.strip()
+        for var in (author, committer):
+            if not configured and not os.environ.get(var):
+                out[var] = GIT_ENV[var]
+    return out

@@ -85,6 +85,7 @@ class Controller(UpdateExecutor):
         self.busy: dict[str, DeviceState] = {}
         self.building: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
+        self.blocked: dict[str, str] = {}  # `run --once`: devices it left blocked behind unreachable ones
         self.probing: set[str] = set()
         self.probe_failures: dict[str, int] = {}
         self._next_probe: float | None = None
@@ -318,7 +319,8 @@ class Controller(UpdateExecutor):
             while not stopping.is_set():
                 self._wake.clear()
                 plan = await self.step()
-                if once and not self.tasks and plan.settled() and not self._fetch_requested:
+                if once and not self.tasks and plan.quiescent() and not self._fetch_requested:
+                    self.blocked = plan.blocked()
                     break
                 wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
                                        None if once else self._next_probe) if w is not None]

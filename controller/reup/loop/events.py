@@ -146,31 +146,42 @@ def store_subscriber(store: StateDB) -> Subscriber:
 
 
 def log_subscriber(logger: logging.Logger = log) -> Subscriber:
+    """One log record per event, each failure once: a push failure by its DeviceUpdated (WARNING), not
+    again by the state change or the push's ReconcileError; a fleet.toml error at ERROR. Every record
+    carries the event's fields (`--log-format json` prints them)."""
+
     def emit(event: Event) -> None:
+        extra = {"event": type(event).__name__, **dataclasses.asdict(event)}
         if isinstance(event, DeviceStateChanged):
+            said_elsewhere = event.new in ("failed", "rolled_back", "unreachable")
             logger.info("device %s: %s -> %s%s", event.device, event.old or "new", event.new,
-                        f" ({event.reason})" if event.reason else "",
-                        extra={"event": "state", "device": event.device, "old": event.old, "new": event.new})
+                        f" ({event.reason})" if event.reason and not said_elsewhere else "", extra=extra)
         elif isinstance(event, RolloutChanged):
             logger.info("rollout %s: wave %s (%d), %.0f%% done%s", (event.revision or "none")[:12], event.wave,
-                        event.wave_index, 100 * event.progress, f"; halted: {event.halted}" if event.halted else "")
+                        event.wave_index, 100 * event.progress, f"; halted: {event.halted}" if event.halted else "",
+                        extra=extra)
         elif isinstance(event, CommitRefused):
-            logger.warning("commit %s refused (%s): %s", event.revision[:12], event.reason, event.error)
+            logger.warning("commit %s refused (%s): %s", event.revision[:12], event.reason, event.error, extra=extra)
         elif isinstance(event, DeviceUpdated):
-            extra = f": {event.error}" if event.error else (" (already running it)" if event.adopted else "")
-            logger.info("device %s: update %s -> %s%s", event.device, event.result, event.toplevel, extra)
+            said = f": {event.error}" if event.error else (" (already running it)" if event.adopted else "")
+            logger.log(logging.WARNING if event.error else logging.INFO, "device %s: update %s -> %s%s",
+                       event.device, event.result, event.toplevel, said, extra=extra)
         elif isinstance(event, TransferFinished):
             logger.info("device %s: sent %d bytes (a full copy: %d NAR bytes) in %.1fs",
-                        event.device, event.stream_bytes, event.nar_bytes, event.seconds)
+                        event.device, event.stream_bytes, event.nar_bytes, event.seconds, extra=extra)
         elif isinstance(event, BuildFinished):
-            logger.info("build %s: %s in %.1fs%s", event.drv_path, event.result, event.seconds,
-                        f": {event.error}" if event.error else "")
+            logger.log(logging.WARNING if event.error else logging.INFO, "build %s: %s in %.1fs%s", event.drv_path,
+                       event.result, event.seconds, f": {event.error}" if event.error else "", extra=extra)
         elif isinstance(event, RevisionSeen):
-            logger.info("revision %s: %d devices%s", event.revision[:12], event.devices,
-                        f"; fleet.toml error: {event.fleet_error}" if event.fleet_error else "")
+            logger.log(logging.ERROR if event.fleet_error else logging.INFO, "revision %s: %d devices%s",
+                       event.revision[:12], event.devices,
+                       f"; fleet.toml error: {event.fleet_error}" if event.fleet_error else "", extra=extra)
         elif isinstance(event, ReconcileError):
-            logger.warning("%s error%s: %s", event.stage, f" ({event.device})" if event.device else "", event.error)
+            if event.stage == "push":  # its DeviceUpdated said it
+                return
+            logger.log(logging.ERROR if event.stage == "fleet" else logging.WARNING, "%s error%s: %s", event.stage,
+                       f" ({event.device})" if event.device else "", event.error, extra=extra)
         elif isinstance(event, GitFetched) and event.result != "success":
-            logger.warning("git fetch failed: %s", event.error)
+            logger.warning("git fetch failed: %s", event.error, extra=extra)
 
     return emit

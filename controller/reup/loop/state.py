@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from reup.core.errors import bounded
 from reup.core.model import (
     Attempt,
     BuildResult,
@@ -220,7 +221,7 @@ class StateDB:
         self._tx([
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
              "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
-             (commit, toplevel, kind, error, failures, at + delay, error, at, since, at, device)),
+             (commit, toplevel, kind, bounded(error), failures, at + delay, bounded(error), at, since, at, device)),
             ("INSERT INTO history(device, commit_id, toplevel, generation, result, error, at) VALUES(?, ?, ?, ?, ?, ?, ?)",
              (device, commit, toplevel, generation, kind, error, at)),
         ])
@@ -250,7 +251,7 @@ class StateDB:
         stmts: list[tuple[str, tuple[Any, ...]]] = []
         for d in decisions:
             old, old_err = current.get(d.device, ("", None))
-            err = d.reason if d.state in (DeviceState.FAILED, DeviceState.UNREACHABLE, DeviceState.ROLLED_BACK,
+            err = bounded(d.reason) if d.state in (DeviceState.FAILED, DeviceState.UNREACHABLE, DeviceState.ROLLED_BACK,
                                           DeviceState.HALTED) else (
                 old_err if d.state == DeviceState.PENDING else None)
             if old != d.state or err != old_err:
@@ -295,6 +296,7 @@ class StateDB:
 
     def status(self) -> dict[str, Any]:
         rev = self.revision()
+        paused = self.get_meta("rollout_paused") == "1"
         fleet_error = None
         if rev is not None:
             rows = self._exec("SELECT fleet_error FROM revisions WHERE commit_id=?", (rev[0],))
@@ -318,7 +320,13 @@ class StateDB:
             "revision": rev[0] if rev else None,
             "revision_seen_at": rev[1] if rev else None,
             "fleet_error": fleet_error,
-            "rollout": json.loads(self.get_meta("rollout") or "null"),
+            # The pause as `reup rollout pause` left it, even before a controller's next pass.
+            "rollout": _with_pause(json.loads(self.get_meta("rollout") or "null"), paused),
+            "paused": paused,
             "refused": json.loads(self.get_meta("refused") or "null"),
             "devices": devices,
         }
+
+
+def _with_pause(rollout: dict[str, Any] | None, paused: bool) -> dict[str, Any] | None:
+    return None if rollout is None else {**rollout, "paused": paused}
