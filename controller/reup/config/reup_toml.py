@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 
 from reup.config.tomlschema import Table
 from reup.core.errors import ConfigError
@@ -25,6 +26,14 @@ class SourceConfig:
     require_signed: bool = False  # deploy only heads signed by an allowed key
     allowed_signers: str | None = None  # SSH allowed-signers file (git gpg.ssh.allowedSignersFile)
     gpg_home: str | None = None  # GnuPG home holding the allowed OpenPGP keys
+    # Reaching a private remote (each also from REUP_SOURCE_<KEY> or a file in credentials_dir):
+    ssh_key: str | None = None  # deploy key file; None: the ssh-agent, if any
+    known_hosts: str | None = None  # known_hosts lines or a file; required for ssh:// unless insecure
+    insecure_skip_host_key_check: bool = False
+    username: str | None = None  # when the URL names none
+    password_file: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None  # CA bundle for https://
 
 
 @dataclass(frozen=True)
@@ -77,7 +86,8 @@ def _path(base_dir: str, value: str | None) -> str | None:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value))) if value else None
 
 
-def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> Config:
+def parse_config(text: str, *, base_dir: str = ".", path: str | None = None,
+                 env: Mapping[str, str] | None = None) -> Config:
     where = path or "reup.toml"
     try:
         data = tomllib.loads(text)
@@ -89,7 +99,7 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
     url = src.text("url")
     if _is_local(url):
         url = os.path.normpath(os.path.join(base_dir, os.path.expanduser(url)))
-    elif not url.startswith(("file://", "ssh://", "https://", "http://", "git@")):
+    elif not url.startswith(("file://", "ssh://", "https://", "http://")) and "@" not in url.split(":", 1)[0]:
         raise ConfigError(f"source.url: unsupported URL {url!r} (local path, file://, ssh:// or https://)")
     source = SourceConfig(
         url=url,
@@ -100,6 +110,7 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
         allowed_signers=_path(base_dir, src.text("allowed_signers", None)),
         gpg_home=_path(base_dir, src.text("gpg_home", None)),
     )
+    source = _source_credentials(source, src, base_dir, os.environ if env is None else env)
     src.reject_unknown()
     if source.require_signed and not (source.allowed_signers or source.gpg_home):
         raise ConfigError("source.require_signed needs source.allowed_signers or source.gpg_home")
@@ -131,6 +142,61 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
 
     root.reject_unknown()
     return Config(source=source, state=state, build=build, ssh=ssh, http=http, path=path)
+
+
+# [source] keys for private remotes, in order; the ones holding paths are resolved like other paths.
+_CREDENTIAL_KEYS = ("ssh_key", "known_hosts", "insecure_skip_host_key_check", "username", "password_file",
+                    "token_file", "ca_file")
+_CREDENTIAL_PATHS = ("ssh_key", "password_file", "token_file", "ca_file")
+
+
+def _source_credentials(source: SourceConfig, src: Table, base_dir: str, env: Mapping[str, str]) -> SourceConfig:
+    """Each key from reup.toml, else REUP_SOURCE_<KEY>, else the file <credentials_dir>/<key>
+    (a Kubernetes Secret volume, systemd's $CREDENTIALS_DIRECTORY); `${VAR}` is expanded in paths."""
+    def expand(value: str) -> str:
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            raise ConfigError(f"source: undefined environment variable in {value!r}")
+        return expanded
+
+    cred_dir = src.text("credentials_dir", None) or env.get("REUP_SOURCE_CREDENTIALS_DIR")
+    cred_dir = _path(base_dir, expand(cred_dir)) if cred_dir else None
+    values: dict[str, object] = {}
+    for key in _CREDENTIAL_KEYS:
+        from_env = env.get("REUP_SOURCE_" + key.upper())
+        if key == "insecure_skip_host_key_check":
+            values[key] = src.flag(key, (from_env or "").lower() in ("1", "true", "yes"))
+            continue
+        value = src.text(key, None) or from_env
+        file_key = key.removesuffix("_file") if key in ("password_file", "token_file") else key
+        in_dir = os.path.join(cred_dir, file_key) if cred_dir else None
+        if value:
+            value = expand(value)
+            if key in _CREDENTIAL_PATHS or (key == "known_hosts" and " " not in value.strip()):
+                value = _path(base_dir, value)
+                if not os.path.isfile(str(value)):
+                    raise ConfigError(f"source.{key}: no such file {value}")
+        elif in_dir and os.path.isfile(in_dir):
+            value = _read(in_dir).strip() if key == "username" else in_dir
+        values[key] = value or None
+    source = replace(source, **values)  # type: ignore[arg-type]
+    if source.password_file and source.token_file:
+        raise ConfigError("source: set password_file or token_file, not both")
+    remote_ssh = source.url.startswith("ssh://") or (
+        "://" not in source.url and "@" in source.url.split("/", 1)[0] and ":" in source.url.split("/", 1)[0])
+    if remote_ssh and not source.known_hosts and not source.insecure_skip_host_key_check:
+        raise ConfigError(f"source.known_hosts is required for {source.url}: pin the git server's host key "
+                          "(`ssh-keyscan -t ed25519 HOST`, checked against the server's own fingerprint), "
+                          "or set insecure_skip_host_key_check = true")
+    return source
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
 
 
 def load_config(path: str) -> Config:

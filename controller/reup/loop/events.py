@@ -25,7 +25,7 @@ class Event:
 
 @dataclass(frozen=True)
 class GitFetched(Event):
-    result: str  # "success" or "error"
+    result: str  # "success", "error" (temporary) or one of gitfetch.REFUSED_RESULTS
     revision: str | None = None
     error: str | None = None
 
@@ -170,6 +170,8 @@ def log_subscriber(logger: logging.Logger = log) -> Subscriber:
                         f"; fleet.toml error: {event.fleet_error}" if event.fleet_error else "")
         elif isinstance(event, ReconcileError):
             logger.warning("%s error%s: %s", event.stage, f" ({event.device})" if event.device else "", event.error)
+        elif isinstance(event, GitFetched) and event.result not in ("success", "error"):
+            logger.error("git fetch refused (%s): %s", event.result, event.error)
         elif isinstance(event, GitFetched) and event.result != "success":
             logger.warning("git fetch failed: %s", event.error)
 
