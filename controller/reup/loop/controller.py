@@ -317,7 +317,7 @@ class Controller(UpdateExecutor):
         stop_watch: Callable[[], None] = _noop if once else self.source.watch(on_ref_change)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stopping.set)
+                loop.add_signal_handler(sig, self.stop)  # stop() also wakes a loop asleep until the next poll
         if on_start is not None:
             on_start()
         try:
