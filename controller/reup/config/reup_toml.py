@@ -184,7 +184,9 @@ def _source_credentials(source: SourceConfig, src: Table, base_dir: str, env: Ma
         raise ConfigError("source: set password_file or token_file, not both")
     remote_ssh = source.url.startswith("ssh://") or (
         "://" not in source.url and "@" in source.url.split("/", 1)[0] and ":" in source.url.split("/", 1)[0])
-    if remote_ssh and not source.known_hosts and not source.insecure_skip_host_key_check:
+    # With a credentials_dir the file may appear later (a Secret, systemd credentials that only the
+    # service can read): the fetch refuses then (gitfetch.py), commands like `reup status` still work.
+    if remote_ssh and not source.known_hosts and not source.insecure_skip_host_key_check and not cred_dir:
         raise ConfigError(f"source.known_hosts is required for {source.url}: pin the git server's host key "
                           "(`ssh-keyscan -t ed25519 HOST`, checked against the server's own fingerprint), "
                           "or set insecure_skip_host_key_check = true")
