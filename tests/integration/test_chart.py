@@ -24,7 +24,14 @@ import helm_python as helm
 import pytest
 import yaml
 from reup.config.reup_toml import parse_config
-from support.helmchart import CRD_KINDS, OLDEST_KUBERNETES, Chart, kubernetes_errors, manifests, newest_kubernetes
+from support.helmchart import (
+    CRD_KINDS,
+    OLDEST_KUBERNETES,
+    Chart,
+    kubernetes_errors,
+    manifests,
+    newest_kubernetes,
+)
 from support.metricnames import controller_metrics
 from support.promql import PromQLError, Selector, parse, selectors
 
