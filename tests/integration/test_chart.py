@@ -349,7 +349,10 @@ def dashboard() -> dict[str, Any]:
 
 
 def dashboard_exprs() -> list[str]:
-    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+    """The queries of every panel and of the Prometheus annotations."""
+    dash = dashboard()
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])] + [
+        a["expr"] for a in dash["annotations"]["list"] if a.get("datasource", {}).get("type") == "prometheus"]
 
 
 def test_dashboard_queries_parse() -> None:
@@ -364,6 +367,19 @@ def test_dashboard_panels() -> None:
     dash = dashboard()
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    # Import through Grafana's UI: it asks for the data source declared in __inputs.
+    (ds_input,) = dash["__inputs"]
+    assert ds_input["type"] == "datasource" and ds_input["pluginId"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == "${" + ds_input["name"] + "}"
+    # Namespace then controller: every query is scoped by both.
+    assert list(variables) == ["datasource", "namespace", "job"]
+    assert 'namespace=~"$namespace"' in variables["job"]["query"]["query"]
+    for expr in dashboard_exprs():
+        for sel in selectors(expr):
+            assert {"namespace", "job"} <= sel.labels, expr
+    annotations = {a["name"]: a for a in dash["annotations"]["list"]}
+    assert "reup_source_revision_info" in annotations["New revision"]["expr"]
+    assert "reup_rollout_halted" in annotations["Rollout halted"]["expr"]
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
@@ -423,7 +439,8 @@ def test_promql_selectors_golden() -> None:
         Selector("a", frozenset({"p"}), False), Selector("b", frozenset(), False), Selector("a", frozenset(), False)]
     assert selectors('sum(x) by (w) / count without (z) (max by (w) (y{q!~"a|b"})) or vector(0)') == [
         Selector("x", frozenset({"w"}), True), Selector("y", frozenset({"q", "z", "w"}), True)]
-    for bad in ('a * on(pod) b', "rate(a[5m] offset 1h)", 'label_replace(a, "x", "$1", "y", "(.*)")', '{__name__="a"}',
+    assert selectors("a unless a offset 5m") == [Selector("a", frozenset(), False)] * 2
+    for bad in ('a * on(pod) b', "rate(a[5m] @ 100)", 'label_replace(a, "x", "$1", "y", "(.*)")', '{__name__="a"}',
                 "sum(rate(a[5m])", "a >", "max_over_time(a[5m:1m])"):
         with pytest.raises(PromQLError):
             selectors(bad)

@@ -5,9 +5,9 @@ Expressions are parsed by `promql-parser` (the Rust promql-parser crate, a real 
 and the label names the expression relies on there: the selector's own matchers plus the
 `by (...)` / `without (...)` labels of every aggregation around it (so `sum by (le)
 (rate(x_bucket[5m]))` needs `le` on `x_bucket`). Constructs whose label needs this walk does
-not model (vector matching with on/ignoring, offsets and @, label_replace and other label
-functions, subqueries, selectors without a metric name) raise `PromQLError`, so an unchecked
-construct cannot slip through.
+not model (vector matching with on/ignoring, `@`, label_replace and other label functions,
+subqueries, selectors without a metric name) raise `PromQLError`, so an unchecked construct
+cannot slip through. (`offset` only shifts time, so it is allowed.)
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def _walk(node: Any, outer: frozenset[str] | None, out: list[Selector]) -> None:
     elif isinstance(node, promql_parser.VectorSelector):
         if not node.name:
             raise PromQLError("selectors without a metric name are not supported")
-        if node.offset is not None or node.at is not None:
-            raise PromQLError(f"unsupported offset/@ on {node.name}")
+        if node.at is not None:
+            raise PromQLError(f"unsupported @ on {node.name}")
         matchers = frozenset(m.name for m in node.matchers.matchers)
         out.append(Selector(node.name, (outer or frozenset()) | matchers, outer is not None))
     elif isinstance(node, promql_parser.NumberLiteral | promql_parser.StringLiteral):
