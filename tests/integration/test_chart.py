@@ -421,9 +421,9 @@ def test_queries_use_exported_metrics_and_labels() -> None:
     uses: list[Selector] = []
     for expr in dashboard_exprs() + rule_exprs():
         uses += selectors(expr)
-    for q in variable_queries:  # label_values(metric, label)
-        metric, label = q.removeprefix("label_values(").removesuffix(")").split(", ")
-        uses.append(Selector(metric, frozenset({label}), True))
+    for q in variable_queries:  # label_values(selector, label)
+        selector, label = q.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        uses += [Selector(u.metric, u.labels | {label}, True) for u in selectors(selector)]
     assert len({u.metric for u in uses}) >= 15
     for use in uses:
         assert use.metric in names, f"{use.metric} is not exported by reup.loop.metrics"
