@@ -72,3 +72,16 @@ def test_seed_init_container_uses_the_image() -> None:
     no_seed = one(render({"persistence": {"nix": {"seed": False}}}), "StatefulSet")["spec"]["template"]["spec"]
     assert "initContainers" not in no_seed
     assert chart().values({})["persistence"]["nix"]["seed"] is True
+
+
+def test_credential_file_names_agree_with_the_chart_and_the_nixos_module() -> None:
+    import re
+
+    from reup.config.reup_toml import CREDENTIAL_FILES
+    with open(os.path.join(CHART, "..", "..", "flake.nix"), encoding="utf-8") as f:
+        (names,) = re.findall(r"gitCredentialNames = \[([^\]]*)\]", f.read())
+    assert tuple(re.findall(r'"([a-z_]+)"', names)) == CREDENTIAL_FILES
+    docs = render({"gitCredentials": {"sshKey": "k", "knownHosts": "h k", "username": "u", "token": "t",
+                                      "caFile": "c"}})
+    (secret,) = [d for d in docs["Secret"] if d["metadata"]["name"].endswith("-git")]
+    assert set(secret["data"]) | {"password"} == set(CREDENTIAL_FILES)

@@ -97,3 +97,9 @@ def test_url_shapes(url: str, ssh: bool, user: str | None) -> None:
 ])
 def test_classify(stderr: str, result: str) -> None:
     assert classify(stderr) == result
+
+
+def test_no_secret_over_plain_http(tmp_path: Any) -> None:
+    (tmp_path / "t").write_text("t")
+    with pytest.raises(ConfigError, match="in clear"):
+        cfg(f'url = "http://git.example.org/fleet.git"\ntoken_file = "{tmp_path}/t"')

@@ -148,6 +148,8 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None,
 _CREDENTIAL_KEYS = ("ssh_key", "known_hosts", "insecure_skip_host_key_check", "username", "password_file",
                     "token_file", "ca_file")
 _CREDENTIAL_PATHS = ("ssh_key", "password_file", "token_file", "ca_file")
+# The file names in credentials_dir (the chart's git Secret keys, the NixOS module's gitCredentials).
+CREDENTIAL_FILES = ("ssh_key", "known_hosts", "username", "password", "token", "ca_file")
 
 
 def _source_credentials(source: SourceConfig, src: Table, base_dir: str, env: Mapping[str, str]) -> SourceConfig:
@@ -182,6 +184,8 @@ def _source_credentials(source: SourceConfig, src: Table, base_dir: str, env: Ma
     source = replace(source, **values)  # type: ignore[arg-type]
     if source.password_file and source.token_file:
         raise ConfigError("source: set password_file or token_file, not both")
+    if source.url.startswith("http://") and (source.password_file or source.token_file):
+        raise ConfigError("source: a password or token would cross the network in clear over http://; use https://")
     remote_ssh = source.url.startswith("ssh://") or (
         "://" not in source.url and "@" in source.url.split("/", 1)[0] and ":" in source.url.split("/", 1)[0])
     # With a credentials_dir the file may appear later (a Secret, systemd credentials that only the
