@@ -219,6 +219,14 @@ def test_git_credentials_mounted_where_the_config_reads_them(tmp_path: Any) -> N
     assert set(named(docs, "Secret", "reup-git")["data"]) == {"username", "token", "ca_file"}
 
 
+def test_notes_ask_for_a_pinned_host_key_for_ssh() -> None:
+    for url in ("ssh://git@github.com/o/fleet.git", "git@github.com:o/fleet.git"):
+        notes = chart().render({"config": {"source": {"url": url}}})["reup/templates/NOTES.txt"]
+        assert "gitCredentials.knownHosts" in notes
+    assert "knownHosts" not in chart().render(SHARDED)["reup/templates/NOTES.txt"]  # credentials given
+    assert "knownHosts" not in chart().render({})["reup/templates/NOTES.txt"]  # https://
+
+
 def test_secret_changes_roll_the_pods() -> None:
     def annotations(values: dict[str, Any]) -> dict[str, str]:
         return dict(one(render(values), "StatefulSet")["spec"]["template"]["metadata"]["annotations"])

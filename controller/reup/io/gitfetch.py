@@ -213,7 +213,8 @@ def fetch(url: str, branch: str, git_dir: str, creds: GitCredentials, *, timeout
         except subprocess.TimeoutExpired as exc:
             raise TemporaryError(f"git fetch {url} {branch}: timed out after {timeout:.0f}s") from exc
         if proc.returncode != 0:
-            result = classify(proc.stderr)
+            # ssh's own debug lines (-v, for the fingerprint) are left out of the classification
+            result = classify("\n".join(ln for ln in proc.stderr.splitlines() if not ln.startswith("debug")))
             detail = _messages(proc.stderr)
             if result == "error":
                 raise TemporaryError(f"git fetch {url} {branch}: {detail}")
