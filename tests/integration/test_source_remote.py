@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import generate_latest
 from reup.config.reup_toml import parse_config
 from reup.core.errors import ConfigError, TemporaryError
-from reup.io.gitfetch import GitCredentials, SourceRefused
+from reup.io.gitfetch import GitCredentials, SourceRefused, credentials_from
 from reup.io.source import GitSource
 from reup.loop.controller import Controller
 from reup_lab.simdevice import free_port, generate_key
@@ -260,7 +260,6 @@ def test_https_credentials_from_environment_and_url_user(https_server: tuple[Htt
     cfg = parse_config(f'[source]\nurl = "{url}"\n', base_dir=base,
                        env={"REUP_SOURCE_TOKEN_FILE": token, "REUP_SOURCE_CA_FILE": server.ca_file})
     assert cfg.source.token_file == token and cfg.source.ca_file == server.ca_file
-    from reup.io.gitfetch import credentials_from
     src = GitSource(cfg.source.url, "main", os.path.join(base, "mirror"), credentials_from(cfg.source))
     assert src.fetch() == head
     assert src.last_report is not None and "user deploy" in src.last_report.auth
