@@ -13,6 +13,9 @@
       systems = [ "x86_64-linux" "aarch64-linux" ];
       forAll = f: nixpkgs.lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
+      # The controller image's name: the chart's default image.repository (kept equal by a test).
+      imageName = "ghcr.io/example/reup";
+
       mkPackages = pkgs:
         let
           py = pkgs.python3Packages;
@@ -37,9 +40,33 @@
             pythonImportsCheck = [ "reup" ];
             meta.mainProgram = "reup";
           };
+          # The controller's OCI image, the Helm chart's default (charts/reup/values.yaml image.*):
+          # `nix build .#reup-image && docker load < result` (or skopeo copy docker-archive:result ...).
+          # Everything lives in /nix/store; when the chart mounts its Nix volume over /nix, its
+          # seed-nix init container first copies this closure into the volume (`nix copy --all`).
+          reup-image = pkgs.dockerTools.buildLayeredImage {
+            name = imageName;
+            tag = reup.version;
+            contents = [ reup pkgs.nix pkgs.git pkgs.openssh pkgs.cacert pkgs.coreutils pkgs.bashInteractive
+                         pkgs.dockerTools.fakeNss ];  # ssh needs a passwd entry for its user
+            includeNixDB = true;  # the image's own paths are valid store paths, for nix and the seed copy
+            extraCommands = "mkdir -m 1777 tmp";
+            config = {
+              Entrypoint = [ "${reup}/bin/reup" ];
+              Cmd = [ "run" "--config" "/etc/reup/reup.toml" ];
+              Env = [
+                "PATH=/bin"
+                "SSL_CERT_FILE=${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt"
+                "NIX_CONFIG=experimental-features = nix-command flakes"
+                "HOME=/var/lib/reup"
+              ];
+              ExposedPorts = { "9120/tcp" = { }; };
+              WorkingDir = "/var/lib/reup";
+            };
+          };
         in {
           reup-receiver = receiver;
-          inherit reup;
+          inherit reup reup-image;
         };
 
       # Python tests that need neither network, sshd nor Nix builds (`nix flake check`).
@@ -71,7 +98,10 @@
             cfg = config.services.reup-controller;
             toml = pkgs.formats.toml { };
             configFile = toml.generate "reup.toml" cfg.settings;
-            credential = "/run/credentials/reup-controller.service/ssh-key";
+            credentials = "/run/credentials/reup-controller.service";
+            credential = "${credentials}/ssh-key";
+            # [source] credentials_dir file names (controller/reup/config/reup_toml.py)
+            gitCredentialNames = [ "ssh_key" "known_hosts" "username" "password" "token" "ca_file" ];
           in {
             options.services.reup-controller = {
               enable = lib.mkEnableOption "the reup controller (`reup run`)";
@@ -116,6 +146,17 @@
                   Private key the controller authenticates to devices with. Read by systemd
                   (LoadCredential), so it may be readable by root only; it is not copied to the
                   Nix store. Its public half goes into the devices' reup.receiver.controllerKeys.'';
+              };
+
+              gitCredentials = lib.mkOption {
+                type = lib.types.attrsOf lib.types.str;
+                default = { };
+                example = { ssh_key = "/etc/reup/deploy_key"; known_hosts = "/etc/reup/git_known_hosts"; };
+                description = ''
+                  Files for a private fleet repo, by `[source] credentials_dir` key: ssh_key,
+                  known_hosts (required for ssh://), username, password or token, ca_file. Passed by
+                  systemd (LoadCredential) under these names, so they may be readable by root only
+                  and are not copied to the Nix store; `source.credentials_dir` points at them.'';
               };
 
               metrics = {
@@ -169,6 +210,10 @@
                   message = "services.reup-controller.settings.source.url: the fleet repo is required.";
                 }
                 {
+                  assertion = lib.all (n: lib.elem n gitCredentialNames) (lib.attrNames cfg.gitCredentials);
+                  message = "services.reup-controller.gitCredentials: keys are ${lib.concatStringsSep ", " gitCredentialNames}.";
+                }
+                {
                   assertion = lib.hasPrefix "/var/lib/" cfg.stateDir;
                   message = "services.reup-controller.stateDir must be under /var/lib (StateDirectory).";
                 }
@@ -178,6 +223,7 @@
                 state.dir = lib.mkDefault cfg.stateDir;
                 http.listen = lib.mkDefault "${cfg.metrics.listenAddress}:${toString cfg.metrics.port}";
                 ssh = lib.mkIf (cfg.sshKeyFile != null) { key = lib.mkDefault credential; };
+                source = lib.mkIf (cfg.gitCredentials != { }) { credentials_dir = lib.mkDefault credentials; };
               };
 
               users.users = lib.mkIf (cfg.user == "reup") {
@@ -209,7 +255,8 @@
                   StateDirectory = lib.removePrefix "/var/lib/" cfg.stateDir;
                   StateDirectoryMode = "0750";
                   WorkingDirectory = cfg.stateDir;
-                  LoadCredential = lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}";
+                  LoadCredential = lib.optional (cfg.sshKeyFile != null) "ssh-key:${cfg.sshKeyFile}"
+                    ++ lib.mapAttrsToList (name: file: "${name}:${file}") cfg.gitCredentials;
                   Restart = "on-failure";
                   RestartSec = 10;
                   NoNewPrivileges = true;

@@ -1,11 +1,12 @@
-"""The Helm chart charts/reup, without Helm (no Helm binary in CI).
+"""The Helm chart charts/reup, through real Helm (Helm's Go library via helm-python-sdk, no binary).
 
-Templates are rendered by tests/support/helmlite.py with the default values and other value
-sets, and every document must be a Kubernetes object; values.yaml and the other sets must match
-values.schema.json (bad ones must not); the PrometheusRule must pass `promtool check rules` and
-the alert unit tests in charts/reup/tests/alerts_test.yaml (promtool is required: CI installs
-Debian's prometheus package); the dashboard's and the rules' queries may use only metrics and
-labels the controller's registry exports (tests/support/promql.py reads them).
+Templates are rendered by Helm with the default values and other value sets; every object must
+pass `kubernetes-validate --strict` for the oldest and newest Kubernetes the chart supports, and
+`helm lint --strict` must be clean for both; values.yaml and the other sets must match
+values.schema.json as Helm applies it (bad ones must not); the PrometheusRule must pass `promtool
+check rules` and the alert unit tests in charts/reup/tests/alerts_test.yaml (promtool is required:
+CI installs Debian's prometheus package); the dashboard's and the rules' queries must parse
+(promql-parser) and may use only metrics and labels the controller's registry exports.
 """
 
 from __future__ import annotations
@@ -19,19 +20,29 @@ import shutil
 import subprocess
 from typing import Any
 
-import jsonschema
+import helm_python as helm
 import pytest
 import yaml
 from reup.config.reup_toml import parse_config
-from support.helmlite import Chart, RenderFail, TemplateError, go_float, manifests
+from support.helmchart import (
+    CRD_KINDS,
+    OLDEST_KUBERNETES,
+    Chart,
+    kubernetes_errors,
+    manifests,
+    newest_kubernetes,
+)
 from support.metricnames import controller_metrics
-from support.promql import PromQLError, Selector, selectors
+from support.promql import PromQLError, Selector, parse, selectors
 
 CHART = os.path.join(os.path.dirname(__file__), "..", "..", "charts", "reup")
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+KNOWN_HOSTS = "git.example.org ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIEx8O0jJ9Zw4mXl3kVrYzq1N0vJ5mO7cH2rT8pQ4sU6d\n"
 SHARDED: dict[str, Any] = {
     "replicas": 3,
     "ssh": {"privateKey": KEY},
+    "gitCredentials": {"sshKey": KEY, "knownHosts": KNOWN_HOSTS},
+    "nameOverride": "fleet-ctl",
     "ingress": {"enabled": True, "className": "nginx", "host": "reup.example.org",
                 "tls": [{"secretName": "reup-tls", "hosts": ["reup.example.org"]}]},
     "config": {"http": {"device_info": True},
@@ -42,6 +53,9 @@ SHARDED: dict[str, Any] = {
 }
 EXISTING: dict[str, Any] = {
     "replicas": 2,
+    "gitCredentials": {"existingSecret": "fleet-git"},
+    "fullnameOverride": "ctl",
+    "serviceAccount": {"create": False, "name": "fleet-sa"},
     "ssh": {"existingSecret": "fleet-key", "key": "ed25519"},
     "persistence": {"nix": {"enabled": False}, "state": {"storageClass": "fast-ssd", "size": "20Gi"}},
     "serviceMonitor": {"enabled": False}, "prometheusRule": {"enabled": False}, "grafanaDashboard": {"enabled": False},
@@ -139,18 +153,22 @@ def test_sharded_statefulset_secret_and_ingress() -> None:
         "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}}
     assert "command" not in c  # no shell: Kubernetes expands $(REUP_SHARD_INDEX) in args
     assert {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]} == {"state", "nix"}
-    secret = one(docs, "Secret")
+    secret = named(docs, "Secret", "reup-fleet-ctl-ssh")
     assert base64.b64decode(secret["data"]["id_ed25519"]).decode() == KEY
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["ssh"]["secret"]["secretName"] == secret["metadata"]["name"] == "reup-ssh"
+    assert volumes["ssh"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volumes["git"]["secret"]["secretName"] == "reup-fleet-ctl-git"
+    # nameOverride: names and labels follow it
+    assert sts["metadata"]["name"] == "reup-fleet-ctl" and sts["metadata"]["labels"]["app.kubernetes.io/name"] == "fleet-ctl"
+    assert sts["spec"]["template"]["spec"]["serviceAccountName"] == one(docs, "ServiceAccount")["metadata"]["name"]
     assert sts["spec"]["template"]["metadata"]["annotations"]["example.org/team"] == "fleet"
     ingress = one(docs, "Ingress")["spec"]
     assert ingress["ingressClassName"] == "nginx" and ingress["tls"][0]["secretName"] == "reup-tls"
     (rule,) = ingress["rules"]
     assert rule["host"] == "reup.example.org"
     assert rule["http"]["paths"] == [{"path": "/webhook", "pathType": "Exact",
-                                      "backend": {"service": {"name": "reup", "port": {"name": "http"}}}}]
-    cfg = parse_config(named(docs, "ConfigMap", "reup-config")["data"]["reup.toml"], base_dir="/etc/reup")
+                                      "backend": {"service": {"name": "reup-fleet-ctl", "port": {"name": "http"}}}}]
+    cfg = parse_config(named(docs, "ConfigMap", "reup-fleet-ctl-config")["data"]["reup.toml"], base_dir="/etc/reup")
     assert cfg.build.nix_options == {"builders": "ssh://nixbuild@b1 aarch64-linux - 8", "max-jobs": "0"}
     assert cfg.http.device_info and cfg.source.poll_interval == 30
     assert one(docs, "ServiceMonitor")["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -169,13 +187,65 @@ def test_existing_secret_without_nix_volume_and_monitoring() -> None:
     assert "nix" not in {m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert volumes["ssh"]["secret"]["secretName"] == "fleet-key" and "Secret" not in docs
-    cfg = parse_config(named(docs, "ConfigMap", "reup-config")["data"]["reup.toml"], base_dir="/etc/reup")
+    assert volumes["git"]["secret"]["secretName"] == "fleet-git"
+    assert sts["metadata"]["name"] == "ctl" and "ServiceAccount" not in docs  # fullnameOverride, serviceAccount.create
+    assert sts["spec"]["template"]["spec"]["serviceAccountName"] == "fleet-sa"
+    cfg = parse_config(named(docs, "ConfigMap", "ctl-config")["data"]["reup.toml"], base_dir="/etc/reup")
+    assert cfg.source.url.startswith("https://")
     assert cfg.ssh.key == "/etc/reup/ssh/ed25519"
     assert not {"ServiceMonitor", "PrometheusRule"} & docs.keys() and len(docs["ConfigMap"]) == 1
 
 
+def test_git_credentials_mounted_where_the_config_reads_them(tmp_path: Any) -> None:
+    """The Secret's keys, mounted at the container's path, are what [source] credentials_dir reads."""
+    docs = render(SHARDED)
+    mounts = {m["name"]: m for m in container(docs)["volumeMounts"]}
+    toml = named(docs, "ConfigMap", "reup-fleet-ctl-config")["data"]["reup.toml"]
+    assert 'credentials_dir = "/etc/reup/git"' in toml and mounts["git"]["mountPath"] == "/etc/reup/git"
+    secret = named(docs, "Secret", "reup-fleet-ctl-git")["data"]
+    assert set(secret) == {"ssh_key", "known_hosts"}
+    # Materialise the volume as Kubernetes would (a file per key) and read the config against it.
+    volume = tmp_path / "git"
+    volume.mkdir()
+    for key, value in secret.items():
+        (volume / key).write_bytes(base64.b64decode(value))
+    cfg = parse_config(toml.replace("/etc/reup/git", str(volume)), base_dir="/etc/reup", env={})
+    assert cfg.source.ssh_key == str(volume / "ssh_key") and cfg.source.known_hosts == str(volume / "known_hosts")
+    with open(str(cfg.source.known_hosts), encoding="utf-8") as f:
+        assert f.read() == KNOWN_HOSTS
+    # https: token and CA file under the names the config reads
+    docs = render({"config": {"source": {"url": "https://gitlab.example.org/fleet.git"}},
+                   "gitCredentials": {"username": "deploy", "token": "glpat-x", "caFile": "PEM"}})
+    assert set(named(docs, "Secret", "reup-git")["data"]) == {"username", "token", "ca_file"}
+
+
+def test_notes_ask_for_a_pinned_host_key_for_ssh() -> None:
+    for url in ("ssh://git@github.com/o/fleet.git", "git@github.com:o/fleet.git"):
+        notes = chart().render({"config": {"source": {"url": url}}})["reup/templates/NOTES.txt"]
+        assert "gitCredentials.knownHosts" in notes
+    assert "knownHosts" not in chart().render(SHARDED)["reup/templates/NOTES.txt"]  # credentials given
+    assert "knownHosts" not in chart().render({})["reup/templates/NOTES.txt"]  # https://
+
+
+def test_secret_changes_roll_the_pods() -> None:
+    def annotations(values: dict[str, Any]) -> dict[str, str]:
+        return dict(one(render(values), "StatefulSet")["spec"]["template"]["metadata"]["annotations"])
+    base = annotations(SHARDED)
+    other_key = annotations({**SHARDED, "ssh": {"privateKey": KEY.replace("AAAA", "BBBB")}})
+    other_git = annotations({**SHARDED, "gitCredentials": {"sshKey": KEY, "knownHosts": "x ssh-ed25519 B\n"}})
+    assert other_key["checksum/ssh"] != base["checksum/ssh"] and other_key["checksum/git"] == base["checksum/git"]
+    assert other_git["checksum/git"] != base["checksum/git"] and other_git["checksum/ssh"] == base["checksum/ssh"]
+
+
+def test_git_credentials_from_one_source_only() -> None:
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        chart().render({"gitCredentials": {"existingSecret": "x", "token": "t"}})
+    with pytest.raises(helm.HelmRenderError, match="password or gitCredentials.token"):
+        chart().render({"gitCredentials": {"password": "p", "token": "t"}})
+
+
 def test_ssh_key_from_one_source_only() -> None:
-    with pytest.raises(RenderFail, match="not both"):
+    with pytest.raises(helm.HelmRenderError, match="not both"):
         chart().render({"ssh": {"privateKey": KEY, "existingSecret": "fleet-key"}})
 
 
@@ -186,56 +256,51 @@ def test_dashboard_configmap_carries_the_dashboard_file() -> None:
         assert json.loads(cm["data"]["reup.json"]) == json.load(f)
 
 
-# ---- helmlite: Helm's semantics where they matter, and no silent passes -------------------------
+# ---- Kubernetes and Helm's own checks ---------------------------------------------------------
 
-def snippet(tmp_path: Any, template: str, values: dict[str, Any] | None = None) -> str:
-    os.makedirs(tmp_path / "templates", exist_ok=True)
-    (tmp_path / "Chart.yaml").write_text("apiVersion: v2\nname: t\nversion: 0.1.0\n")
-    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values or {"a": {"b": 3, "m": {"y": 1, "x": 2}}}))
-    (tmp_path / "templates" / "t.yaml").write_text(template)
-    return Chart(str(tmp_path)).render()["t/templates/t.yaml"]
+KUBERNETES = [OLDEST_KUBERNETES, newest_kubernetes()]
 
 
-def test_helmlite_semantics(tmp_path: Any) -> None:
-    assert snippet(tmp_path, "a:\n  {{- if eq .Values.a.b 3.0 }} x {{ else }} y {{ end -}}\n!") == "a: x !"
-    assert snippet(tmp_path, "{{ range $k, $v := .Values.a.m }}{{ $k }}={{ $v }},{{ end }}") == "x=2,y=1,"
-    assert snippet(tmp_path, "{{/* c */}}{{ $n := 1 }}{{ $n = 2 }}{{ $n }}{{ `{{ raw }}` }}") == "2{{ raw }}"
-    assert snippet(tmp_path, '{{ dict "k" .Values.a.b | toJson }} {{ .Values.a.m | toYaml | nindent 2 }}') \
-        == '{"k":3} \n  x: 2\n  y: 1'
-    assert snippet(tmp_path, '{{ if .Values.a.z }}{{ else if .Values.a.b }}{{ "q\\"" | quote }}{{ end }}',
-                   {"a": {"b": 1, "z": ""}}) == '"q\\""'
-    assert [go_float(x) for x in (60.0, 0.25, 1e6, 123456.0, 1.5e-5)] == ["60", "0.25", "1e+06", "123456", "1.5e-05"]
+@pytest.mark.parametrize("version", KUBERNETES)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_objects_pass_kubernetes_validate_strict(name: str, version: str) -> None:
+    docs = manifests(chart().render(VALUE_SETS[name]))
+    errors = [e for d in docs if d["kind"] not in CRD_KINDS for e in kubernetes_errors(d, version)]
+    assert errors == []
+    assert {d["kind"] for d in docs} - CRD_KINDS >= {"StatefulSet", "Service", "ConfigMap"}
 
 
-@pytest.mark.parametrize("template, error", [
-    ("{{ .Values.a.nope }}", "no value 'nope'"),
-    ("{{ .Values.a }}", "printing a dict"),
-    ("{{ gt .Values.a.b 1 }}", "incompatible types"),  # values are float64 in Helm too
-    ("{{ if false }}{{ lower .Values.a.b }}{{ end }}", "unknown function"),  # checked even when not taken
-    ('{{ template "x" . }}', "not supported"),
-    ("{{ if true }}open", "unclosed"),
-    ("{{ end }}", "unexpected 'end'"),
-    ("{{ range .Values.a.m }}{{ else with 1 }}{{ end }}", "else"),
-    ('{{ printf "%x" 1 }}', "unsupported format"),
-    ('{{ required "give a" "" }}', "give a"),
-])
-def test_helmlite_refuses(tmp_path: Any, template: str, error: str) -> None:
-    with pytest.raises(TemplateError, match=error):
-        snippet(tmp_path, template)
+def test_kubernetes_validate_catches_a_bad_field() -> None:
+    sts = one(render({}), "StatefulSet")
+    sts["spec"]["template"]["spec"]["containers"][0]["mountPath"] = "/x"  # belongs in volumeMounts
+    assert kubernetes_errors(sts, OLDEST_KUBERNETES)
+
+
+@pytest.mark.parametrize("version", KUBERNETES)
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_strict_is_clean(name: str, version: str) -> None:
+    assert chart().lint(VALUE_SETS[name], kube_version=version) == []
+
+
+def test_helm_package(tmp_path: Any) -> None:
+    archive = helm.package(CHART, destination=str(tmp_path))
+    assert os.path.basename(archive) == f"reup-{chart().chart.version}.tgz"
+    packaged = helm.Chart.load_archive(open(archive, "rb").read())  # noqa: SIM115 - read once
+    assert packaged.metadata["icon"].startswith("data:image/svg+xml;base64,")
+    assert {t["name"] for t in packaged.templates} == {t["name"] for t in chart().chart.templates}
+
+
+def test_icon_is_the_svg_file() -> None:
+    with open(os.path.join(CHART, "icon.svg"), "rb") as f:
+        svg = f.read().strip()
+    assert chart().chart.metadata["icon"] == "data:image/svg+xml;base64," + base64.b64encode(svg).decode()
 
 
 # ---- values schema ------------------------------------------------------------------------------
 
-def validator() -> jsonschema.Draft7Validator:
-    with open(os.path.join(CHART, "values.schema.json"), encoding="utf-8") as f:
-        schema = json.load(f)
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
-
-
 @pytest.mark.parametrize("name", VALUE_SETS)
 def test_values_match_the_schema(name: str) -> None:
-    validator().validate(chart().values(VALUE_SETS[name]))
+    chart().validate(VALUE_SETS[name])
 
 
 @pytest.mark.parametrize("change", [
@@ -246,9 +311,10 @@ def test_values_match_the_schema(name: str) -> None:
     {"service": {"port": 70000}}, {"ssh": {"key": "../key"}},
 ])
 def test_bad_values_fail_the_schema(change: dict[str, Any]) -> None:
-    values = chart().values(change)
-    with pytest.raises(jsonschema.ValidationError):
-        validator().validate(values)
+    with pytest.raises(helm.HelmValuesError):
+        chart().validate(change)
+    with pytest.raises(helm.HelmValuesError):  # and Helm refuses to render them
+        chart().render(change)
 
 
 # ---- alerts: promtool ---------------------------------------------------------------------------
@@ -291,22 +357,37 @@ def dashboard() -> dict[str, Any]:
 
 
 def dashboard_exprs() -> list[str]:
-    return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+    """The queries of every panel and of the Prometheus annotations."""
+    dash = dashboard()
+    return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])] + [
+        a["expr"] for a in dash["annotations"]["list"] if a.get("datasource", {}).get("type") == "prometheus"]
 
 
-def test_dashboard_queries_parse(tmp_path: Any) -> None:
-    """Grafana's variables replaced by values, each query becomes a recording rule for promtool."""
-    rules = [{"record": f"dashboard:query_{i}", "expr": e.replace("$__rate_interval", "2m").replace(
-        "$__range", "1d").replace("$job", ".*")} for i, e in enumerate(dashboard_exprs())]
-    (tmp_path / "dash.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = promtool("check", "rules", "dash.yaml", cwd=str(tmp_path))
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_dashboard_queries_parse() -> None:
+    """Every panel and variable query parses as PromQL (Grafana's interval variables as durations)."""
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 15
+    for expr in exprs:
+        parse(expr)
 
 
 def test_dashboard_panels() -> None:
     dash = dashboard()
     variables = {v["name"]: v for v in dash["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    # Import through Grafana's UI: it asks for the data source declared in __inputs.
+    (ds_input,) = dash["__inputs"]
+    assert ds_input["type"] == "datasource" and ds_input["pluginId"] == "prometheus"
+    assert variables["datasource"]["current"]["value"] == "${" + ds_input["name"] + "}"
+    # Namespace then controller: every query is scoped by both.
+    assert list(variables) == ["datasource", "namespace", "job"]
+    assert 'namespace=~"$namespace"' in variables["job"]["query"]["query"]
+    for expr in dashboard_exprs():
+        for sel in selectors(expr):
+            assert {"namespace", "job"} <= sel.labels, expr
+    annotations = {a["name"]: a for a in dash["annotations"]["list"]}
+    assert "reup_source_revision_info" in annotations["New revision"]["expr"]
+    assert "reup_rollout_halted" in annotations["Rollout halted"]["expr"]
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     titles = " | ".join(p["title"] for p in dash["panels"]).lower()
@@ -348,9 +429,9 @@ def test_queries_use_exported_metrics_and_labels() -> None:
     uses: list[Selector] = []
     for expr in dashboard_exprs() + rule_exprs():
         uses += selectors(expr)
-    for q in variable_queries:  # label_values(metric, label)
-        metric, label = q.removeprefix("label_values(").removesuffix(")").split(", ")
-        uses.append(Selector(metric, frozenset({label}), True))
+    for q in variable_queries:  # label_values(selector, label)
+        selector, label = q.removeprefix("label_values(").removesuffix(")").rsplit(", ", 1)
+        uses += [Selector(u.metric, u.labels | {label}, True) for u in selectors(selector)]
     assert len({u.metric for u in uses}) >= 15
     for use in uses:
         assert use.metric in names, f"{use.metric} is not exported by reup.loop.metrics"
@@ -366,7 +447,9 @@ def test_promql_selectors_golden() -> None:
         Selector("a", frozenset({"p"}), False), Selector("b", frozenset(), False), Selector("a", frozenset(), False)]
     assert selectors('sum(x) by (w) / count without (z) (max by (w) (y{q!~"a|b"})) or vector(0)') == [
         Selector("x", frozenset({"w"}), True), Selector("y", frozenset({"q", "z", "w"}), True)]
-    for bad in ('a * on(pod) b', "rate(a[5m] offset 1h)", 'label_replace(a, "x", "$1", "y", "(.*)")', '{__name__="a"}'):
+    assert selectors("a unless a offset 5m") == [Selector("a", frozenset(), False)] * 2
+    for bad in ('a * on(pod) b', "rate(a[5m] @ 100)", 'label_replace(a, "x", "$1", "y", "(.*)")', '{__name__="a"}',
+                "sum(rate(a[5m])", "a >", "max_over_time(a[5m:1m])"):
         with pytest.raises(PromQLError):
             selectors(bad)
 

@@ -81,7 +81,7 @@ class Prometheus:
 
 
 def dashboard_query(expr: str) -> str:
-    return expr.replace("$__rate_interval", "1m").replace("$__range", "10m").replace("$job", ".*")
+    return expr.replace("$__rate_interval", "1m").replace("$__range", "10m").replace("$job", ".*").replace("$namespace", ".*")
 
 
 def test_alerts_and_dashboard_on_a_live_controller(tmp_path: os.PathLike[str]) -> None:

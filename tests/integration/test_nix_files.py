@@ -221,7 +221,7 @@ def test_top_level_flake_outputs() -> None:
       }}""")
     systems = ["aarch64-linux", "x86_64-linux"]
     assert {"packages", "apps", "nixosModules", "devShells", "checks"} <= set(r["outputs"])
-    assert r["packages"] == {s: ["default", "reup", "reup-receiver"] for s in systems}
+    assert r["packages"] == {s: ["default", "reup", "reup-image", "reup-receiver"] for s in systems}
     assert r["apps"] == {s: ["default", "reup", "reup-receive"] for s in systems}
     assert r["devShells"] == {s: ["default"] for s in systems}
     assert r["checks"] == {s: ["python-tests", "reup", "reup-receiver"] for s in systems}

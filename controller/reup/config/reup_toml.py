@@ -10,8 +10,9 @@ tests/unit/test_config_schema.py holds against these models, as it does the char
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
@@ -29,11 +30,21 @@ class SourceConfig(Section):
     require_signed: bool = False  # deploy only heads signed by an allowed key
     allowed_signers: str | None = None  # SSH allowed-signers file (git gpg.ssh.allowedSignersFile)
     gpg_home: str | None = None  # GnuPG home holding the allowed OpenPGP keys
+    # Reaching a private remote (each also from REUP_SOURCE_<KEY> or a file in credentials_dir):
+    ssh_key: str | None = None  # deploy key file; None: the ssh-agent, if any
+    known_hosts: str | None = None  # known_hosts lines or a file; required for ssh:// unless insecure
+    insecure_skip_host_key_check: bool = False
+    username: str | None = None  # when the URL names none
+    password_file: str | None = None
+    token_file: str | None = None
+    ca_file: str | None = None  # CA bundle for https://
+    credentials_dir: str | None = None  # a directory of files named as CREDENTIAL_FILES (a Secret, systemd)
 
     @field_validator("url")
     @classmethod
     def _supported(cls, url: str) -> str:
-        if not is_local(url) and not url.startswith(("file://", "ssh://", "https://", "http://", "git@")):
+        if not is_local(url) and not url.startswith(("file://", "ssh://", "https://", "http://")) \
+                and "@" not in url.split(":", 1)[0]:
             raise ValueError(f"unsupported URL {url!r} (local path, file://, ssh:// or https://)")
         return url
 
@@ -118,18 +129,86 @@ def _path(base_dir: str, value: str | None) -> str | None:
     return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value))) if value else None
 
 
-def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> Config:
+def parse_config(text: str, *, base_dir: str = ".", path: str | None = None,
+                 env: Mapping[str, str] | None = None) -> Config:
     where = path or "reup.toml"
-    raw = validate(ReupToml, load_toml(text, where), where)
+    data = load_toml(text, where)
+    raw = validate(ReupToml, data, where)
     src = raw.source
     source = src.model_copy(update={
         "url": _path(base_dir, src.url) if is_local(src.url) else src.url,
         "allowed_signers": _path(base_dir, src.allowed_signers),
         "gpg_home": _path(base_dir, src.gpg_home),
     })
+    written = data.get("source", {})
+    source = _source_credentials(source, written if isinstance(written, dict) else {}, base_dir,
+                                 os.environ if env is None else env)
     state = raw.state.model_copy(update={"dir": _path(base_dir, raw.state.dir)})
     ssh = raw.ssh.model_copy(update={"key": _path(base_dir, raw.ssh.key)})
     return Config(source=source, state=state, build=raw.build, ssh=ssh, http=raw.http, path=path)
+
+
+# [source] keys for private remotes, in order; the ones holding paths are resolved like other paths.
+_CREDENTIAL_KEYS = ("ssh_key", "known_hosts", "insecure_skip_host_key_check", "username", "password_file",
+                    "token_file", "ca_file")
+_CREDENTIAL_PATHS = ("ssh_key", "password_file", "token_file", "ca_file")
+# The file names in credentials_dir (the chart's git Secret keys, the NixOS module's gitCredentials).
+CREDENTIAL_FILES = ("ssh_key", "known_hosts", "username", "password", "token", "ca_file")
+
+
+def _source_credentials(source: SourceConfig, written: Mapping[str, Any], base_dir: str,
+                        env: Mapping[str, str]) -> SourceConfig:
+    """Each key from reup.toml, else REUP_SOURCE_<KEY>, else the file <credentials_dir>/<key>
+    (a Kubernetes Secret volume, systemd's $CREDENTIALS_DIRECTORY); `${VAR}` is expanded in paths."""
+    def expand(value: str) -> str:
+        expanded = os.path.expandvars(value)
+        if "$" in expanded:
+            raise ConfigError(f"source: undefined environment variable in {value!r}")
+        return expanded
+
+    cred_dir = source.credentials_dir or env.get("REUP_SOURCE_CREDENTIALS_DIR")
+    cred_dir = _path(base_dir, expand(cred_dir)) if cred_dir else None
+    values: dict[str, object] = {}
+    for key in _CREDENTIAL_KEYS:
+        from_env = env.get("REUP_SOURCE_" + key.upper())
+        if key == "insecure_skip_host_key_check":
+            values[key] = (source.insecure_skip_host_key_check if key in written
+                           else (from_env or "").lower() in ("1", "true", "yes"))
+            continue
+        value = getattr(source, key) or from_env
+        file_key = key.removesuffix("_file") if key in ("password_file", "token_file") else key
+        in_dir = os.path.join(cred_dir, file_key) if cred_dir else None
+        if value:
+            value = expand(value)
+            if key in _CREDENTIAL_PATHS or (key == "known_hosts" and " " not in value.strip()):
+                value = _path(base_dir, value)
+                if not os.path.isfile(str(value)):
+                    raise ConfigError(f"source.{key}: no such file {value}")
+        elif in_dir and os.path.isfile(in_dir):
+            value = _read(in_dir).strip() if key == "username" else in_dir
+        values[key] = value or None
+    source = source.model_copy(update={**values, "credentials_dir": cred_dir})
+    if source.password_file and source.token_file:
+        raise ConfigError("source: set password_file or token_file, not both")
+    if source.url.startswith("http://") and (source.password_file or source.token_file):
+        raise ConfigError("source: a password or token would cross the network in clear over http://; use https://")
+    remote_ssh = source.url.startswith("ssh://") or (
+        "://" not in source.url and "@" in source.url.split("/", 1)[0] and ":" in source.url.split("/", 1)[0])
+    # With a credentials_dir the file may appear later (a Secret, systemd credentials that only the
+    # service can read): the fetch refuses then (gitfetch.py), commands like `reup status` still work.
+    if remote_ssh and not source.known_hosts and not source.insecure_skip_host_key_check and not cred_dir:
+        raise ConfigError(f"source.known_hosts is required for {source.url}: pin the git server's host key "
+                          "(`ssh-keyscan -t ed25519 HOST`, checked against the server's own fingerprint), "
+                          "or set insecure_skip_host_key_check = true")
+    return source
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from exc
 
 
 def load_config(path: str) -> Config:

@@ -5,7 +5,9 @@ a bare mirror in `<state>/repo.git`; Nix evaluates `git+file://` of that mirror 
 an exact revision, so what is evaluated is exactly the commit that was fetched.
 For a local repository, `watch` uses watchdog to call back as soon as a ref
 changes (the loop then fetches at once); remote repositories are polled and may
-be triggered by `POST /webhook` (httpserver.py).
+be triggered by `POST /webhook` (httpserver.py). Remote URLs (`ssh://`, `user@host:path`,
+`https://`) are fetched by gitfetch.py with the system git, which pins SSH host keys and
+carries the configured credentials; local ones are read with pygit2 directly.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from typing import Any
 import pygit2
 
 from reup.core.errors import TemporaryError
+from reup.io.gitfetch import FetchReport, GitCredentials, is_ssh_url
+from reup.io.gitfetch import fetch as git_fetch
 
 log = logging.getLogger(__name__)
 
 
 class GitSource:
-    def __init__(self, url: str, branch: str, mirror_dir: str) -> None:
+    def __init__(self, url: str, branch: str, mirror_dir: str, credentials: GitCredentials | None = None) -> None:
         self.url = url
+        self.credentials = credentials or GitCredentials()
+        self.last_report: FetchReport | None = None
         self.branch = branch
         self.mirror_dir = mirror_dir
         self._repo: pygit2.Repository | None = None
@@ -33,12 +39,7 @@ class GitSource:
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.url or self.url.startswith("file://")
-
-    def _callbacks(self) -> pygit2.RemoteCallbacks | None:
-        if self.url.startswith("ssh://") or "@" in self.url.split("/", 1)[0]:
-            return pygit2.RemoteCallbacks(credentials=pygit2.KeypairFromAgent("git"))
-        return None
+        return not (is_ssh_url(self.url) or self.url.startswith(("http://", "https://", "git://")))
 
     def _open(self) -> pygit2.Repository:
         if self._repo is None:
@@ -52,16 +53,24 @@ class GitSource:
         return self._repo
 
     def fetch(self) -> str:
-        """Fetch the branch; return its head commit id. Network trouble is a TemporaryError."""
+        """Fetch the branch; return its head commit id.
+
+        Network trouble is a TemporaryError; an untrusted server or refused credentials a
+        `gitfetch.SourceRefused` (permanent, nothing fetched).
+        """
         if self.is_local:
             path = self.url.removeprefix("file://")
             if not os.path.isdir(path) or pygit2.discover_repository(path) is None:
                 raise TemporaryError(f"not a git repository: {path}")
         with self._lock:
+            if not self.is_local:
+                self._open()
+                self.last_report = git_fetch(self.url, self.branch, self.mirror_dir, self.credentials)
+                return self.last_report.commit
             ref = f"refs/heads/{self.branch}"
             try:
                 repo = self._open()
-                repo.remotes["origin"].fetch([f"+{ref}:{ref}"], callbacks=self._callbacks())
+                repo.remotes["origin"].fetch([f"+{ref}:{ref}"])
             except (pygit2.GitError, KeyError, OSError) as exc:
                 if "couldn't find remote ref" in str(exc):
                     raise TemporaryError(f"no branch {self.branch!r} in {self.url}") from exc

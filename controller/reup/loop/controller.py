@@ -33,6 +33,7 @@ from reup.core.model import BuildResult, DeviceState, Fleet, Observed, Plan, Tar
 from reup.core.shard import Shard, select
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
 from reup.io.builder import Builder, GcRoots
+from reup.io.gitfetch import SourceRefused, credentials_from
 from reup.io.nix import NixExecutor
 from reup.io.retry import retrying
 from reup.io.signing import verify_commit
@@ -69,7 +70,8 @@ class Controller(UpdateExecutor):
         state_dir = cfg.state.dir
         self.store = StateDB(state_dir)
         self.nix = NixExecutor(options=cfg.build.nix_options)
-        self.source = GitSource(cfg.source.url, cfg.source.branch, os.path.join(state_dir, "repo.git"))
+        self.source = GitSource(cfg.source.url, cfg.source.branch, os.path.join(state_dir, "repo.git"),
+                                credentials_from(cfg.source))
         self.builder = Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
         self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
@@ -165,6 +167,10 @@ class Controller(UpdateExecutor):
         except TemporaryError as exc:
             self.bus.emit(GitFetched(now, "error", error=str(exc)))
             self.bus.emit(ReconcileError(now, "fetch", str(exc)))
+            return
+        except SourceRefused as exc:  # untrusted server or bad credentials: stay on the last good commit
+            self.bus.emit(GitFetched(now, exc.result, error=str(exc)))
+            self.bus.emit(ReconcileError(now, "source", str(exc)))
             return
         self.bus.emit(GitFetched(now, "success", revision=head))
         current = self.store.revision()
@@ -312,7 +318,7 @@ class Controller(UpdateExecutor):
         stop_watch: Callable[[], None] = _noop if once else self.source.watch(on_ref_change)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stopping.set)
+                loop.add_signal_handler(sig, self.stop)  # stop() also wakes a loop asleep until the next poll
         if on_start is not None:
             on_start()
         try:

@@ -25,7 +25,7 @@ class Event:
 
 @dataclass(frozen=True)
 class GitFetched(Event):
-    result: str  # "success" or "error"
+    result: str  # "success", "error" (temporary) or one of gitfetch.REFUSED_RESULTS
     revision: str | None = None
     error: str | None = None
 
@@ -177,10 +177,12 @@ def log_subscriber(logger: logging.Logger = log) -> Subscriber:
                        event.revision[:12], event.devices,
                        f"; fleet.toml error: {event.fleet_error}" if event.fleet_error else "", extra=extra)
         elif isinstance(event, ReconcileError):
-            if event.stage == "push":  # its DeviceUpdated said it
+            if event.stage in ("push", "source"):  # its DeviceUpdated or GitFetched said it
                 return
             logger.log(logging.ERROR if event.stage == "fleet" else logging.WARNING, "%s error%s: %s", event.stage,
                        f" ({event.device})" if event.device else "", event.error, extra=extra)
+        elif isinstance(event, GitFetched) and event.result not in ("success", "error"):
+            logger.error("git fetch refused (%s): %s", event.result, event.error, extra=extra)
         elif isinstance(event, GitFetched) and event.result != "success":
             logger.warning("git fetch failed: %s", event.error, extra=extra)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from reup.core.model import ALL_STATES
+from reup.io.gitfetch import REFUSED_RESULTS
 from reup.loop.events import (
     BuildFinished,
     CommitRefused,
@@ -69,7 +70,7 @@ class Metrics:
             Gauge("reup_device_info", "Per-device state (opt-in)", ["device", "state", "generation"], registry=r)
             if device_info else None
         )
-        for result in ("success", "error"):
+        for result in ("success", "error", *REFUSED_RESULTS):
             self.git_fetches.labels(result)
         for result in ("success", "failure"):
             self.builds.labels(result)
