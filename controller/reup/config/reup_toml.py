@@ -50,6 +50,9 @@ class SshConfig:
 class HttpConfig:
     listen: str | None = "127.0.0.1:9120"
     device_info: bool = False  # opt-in reup_device_info{device,state,generation}
+    token: str | None = None  # read access to /, /api/*: `Authorization: Bearer` or a basic-auth password
+    metrics_token: str | None = None  # the same for /metrics (open without)
+    grafana_url: str | None = None  # linked from the fleet page
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -126,7 +129,9 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
     listen = h.text("listen", "127.0.0.1:9120")
     if listen and not listen.rpartition(":")[2].isdigit():
         raise ConfigError(f"http.listen: expected host:port, got {listen!r}")
-    http = HttpConfig(listen=listen or None, device_info=h.flag("device_info", False))
+    http = HttpConfig(listen=listen or None, device_info=h.flag("device_info", False),
+                      token=h.text("token", None) or None, metrics_token=h.text("metrics_token", None) or None,
+                      grafana_url=h.text("grafana_url", None) or None)
     h.reject_unknown()
 
     root.reject_unknown()
