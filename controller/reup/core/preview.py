@@ -128,8 +128,10 @@ def markdown(doc: Mapping[str, Any]) -> str:
         parts.append(f"{s['removed']} removed ({', '.join(doc['removed'])})")
     out.append(", ".join(parts) + ".")
     if s["changed"]:
+        unknown = sum(1 for w in doc["waves"] for r in w["devices"] if r["change"] != UNCHANGED and r["stream_bytes"] is None)
         out.append(f"Predicted transfer: {human(doc['predicted_bytes'])} for a full copy of "
-                   f"{human(doc['full_bytes'])}{_ratio(doc['predicted_bytes'], doc['full_bytes'])}.")
+                   f"{human(doc['full_bytes'])}{_ratio(doc['predicted_bytes'], doc['full_bytes'])}"
+                   + (f"; unknown for {unknown} device{'s' if unknown != 1 else ''} (see below)." if unknown else "."))
     for i, wave in enumerate(doc["waves"], 1):
         changed = [r for r in wave["devices"] if r["change"] != UNCHANGED]
         same = [r["device"] for r in wave["devices"] if r["change"] == UNCHANGED]
