@@ -110,6 +110,10 @@ def ci_commands(path: str) -> list[tuple[str, dict[str, str]]]:
     return [(line, env) for line, env in out if line.startswith(("reup ", "git "))]
 
 
+def expand(value: str, ci_env: dict[str, str]) -> str:
+    return re.sub(r"\$\{\{\s*([\w.]+)\s*\}\}", lambda m: ci_env.get(m.group(1), ""), value)
+
+
 def test_template_ci_examples(tmp_path: os.PathLike[str]) -> None:
     tpl = template_dir()
     gh = ci_commands(os.path.join(tpl, ".github", "workflows", "reup.yml"))
@@ -124,7 +128,7 @@ def test_template_ci_examples(tmp_path: os.PathLike[str]) -> None:
         for line, step_env in commands:
             env = {**os.environ, **ci_env}
             for k, v in step_env.items():  # ${{ github.x }} expressions of the step's env
-                env[k] = re.sub(r"\$\{\{\s*([\w.]+)\s*\}\}", lambda m, e=ci_env: e.get(m.group(1), ""), v)
+                env[k] = expand(v, ci_env)
             line = line.replace("reup ", reup_bin() + " ", 1) if line.startswith("reup ") else line
             r = subprocess.run(["bash", "-ec", line], cwd=checkout, env=env, capture_output=True, text=True,
                                timeout=180, check=False)

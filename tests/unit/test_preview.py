@@ -4,6 +4,7 @@ a golden file (tests/unit/golden/plan.md; REUP_UPDATE_GOLDEN=1 rewrites it after
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from reup.core import preview
 from reup.core.model import Target
@@ -32,7 +33,7 @@ def facts() -> list[DeviceFacts]:
     ]
 
 
-def doc() -> dict[str, object]:
+def doc() -> dict[str, Any]:
     rev = {"commit": "b" * 40, "author": "Alice <alice@example.org>", "message": "sensord: port | as string"}
     return preview.report(rev, facts(), ("canary", "main"), base={"commit": "a" * 40, "author": "", "message": ""},
                           removed=["pi-09"])
@@ -41,9 +42,9 @@ def doc() -> dict[str, object]:
 def test_report_document() -> None:
     d = doc()
     assert d["summary"] == {"devices": 5, "changed": 3, "unchanged": 1, "errors": 1, "removed": 1}
-    assert [w["name"] for w in d["waves"]] == ["canary", "main"]  # type: ignore[index]
+    assert [w["name"] for w in d["waves"]] == ["canary", "main"]
     assert d["predicted_bytes"] == 2468 and d["full_bytes"] == 2 * 98765
-    rows = {r["device"]: r for w in d["waves"] for r in w["devices"]}  # type: ignore[attr-defined]
+    rows = {r["device"]: r for w in d["waves"] for r in w["devices"]}
     assert rows["board-01"]["change"] == "install" and rows["board-01"]["needs_build"] == BOARD.replace("nixos", "drv") + ".drv"
     assert rows["pi-03"]["change"] == "unchanged" and rows["pi-03"]["needs_build"] is None
     assert d["errors"] == [{"device": "board-02", "wave": "main", "error": EVAL_ERROR,
