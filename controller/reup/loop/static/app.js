@@ -55,14 +55,12 @@
   }
 
   function phaseOf(i, w, r) {
+    const current = i === r.wave_index;
+    if (current && r.baking_until && !r.halted && !r.paused) return ["baking", `baking until ${clock(r.baking_until)}`];
     if (w.devices && w.committed >= w.devices) return ["done", "done"];
     if (r.paused) return ["paused", "paused"];
     if (i < r.wave_index) return ["done", "done (enough committed)"];
-    if (i === r.wave_index) {
-      if (r.halted) return ["halted", "halted"];
-      if (r.baking_until) return ["baking", `baking until ${clock(r.baking_until)}`];
-      return ["rolling", "rolling out"];
-    }
+    if (current) return r.halted ? ["halted", "halted"] : ["rolling", "rolling out"];
     return r.halted ? ["halted", "halted"] : ["waiting", "waiting"];
   }
 
@@ -122,6 +120,7 @@
 
   function render() {
     const r = doc.rollout, p = doc.page;
+    document.body.dataset.version = p.version;
     $("rev-commit").textContent = doc.revision ? doc.revision.slice(0, 12) : "no revision yet";
     $("rev-commit").title = doc.revision || "";
     $("rev-message").textContent = p.message || "";
