@@ -91,6 +91,8 @@ def test_rollout_live_in_the_browser(tmp_path: os.PathLike[str]) -> None:
             seen: list[tuple[str, str]] = []
 
             def watch() -> bool:
+                if page.get_attribute("#waves", "data-revision") != c2:
+                    return False  # the new head is seen; its rollout not yet planned
                 now = (phase(page, "canary"), phase(page, "rest"))
                 if not seen or seen[-1] != now:
                     seen.append(now)

@@ -67,6 +67,7 @@
   function renderWaves() {
     const r = doc.rollout, ol = $("waves");
     ol.replaceChildren();
+    ol.dataset.revision = (r && r.revision) || "";
     $("progress").textContent = r ? `${Math.round(100 * (r.progress || 0))}% of devices on target` : "";
     if (!r || !r.waves) return;
     Object.entries(r.waves).forEach(([name, w], i) => {
@@ -125,7 +126,7 @@
     $("rev-commit").title = doc.revision || "";
     $("rev-message").textContent = p.message || "";
     $("rev-author").textContent = p.author ? `by ${p.author}` : "";
-    $("rev-seen").textContent = doc.revision_seen_at ? `· seen ${ago(doc.revision_seen_at)}` : "";
+    $("rev-seen").textContent = doc.revision_seen_at ? `${p.author ? "· " : ""}seen ${ago(doc.revision_seen_at)}` : "";
     const fe = $("fleet-error"); fe.hidden = !doc.fleet_error; fe.textContent = doc.fleet_error ? `fleet.toml error: ${doc.fleet_error}` : "";
     const h = $("halted");
     const refused = doc.refused ? `Head ${doc.refused.revision.slice(0, 12)} refused (${doc.refused.reason}): ${doc.refused.error}` : "";
