@@ -199,18 +199,20 @@ def test_thousands_of_devices_and_the_token(tmp_path: os.PathLike[str]) -> None:
             ctx = b.new_context(http_credentials={"username": "ops", "password": "s3cret"},
                                 viewport={"width": 1280, "height": 900})
             pages = [ctx.new_page() for _ in range(3)]
-            start = time.monotonic()
-            pages[0].goto(url + "/")
-            pages[0].wait_for_function(f"document.getElementById('count').textContent === '{n} of {n}'")
-            seconds = time.monotonic() - start
+            rendered = f"document.getElementById('count').textContent === '{n} of {n}'"
+            timings = []
+            for p in (pages[1], pages[0]):  # the first viewer makes the shared snapshot, the next one reuses it
+                p.goto(url + "/")
+                p.wait_for_function(rendered)
+                # from the start of the navigation to the first complete render, as the browser measured it
+                timings.append(p.evaluate("performance.getEntriesByName('reup-rendered')[0].startTime") / 1000)
             assert len(pages[0].query_selector_all("#devices tbody tr")) == 100  # one page of rows
-            print(f"5000 devices: page rendered in {seconds:.2f} s")
-            assert seconds < 2.0
+            print(f"5000 devices rendered: first viewer {timings[0]:.2f} s (builds the snapshot), next {timings[1]:.2f} s")
+            assert max(timings) < 2.0
             assert pages[0].is_visible("#grafana") and pages[0].get_attribute("#grafana", "href").endswith("/d/reup")
             shot(pages[0], "fleet-page-5000", full=False)
-            for p in pages[1:]:
-                p.goto(url + "/")
-                p.wait_for_function(f"document.getElementById('count').textContent === '{n} of {n}'")
+            pages[2].goto(url + "/")
+            pages[2].wait_for_function(rendered)
             assert page_obj.builds == 1  # three viewers, one snapshot
             for p in pages:
                 p.wait_for_function("document.getElementById('live').textContent === 'live'", timeout=10_000)
@@ -221,6 +223,14 @@ def test_thousands_of_devices_and_the_token(tmp_path: os.PathLike[str]) -> None:
             assert page_obj.builds == 2  # one more snapshot for the change, shared again
 
             p = pages[0]
+            p.focus("[data-open=dev-00005]")  # the keyboard alone opens a device's detail
+            p.keyboard.press("Enter")
+            p.wait_for_selector("#detail[open] #detail-events li")
+            assert "activating → failed" in p.inner_text("#detail-events")
+            p.keyboard.press("Escape")
+            assert not p.is_visible("#detail")
+            unlabelled = p.evaluate("[...document.querySelectorAll('select, input')].filter(e => !e.labels.length).length")
+            assert unlabelled == 0
             p.select_option("#f-state", "failed")
             assert p.inner_text("#count") == f"{n // 8} of {n}"
             p.select_option("#f-state", "")

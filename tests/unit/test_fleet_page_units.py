@@ -8,7 +8,7 @@ import pytest
 from reup.config.reup_toml import parse_config
 from reup.core.errors import ConfigError
 from reup.loop.events import DeviceStateChanged, GitFetched, ReconcileDone
-from reup.loop.web import FleetPage, authorized
+from reup.loop.web import MIN_INTERVAL, FleetPage, authorized
 
 
 def basic(user: str, password: str) -> str:
@@ -41,12 +41,19 @@ def test_one_snapshot_per_change() -> None:
         calls.append(1)
         return {"devices": []}
 
-    page = FleetPage(status, device=lambda n: None, extras=lambda s: {"message": "m"})
+    now = [100.0]
+    page = FleetPage(status, device=lambda n: None, extras=lambda s: {"message": "m"}, clock=lambda: now[0])
     v1, body1 = page.snapshot()
     assert page.snapshot() == (v1, body1) and len(calls) == 1  # viewers share it
     for quiet in (GitFetched(0.0, "success"), ReconcileDone(0.0, None, True)):
         page.on_event(quiet)  # every pass ends with these: no new snapshot
     assert page.snapshot()[0] == v1 and len(calls) == 1
     page.on_event(DeviceStateChanged(0.0, "d1", "pending", "transferring"))
-    v2, body2 = page.snapshot()
+    assert page.snapshot()[0] == v1 and len(calls) == 1  # at most one build per MIN_INTERVAL ...
+    now[0] += MIN_INTERVAL
+    v2, body2 = page.snapshot()  # ... then the change is there
     assert v2 > v1 and len(calls) == 2 and b'"message":"m"' in body2
+    for _ in range(50):  # a burst of changes and many viewers: still one build per interval
+        page.changed()
+        page.snapshot()
+    assert len(calls) == 2

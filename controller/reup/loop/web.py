@@ -7,7 +7,8 @@ Called by http.py (`handle_get` first, for every GET) and wired by controller.py
 - `/api/fleet`: `StateDB.status()` plus what the page adds (commit author and
   message, tags, bytes sent, the Grafana link). Built once per change and shared
   by every viewer: events bump a version, and the first request after a bump
-  builds the document; the others get the same bytes.
+  builds the document; the others get the same bytes. At most one build per
+  MIN_INTERVAL, so a busy controller with many viewers is not slowed.
 - `/api/events`: server-sent events, one `change` per new version, at most two a
   second per viewer however busy the controller is (viewers then fetch `/api/fleet`).
 - `/api/device?name=N`: one device and its recent events.
@@ -71,6 +72,7 @@ class FleetPage:
         extras: Callable[[dict[str, Any]], Mapping[str, Any]] = lambda s: {},
         token: str | None = None,
         metrics_token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.status = status
         self.device = device
@@ -83,6 +85,8 @@ class FleetPage:
         self._build_lock = threading.Lock()
         self._cache: tuple[int, bytes] = (0, b"")
         self._streams = 0
+        self.clock = clock
+        self._built_at = -MIN_INTERVAL
 
     # --- the bus side (the loop's thread) ---------------------------------------
 
@@ -98,13 +102,15 @@ class FleetPage:
     # --- the shared snapshot -------------------------------------------------------
 
     def snapshot(self) -> tuple[int, bytes]:
-        """(version, JSON bytes) of the fleet now; built at most once per version."""
+        """(version, JSON bytes) of the fleet: built at most once per version and once per MIN_INTERVAL,
+        however many viewers ask (a viewer handed an older version asks again; see app.js)."""
         with self._build_lock:
             version = self.version
-            if self._cache[0] != version:
+            if self._cache[0] != version and self.clock() - self._built_at >= MIN_INTERVAL:
                 doc = self.status()
                 doc["page"] = {"version": version, "generated_at": time.time(), **self.extras(doc)}
                 self._cache = (version, json.dumps(doc, separators=(",", ":")).encode())
+                self._built_at = self.clock()
                 self.builds += 1
             return self._cache
 
