@@ -58,8 +58,11 @@ class Revisions:
                  "+refs/remotes/*:refs/source/remotes/*", "+refs/pull/*:refs/source/pull/*",
                  "+refs/merge-requests/*:refs/source/merge-requests/*",
                  "+refs/pipelines/*:refs/source/pipelines/*"]
+        callbacks = None
+        if self.url.startswith("ssh://") or "@" in self.url.split("/", 1)[0]:  # as source.py: keys from the agent
+            callbacks = pygit2.RemoteCallbacks(credentials=pygit2.KeypairFromAgent("git"))
         try:
-            self.repo.remotes["origin"].fetch(specs)
+            self.repo.remotes["origin"].fetch(specs, callbacks=callbacks)
         except pygit2.GitError as exc:
             raise TemporaryError(f"git fetch {self.url}: {exc}") from exc
         self._fetched = True
