@@ -27,6 +27,7 @@ _COMMAND_MODULES = (
     "reup.cli.run",
     "reup.cli.status",
     "reup.cli.plan",
+    "reup.cli.check",
     "reup.cli.rollout",
     "reup.cli.init",
     "reup.cli.demo",

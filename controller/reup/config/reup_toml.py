@@ -83,6 +83,14 @@ class SshConfig(Section):
 class HttpConfig(Section):
     listen: str | None = "127.0.0.1:9120"
     device_info: bool = False  # opt-in reup_device_info{device,state,generation}
+    token: str | None = None  # read access to /, /api/*: `Authorization: Bearer` or a basic-auth password
+    metrics_token: str | None = None  # the same for /metrics (open without)
+    grafana_url: str | None = None  # linked from the fleet page
+
+    @field_validator("token", "metrics_token", "grafana_url")
+    @classmethod
+    def _unset_if_empty(cls, value: str | None) -> str | None:
+        return value or None
 
     @field_validator("listen")
     @classmethod

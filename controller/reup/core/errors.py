@@ -45,9 +45,9 @@ def bounded(message: str | None) -> str | None:
 
 
 def headline(message: str | None) -> str:
-    """The one line of an error worth a table cell: Nix's last `error:` line (not its
-    `--show-trace` hint), else the last line that says something."""
+    """The one line of an error worth a table cell: Nix's first `error:` line (what went wrong, not
+    the consequences after it, nor its `--show-trace` hint), else the last line that says something."""
     lines = [ln.strip() for ln in (message or "").splitlines() if ln.strip()]
     lines = [ln for ln in lines if "--show-trace" not in ln] or lines
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    return (errors or lines or [""])[-1]
+    errors = [ln for ln in lines if ln.startswith("error:") or " error:" in ln]
+    return (errors[:1] or lines[-1:] or [""])[0]

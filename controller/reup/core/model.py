@@ -156,6 +156,7 @@ class Rollout:
     failed: int = 0
     progress: float = 0.0  # share of devices running the target
     waves: tuple[WaveCounts, ...] = ()
+    baking_until: float | None = None  # the open wave committed enough; the next opens then
 
 
 @dataclass(frozen=True)

@@ -141,5 +141,6 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
         failed=total_failed,
         progress=sum(len(c) for c in committed_at) / total if total else 1.0,
         waves=counts,
+        baking_until=wait_until,
     )
     return Gate(rollout, open_index, halted, wait_until, blocked, waiting, stalled)

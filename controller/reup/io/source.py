@@ -100,6 +100,14 @@ class GitSource:
             c = self._open().get(commit)
             return float(c.commit_time) if isinstance(c, pygit2.Commit) else 0.0
 
+    def commit_summary(self, commit: str) -> tuple[str, str]:
+        """(author, first line of the message) of `commit`, for the fleet page."""
+        with self._lock:
+            c = self._open().get(commit)
+            if not isinstance(c, pygit2.Commit):
+                return "", ""
+            return f"{c.author.name} <{c.author.email}>", (c.message.strip().splitlines() or [""])[0]
+
     def flake_ref(self, commit: str) -> str:
         return f"git+file://{os.path.abspath(self.mirror_dir)}?ref=refs/heads/{self.branch}&rev={commit}"
 

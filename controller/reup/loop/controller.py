@@ -57,6 +57,7 @@ from reup.loop.executors import UpdateExecutor
 from reup.loop.http import HttpServer
 from reup.loop.metrics import Metrics
 from reup.loop.state import StateDB
+from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class Controller(UpdateExecutor):
         self._fetch_requested = True
         self._next_poll = 0.0
         self._build_slots = asyncio.Semaphore(cfg.build.max_parallel)
+        self._page: FleetPage | None = None
+        self._summaries: dict[str, tuple[str, str]] = {}
 
     # --- triggers ---------------------------------------------------------------
 
@@ -127,9 +130,36 @@ class Controller(UpdateExecutor):
             return None
         host, port = listen or self.cfg.http.host_port
         server = HttpServer(host, port, registry=self.metrics.registry, status=self.store.status,
-                            webhook=self.request_fetch_threadsafe)
+                            webhook=self.request_fetch_threadsafe, web=self.fleet_page())
         server.start()
         return server
+
+    def fleet_page(self) -> FleetPage:
+        """The live fleet page at `/` (web.py), fed by the bus; one per controller."""
+        if self._page is None:
+            page = self._page = FleetPage(self.store.status, device=self._device_page, extras=self._page_extras,
+                                          token=self.cfg.http.token, metrics_token=self.cfg.http.metrics_token)
+            self.bus.subscribe(page.on_event)
+        return self._page
+
+    def _page_extras(self, status: dict[str, Any]) -> dict[str, Any]:
+        commit = status.get("revision")
+        if commit and commit not in self._summaries:
+            with contextlib.suppress(Exception):  # a mirror not yet there: the page shows the id alone
+                self._summaries[commit] = self.source.commit_summary(commit)
+        author, message = self._summaries.get(commit or "", ("", ""))
+        fleet = self.fleet
+        return {"author": author, "message": message, "grafana_url": self.cfg.http.grafana_url,
+                "tags": {n: list(d.tags) for n, d in fleet.devices.items() if d.tags} if fleet else {},
+                "bytes_sent": self.store.bytes_sent()}
+
+    def _device_page(self, name: str) -> dict[str, Any] | None:
+        rows = [d for d in self.store.status()["devices"] if d["name"] == name]
+        if not rows:
+            return None
+        dev = self.fleet.devices.get(name) if self.fleet else None
+        return {"device": rows[0], "tags": list(dev.tags) if dev else [], "host": dev.host if dev else None,
+                "events": self.store.recent_device_events(name, 50)}
 
     # --- the source and evaluation ------------------------------------------------
 

@@ -4,6 +4,8 @@ Started by controller.py in a daemon thread (stdlib ThreadingHTTPServer) on
 `[http] listen`. `/metrics` is prometheus-client's exposition of the
 controller's registry; `/api/status` is `StateDB.status()`; `POST /webhook`
 (any body, e.g. a GitHub/GitLab/Gitea push hook) asks the loop to fetch now.
+`/`, `/static/`, `/api/fleet`, `/api/events`, `/api/device` and the read-only
+access control are web.py's (`FleetPage.handle_get`, asked first).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class HttpServer:
         status: Callable[[], dict[str, Any]],
         webhook: Callable[[], None],
         healthy: Callable[[], bool] = lambda: True,
+        web: FleetPage | None = None,
     ) -> None:
         outer = self
 
@@ -48,6 +53,8 @@ class HttpServer:
 
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 path = self.path.split("?", 1)[0]
+                if outer.web is not None and outer.web.handle_get(self):  # the fleet page, access control
+                    return
                 if path == "/metrics":
                     self._send(200, generate_latest(outer.registry), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
@@ -73,6 +80,7 @@ class HttpServer:
         self.status = status
         self.webhook = webhook
         self.healthy = healthy
+        self.web = web
         self.server = ThreadingHTTPServer((host, port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="reup-http", daemon=True)

@@ -328,5 +328,20 @@ class StateDB:
         }
 
 
+    # --- the fleet page (loop/web.py) -------------------------------------------
+
+    def bytes_sent(self) -> dict[str, int]:
+        """{device: stream bytes of its last update that sent any}."""
+        rows = self._exec("SELECT device, stream_bytes FROM history WHERE id IN (SELECT MAX(id) FROM history "
+                          "WHERE stream_bytes IS NOT NULL AND stream_bytes > 0 GROUP BY device)")
+        return {str(r["device"]): int(r["stream_bytes"]) for r in rows}
+
+    def recent_device_events(self, device: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The device's last `limit` events, oldest first."""
+        rows = self._exec("SELECT * FROM (SELECT * FROM events WHERE device=? ORDER BY id DESC LIMIT ?) ORDER BY id",
+                          (device, limit))
+        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
+
+
 def _with_pause(rollout: dict[str, Any] | None, paused: bool) -> dict[str, Any] | None:
     return None if rollout is None else {**rollout, "paused": paused}
