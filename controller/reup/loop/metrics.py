@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from reup.core.model import ALL_STATES
+from reup.core.model import ALL_STATES, UpdateResult
 from reup.loop.events import (
     BuildFinished,
     CommitRefused,
@@ -26,7 +26,7 @@ from reup.loop.events import (
 )
 
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
-UPDATE_RESULTS = ("committed", "superseded", "failed", "rolled_back", "timed_out", "unreachable")
+UPDATE_RESULTS = tuple(str(r) for r in UpdateResult if r.counted)
 RATIO_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
@@ -100,7 +100,7 @@ class Metrics:
         elif isinstance(event, DeviceUpdated):
             if event.result in UPDATE_RESULTS:
                 self.updates.labels(event.result).inc()
-            if event.result == "committed" and event.seconds_since_seen is not None:
+            if event.result == UpdateResult.COMMITTED and event.seconds_since_seen is not None:
                 self.update_duration.observe(max(0.0, event.seconds_since_seen))
         elif isinstance(event, ReconcileError):
             self.reconcile_errors.labels(event.stage).inc()
