@@ -16,7 +16,6 @@ import os
 import subprocess
 from collections.abc import Mapping
 
-NIX_CONFIG = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\n"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "reup demo", "GIT_AUTHOR_EMAIL": "demo@reup.invalid",
     "GIT_COMMITTER_NAME": "reup demo", "GIT_COMMITTER_EMAIL": "demo@reup.invalid",
