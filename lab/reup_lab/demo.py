@@ -1,6 +1,6 @@
 """`reup demo`: the whole reup story on one machine, live, then cleaned up.
 
-Called by controller_cli.py (`reup demo`, the README's `make demo`). It makes a
+Called by the controller's cli/demo.py (`reup demo`, the README's `make demo`). It makes a
 fleet repo from the offline flavor of fleet-repo-template/ (`reup init
 --offline`), starts three simulated devices (lab.py: device roots behind real
 sshd on 127.0.0.1) and the controller in this process (SQLite state, the metrics

@@ -1,6 +1,6 @@
 """`reup plan`: a dry run of the next reconcile pass, with predicted stream bytes.
 
-Called by controller_cli.py. Fetches and evaluates the branch head without
+Dispatched by cli/main.py. Fetches and evaluates the branch head without
 recording it, runs the pure planner against the recorded observed state, and for
 each device that would be pushed asks the device for its status over SSH and
 encodes the stream it would get (into the delta cache, so a following

@@ -1,7 +1,7 @@
 """Progress display for long work: a redrawn progress bar on a terminal, plain logs otherwise.
 
-Subscribed to the event bus by `reup run` and `reup demo` (controller_cli.py)
-when stderr is a terminal; without a terminal the log subscriber (events.py)
+Subscribed to the event bus by `reup run` (cli/run.py) and `reup demo` (the lab's demo.py)
+when stderr is a terminal; without a terminal the log subscriber (loop/events.py)
 already writes one line per event.
 """
 

@@ -1,8 +1,10 @@
-"""The controller's data model: desired state, observed state, actions, device states.
+"""The controller's data model: desired state, observed state, actions, device states,
+failure kinds (`AttemptKind`) and update results (`UpdateResult`).
 
-Plain frozen dataclasses shared by the pure planner (planner.py), the state store
-(state.py, which builds `Desired` and `Observed` from SQLite) and the reconcile
-loop (controller.py, which executes the actions). No I/O here.
+Plain frozen dataclasses and enums shared by the pure planner (planner.py), the
+state store (loop/state.py, which builds `Desired` and `Observed` from SQLite) and
+the reconcile loop (loop/controller.py, whose executors carry out the actions and
+return outcomes, core/outcomes.py). No I/O here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ a bare mirror in `<state>/repo.git`; Nix evaluates `git+file://` of that mirror 
 an exact revision, so what is evaluated is exactly the commit that was fetched.
 For a local repository, `watch` uses watchdog to call back as soon as a ref
 changes (the loop then fetches at once); remote repositories are polled and may
-be triggered by `POST /webhook` (httpserver.py).
+be triggered by `POST /webhook` (loop/http.py).
 """
 
 from __future__ import annotations

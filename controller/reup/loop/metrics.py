@@ -1,7 +1,7 @@
 """Prometheus metrics, fed only by controller events (events.py).
 
 Created by controller.py with its own `CollectorRegistry`; served on `/metrics`
-by httpserver.py. Names follow Prometheus practice: `reup_` prefix, base units,
+by http.py. Names follow Prometheus practice: `reup_` prefix, base units,
 counters end in `_total`, no device label on counters or histograms; the
 per-device `reup_device_info` gauge is opt-in (`[http] device_info`).
 """
