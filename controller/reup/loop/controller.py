@@ -7,10 +7,10 @@ the desired state, the observed state in SQLite and what is in flight, persist
 the planned states, and start executors (executors.py) for the actions: builds
 (nix, at most `[build] max_parallel`), pushes (ssh) and status probes of timed-out
 confirmations (`planner.probes`), as asyncio tasks. Executors return outcomes
-(core/outcomes.py); `record_update` and `record_build` write each to the store and emits its events
-(events.py); metrics and logs subscribe to those. The device executor and the system
-builder are injected (production: SSH and Nix; tests: fakes). One device's trouble
-never blocks another.
+(core/outcomes.py); `record_update` and `record_build` write each to the store
+and emit its events (events.py); metrics and logs subscribe to those. The device
+executor and the system builder are injected (production: SSH and Nix; tests:
+fakes). One device's trouble never blocks another.
 """
 
 from __future__ import annotations
