@@ -2,8 +2,8 @@
 
 The executors (loop/executors.py) run a Build, a Push or a status probe and return
 one of these values; they never write the state store or emit events. The
-reconcile loop (loop/controller.py, `Controller.record`) turns each outcome into
-state (SQLite) and events. Pure data, no I/O.
+reconcile loop (loop/controller.py) turns each outcome into state (SQLite) and
+events with loop/record.py. Pure data, no I/O.
 """
 
 from __future__ import annotations

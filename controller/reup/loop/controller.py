@@ -7,8 +7,8 @@ the desired state, the observed state in SQLite and what is in flight, persist
 the planned states, and start executors (executors.py) for the actions: builds
 (nix, at most `[build] max_parallel`), pushes (ssh) and status probes of timed-out
 confirmations (`planner.probes`), as asyncio tasks. Executors return outcomes
-(core/outcomes.py); `record_update` and `record_build` write each to the store
-and emit its events (events.py); metrics and logs subscribe to those. The device
+(core/outcomes.py); the recorder (record.py) writes each to the store and emits
+its events (events.py); metrics and logs subscribe to those. The device
 executor and the system builder are injected (production: SSH and Nix; tests:
 fakes). One device's trouble never blocks another.
 """
@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import random
 import signal
 import time
 from collections.abc import Callable, Coroutine
@@ -43,14 +42,10 @@ from reup.core.model import (
     Push,
     RolloutPolicy,
     Target,
-    UpdateResult,
 )
 from reup.core.outcomes import (
     BuildDeferred,
-    BuildOutcome,
     Undecided,
-    Updated,
-    UpdateFailed,
     UpdateOutcome,
 )
 from reup.core.shard import Shard, select
@@ -62,11 +57,9 @@ from reup.io.signing import verify_commit
 from reup.io.source import GitSource
 from reup.io.ssh import SshPusher
 from reup.loop.events import (
-    BuildFinished,
     CommitRefused,
     DevicesSnapshot,
     DeviceStateChanged,
-    DeviceUpdated,
     EventBus,
     GitFetched,
     ReconcileDone,
@@ -86,6 +79,7 @@ from reup.loop.executors import (
 )
 from reup.loop.http import HttpServer
 from reup.loop.metrics import Metrics
+from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
 
 log = logging.getLogger(__name__)
@@ -113,12 +107,13 @@ class Controller:
         self.bus.subscribe(store_subscriber(self.store))
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(log_subscriber())
+        self.recorder = OutcomeRecorder(self.store, self.bus, clock, retry_max=cfg.ssh.retry_max,
+                                        snapshot=self._snapshot)
         self.fleet: Fleet | None = None
         self.busy: dict[str, DeviceState] = {}
         self.building: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.probing: set[str] = set()
-        self.probe_failures: dict[str, int] = {}
         self._next_probe: float | None = None
         self._wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -305,21 +300,17 @@ class Controller:
         except Exception as exc:  # roots are a safety net: report, carry on
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
 
-    # --- executors and the recording of their outcomes ---------------------------------
+    # --- executors -------------------------------------------------------------------------
 
     @property
     def policy(self) -> RolloutPolicy:
         return self.fleet.rollout if self.fleet else RolloutPolicy()
 
-    def _backoff(self, failures: int) -> float:
-        """Jittered exponential, capped by `[ssh] retry_max`."""
-        return min(self.cfg.ssh.retry_max, 2.0 ** failures) * random.uniform(0.5, 1.0)
-
     async def _build(self, drv: str, commit: str) -> None:
         try:
             async with self._build_slots:
                 outcome = await execute_build(self.builder, drv, commit)
-                self.record_build(outcome)
+                self.recorder.build(outcome)
                 if isinstance(outcome, BuildDeferred):
                     await asyncio.sleep(5)  # holding the slot: a broken Nix is not hammered
         finally:
@@ -340,7 +331,7 @@ class Controller:
                 self.bus.emit(TransferFinished(self.clock(), name, stream_bytes, nar_bytes, seconds))
 
             outcome = await execute_push(self.pusher, dev, push, self.policy, on_phase=on_phase, on_sent=on_sent)
-            self.record_update(outcome, seen_at)
+            self.recorder.update(outcome, seen_at, self.busy.get(name))
         finally:
             self.busy.pop(name, None)
 
@@ -361,58 +352,12 @@ class Controller:
                 return
             generation = self.store.attempt_generation(name, push.commit, push.toplevel, AttemptKind.TIMED_OUT)
             outcome = await execute_probe(self.pusher, dev, push, generation)
-            self.record_update(outcome, seen_at)
+            self.recorder.update(outcome, seen_at)
         finally:
             self.probing.discard(name)
             if not (isinstance(outcome, Undecided) and outcome.verdict.ask_again):
-                self.probe_failures.pop(name, None)
+                self.recorder.probe_failures.pop(name, None)
             self.wake()
-
-    def record_build(self, outcome: BuildOutcome) -> None:
-        now = self.clock()
-        if isinstance(outcome, BuildDeferred):
-            self.bus.emit(ReconcileError(now, "build", outcome.error))
-            return
-        result = outcome.result
-        if not result.ok:
-            self.bus.emit(ReconcileError(now, "build", result.error or "build failed"))
-        self.store.record_build(result, outcome.seconds, self.clock())
-        self.bus.emit(BuildFinished(self.clock(), result.drv_path, "success" if result.ok else "failure",
-                                    outcome.seconds, result.toplevel, result.error))
-
-    def record_update(self, outcome: UpdateOutcome, seen_at: float) -> None:
-        """Write an update outcome to the store and emit its events."""
-        now = self.clock()
-        push = outcome.push
-        name = push.device
-        if isinstance(outcome, Updated):
-            old_state = str(self.busy.get(name) or self.store.device_state(name) or DeviceState.PENDING)
-            self.store.record_ack(name, push.commit, push.toplevel, outcome.generation, now, outcome.stream_bytes,
-                                  outcome.nar_bytes, "adopted" if outcome.adopted else "committed")
-            current = self.store.desired().targets.get(name)
-            superseded = current is not None and current.toplevel != push.toplevel
-            self.bus.emit(DeviceStateChanged(now, name, old_state, str(DeviceState.IN_SYNC), outcome.reason))
-            self.bus.emit(DeviceUpdated(now, name, UpdateResult.SUPERSEDED if superseded else UpdateResult.COMMITTED,
-                                        push.commit, push.toplevel, adopted=outcome.adopted,
-                                        seconds_since_seen=now - seen_at if seen_at else None))
-            self._snapshot()
-        elif isinstance(outcome, UpdateFailed):
-            kind = outcome.kind
-            if outcome.internal is not None:
-                self.bus.emit(ReconcileError(now, "push", outcome.internal, name))
-
-            def backoff(failures: int) -> float:  # a quarantined revision is not retried; a timed-out one is probed now
-                return 0.0 if kind.quarantines else self._backoff(failures)
-
-            self.store.record_failure(name, push.commit, push.toplevel, kind, outcome.error, now, backoff,
-                                      outcome.generation)
-            self.bus.emit(DeviceUpdated(now, name, kind.result, push.commit, push.toplevel, error=outcome.error))
-            self.bus.emit(ReconcileError(now, "push", outcome.error, name))
-        elif outcome.verdict.ask_again:
-            failures = self.probe_failures[name] = self.probe_failures.get(name, 0) + 1
-            self.store.set_retry(name, now + self._backoff(failures))
-        else:  # no trace of the generation on the device: it stays timed out, asked no more
-            self.store.set_retry(name, float("inf"))
 
     # --- the loop -----------------------------------------------------------------------
 

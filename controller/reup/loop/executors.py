@@ -4,8 +4,8 @@
 through a `DeviceExecutor` (push, then confirm when the generation awaits
 confirmation), `execute_probe` asks a device what became of a generation whose
 confirmation timed out. They return `core.outcomes` values and never touch the
-state store or the event bus: the loop (controller.py, `Controller.record`) records
-outcomes; the loop's progress hooks (`on_phase`, `on_sent`) are the only way back
+state store or the event bus: the loop (controller.py) records outcomes through
+record.py; the loop's progress hooks (`on_phase`, `on_sent`) are the only way back
 while an executor runs.
 
 The two interfaces are what the loop is given, comin style: `io.ssh.SshPusher` and
