@@ -12,11 +12,18 @@ from collections.abc import Callable
 from typing import Any
 
 from reup.config.reup_toml import Config, SourceConfig, SshConfig, StateConfig
-from reup.core.errors import UnreachableError
-from reup.core.model import Device, DeviceState, Fleet, Target
-from reup.io.ssh import ConfirmTimeoutError, PushOutcome
+from reup.core.errors import PermanentError, TemporaryError, UnreachableError
+from reup.core.model import AttemptKind, Device, DeviceState, Fleet, Push, RolloutPolicy, Target
+from reup.core.outcomes import ProbeVerdict, Undecided, Updated, UpdateFailed, UpdateOutcome
+from reup.io.ssh import ConfirmTimeoutError, PushOutcome, RolledBackError
 from reup.loop.controller import Controller
-from reup.loop.executors import DeviceExecutor, SystemBuilder
+from reup.loop.executors import (
+    DeviceExecutor,
+    SystemBuilder,
+    attempt_kind,
+    execute_probe,
+    execute_push,
+)
 from reup_receiver.protocol import Pending, StatusAnswer
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIH0d6u0xjBWm0m1u2q5Sg8jzxf9C2ri8Hc3tnrsY+q0a"
@@ -260,3 +267,41 @@ def test_confirmation_runs_the_policy_health_check(tmp_path: os.PathLike[str]) -
         assert pusher.pending == {}
     finally:
         ctrl.close()
+
+
+def test_executors_return_outcomes_and_record_nothing(tmp_path: os.PathLike[str]) -> None:
+    """The executors alone, on the fake device executor: each failure kind, an internal error, and a
+    timed-out confirmation's generation come back as values (no store, no bus involved)."""
+    dev = Device("a", "h", KEY)
+    push = Push("a", "c1", f"{tmp_path}/a-c1")
+    policy = RolloutPolicy(confirm_timeout=5.0)
+    phases: list[DeviceState] = []
+
+    async def run(pusher: FakePusher) -> UpdateOutcome:
+        return await execute_push(pusher, dev, push, policy, on_phase=phases.append, on_sent=lambda *a: None)
+
+    ok = FakePusher()
+    assert asyncio.run(run(ok)) == Updated(push, 1, 10, 100)
+    assert phases == [DeviceState.TRANSFERRING, DeviceState.CONFIRMING] and ok.confirmed == [("a", 1, None)]
+    down = FakePusher()
+    down.down.add("a")
+    assert asyncio.run(run(down)) == UpdateFailed(push, AttemptKind.UNREACHABLE, "a unreachable: connection refused")
+    late = FakePusher()
+    late.unconfirmable.add("a")
+    failed = asyncio.run(run(late))
+    assert isinstance(failed, UpdateFailed) and (failed.kind, failed.generation) == (AttemptKind.TIMED_OUT, 1)
+    assert asyncio.run(execute_probe(late, dev, push, 1)) == Undecided(
+        push, ProbeVerdict.PENDING, "generation 1 still awaits confirmation")
+    late.settle("a", commit=False)
+    rolled = asyncio.run(execute_probe(late, dev, push, 1))
+    assert isinstance(rolled, UpdateFailed) and rolled.kind == AttemptKind.ROLLED_BACK
+
+    class Buggy(FakePusher):
+        async def push(self, dev: Device, toplevel: str, **kw: Any) -> PushOutcome:
+            raise KeyError("encoder bug")
+
+    bug = asyncio.run(run(Buggy()))
+    assert isinstance(bug, UpdateFailed) and bug.kind == AttemptKind.PERMANENT and bug.internal == "KeyError: 'encoder bug'"
+    for exc, kind in ((TemporaryError("locked"), AttemptKind.TRANSIENT), (PermanentError("no"), AttemptKind.PERMANENT),
+                      (RolledBackError("rb"), AttemptKind.ROLLED_BACK), (UnreachableError("x"), AttemptKind.UNREACHABLE)):
+        assert attempt_kind(exc) == kind
