@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from reup.io.nix import export_cmd
-
 from bench import baseline_files
+from bench.nixcmds import export_cmd
 
 METHODS = ("export+zstd-19", "export+xz-9", "files+bsdiff4", "zstd-patch-from")
 

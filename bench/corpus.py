@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reup.io.nix import NixExecutor, PathInfo, build_file_cmd, parse_build_json
+from reup.io.nix import NixExecutor, PathInfo, parse_build_json
 
 from bench import inputs as inputs_mod
+from bench.nixcmds import build_file_cmd
 
 NIX_FILE = Path(__file__).parent / "nix" / "corpus.nix"
 HASH_LEN = 32

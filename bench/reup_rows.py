@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from reup.io.nix import NixError, NixExecutor, copy_to_cmd, init_store_cmd, store_verify_cmd
+from reup.io.nix import NixError, NixExecutor, init_store_cmd
+
+from bench.nixcmds import copy_to_cmd, store_verify_cmd
 
 
 @dataclass

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reup.io.nix import NixExecutor, PathInfo
+from reup_lab.nixenv import extended_nix_config
 
 from bench import baseline_files, baselines, corpus, reup_rows, storefs
 from bench.report import ScenarioResult, fmt_bytes, render
@@ -34,9 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def nix_env() -> dict[str, str]:
-    extra = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters ="
-    cur = os.environ.get("NIX_CONFIG", "")
-    return {"NIX_CONFIG": f"{cur}\n{extra}" if cur else extra}
+    return {"NIX_CONFIG": extended_nix_config(os.environ.get("NIX_CONFIG"))}
 
 
 def code_snapshot(ref: str, work: Path) -> tuple[str, list[str]]:

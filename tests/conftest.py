@@ -8,7 +8,8 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
-from support.nixflake import NIX_CONFIG, Generations, build_generations
+from reup_lab.nixenv import NIX_CONFIG
+from support.nixflake import Generations, build_generations
 from support.receiverkit import SCRATCH, StreamCache, copy_root, nix_copy, set_generations
 
 FLAKE_SALT = "t1"  # change to force fresh store paths for the test flake

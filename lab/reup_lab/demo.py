@@ -1,6 +1,6 @@
 """`reup demo`: the whole reup story on one machine, live, then cleaned up.
 
-Called by controller_cli.py (`reup demo`, the README's `make demo`). It makes a
+Called by the controller's cli/demo.py (`reup demo`, the README's `make demo`). It makes a
 fleet repo from the offline flavor of fleet-repo-template/ (`reup init
 --offline`), starts three simulated devices (lab.py: device roots behind real
 sshd on 127.0.0.1) and the controller in this process (SQLite state, the metrics
@@ -34,8 +34,8 @@ from reup.loop.events import (
     TransferFinished,
 )
 
-from reup_lab import demofleet
 from reup_lab.lab import Lab
+from reup_lab.nixenv import NIX_CONFIG
 
 # Device -> (configuration, wave): one x86 board and two Pis, pi-01 as the canary.
 DEVICES = {"pi-01": ("pi", "canary"), "board-01": ("board", "main"), "pi-02": ("pi", "main")}
@@ -153,7 +153,7 @@ def run_demo(workdir: str | None = None, *, keep: bool = False, out: TextIO = sy
     if workdir and os.path.exists(workdir) and os.listdir(workdir):
         print(f"reup: {workdir} exists and is not empty: the demo needs a new or empty directory", file=sys.stderr)
         return 2
-    os.environ.setdefault("NIX_CONFIG", demofleet.NIX_CONFIG)
+    os.environ.setdefault("NIX_CONFIG", NIX_CONFIG)
     base = workdir or tempfile.mkdtemp(prefix="reup-demo-")
     lab = Lab(base, list(DEVICES), poll_interval=30)
     ctrl = None

@@ -1,7 +1,7 @@
 """A self-contained example fleet repo: flake.nix (no inputs, no nixpkgs) + fleet.toml, in git.
 
-Used by `reup demo` (demo.py) and the controller's integration tests
-(tests/support/fleetrepo.py). Each configuration's toplevel is a plain
+Used by `reup demo` (demo.py) and, through the lab (lab.py), the controller's
+integration and end-to-end tests. Each configuration's toplevel is a plain
 `derivation` (builder /bin/sh) with a shared `base` dependency, some data and a
 `bin/switch-to-configuration` that appends "<action> <config> <version>" to
 `$REUP_ROOT/activations`; a configuration can be made to throw at evaluation
@@ -16,7 +16,6 @@ import os
 import subprocess
 from collections.abc import Mapping
 
-NIX_CONFIG = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\n"
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "reup demo", "GIT_AUTHOR_EMAIL": "demo@reup.invalid",
     "GIT_COMMITTER_NAME": "reup demo", "GIT_COMMITTER_EMAIL": "demo@reup.invalid",

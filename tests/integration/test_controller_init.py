@@ -10,10 +10,9 @@ import subprocess
 import pytest
 from reup.config.fleet_toml import parse_fleet
 from reup.core.errors import ConfigError
+from reup_lab.nixenv import nix_env
 from support.fleetkeys import with_real_keys
 from support.sshd import reup_bin
-
-NIX_CONFIG = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\n"
 
 
 def init(dest: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +50,7 @@ def test_init_offline_flavor_builds(tmp_path: os.PathLike[str]) -> None:
     assert {"flake.nix", "fleet.toml", "hosts/pi.nix", "hosts/board.nix", "src/sensord.c"} <= tracked(dest)
     with open(os.path.join(dest, "fleet.toml"), encoding="utf-8") as f:
         fleet = parse_fleet(with_real_keys(f.read()))
-    env = {**os.environ, "NIX_CONFIG": NIX_CONFIG}
+    env = nix_env()
     attrs = [f".#nixosConfigurations.{c}.config.system.build.toplevel" for c in sorted({d.config for d in
                                                                                           fleet.devices.values()})]
     built = subprocess.run(["nix", "build", "--json", "--no-link", *attrs], cwd=dest, env=env, capture_output=True,

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import pytest
 from reup.delta.encode import encode
 from reup.delta.stats import DeltaStats
+from reup_lab.nixenv import nix_env
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.manifest import decode_manifest
 from reup_receiver.format.model import Codec, Method
 from reup_receiver.format.wire import T_ENTRY, T_MANIFEST, T_PATH, T_TRAILER, RecordReader
-from support.nixflake import nix_env
 from support.receiverkit import (
     REUP,
     assert_one_line_error,

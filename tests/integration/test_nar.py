@@ -16,9 +16,10 @@ import random
 import subprocess
 
 import pytest
+from reup_lab.nixenv import nix_env
 from reup_receiver.errors import Corrupt
 from reup_receiver.format.nar import NarHasher, from_nix32, nar_hash_tree, parse_hash, sri, to_nix32
-from support.nixflake import Generations, nix_env
+from support.nixflake import Generations
 from support.receiverkit import host_nar_hash
 
 EMPTY = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")

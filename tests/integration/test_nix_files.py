@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 from reup.config.fleet_toml import parse_fleet
+from reup_lab.nixenv import nix_env
 from support.fleetkeys import with_real_keys
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TEMPLATE = os.path.join(ROOT, "fleet-repo-template")
 BOARD_LSMOD = os.path.join(TEMPLATE, "hosts", "board.lsmod")
-NIX_CONFIG = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\n"
 SKIP_DIRS = {".venv", "node_modules", "__pycache__"}
 
 # Flags of nixpkgs' systemd package (pkgs/os-specific/linux/systemd/default.nix, nixos-24.11 and
@@ -38,10 +38,6 @@ SYSTEMD_FLAGS = {
     "withSysusers", "withSysupdate", "withTimedated", "withTimesyncd", "withTpm2Tss", "withUkify",
     "withUserDb", "withUtmp", "withVmspawn", "withKernelInstall", "withLogTrace",
 }
-
-
-def nix_env() -> dict[str, str]:
-    return {**os.environ, "NIX_CONFIG": NIX_CONFIG}
 
 
 def nix_files() -> list[str]:

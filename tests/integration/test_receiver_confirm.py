@@ -15,7 +15,8 @@ import sys
 import time
 
 import pytest
-from support.nixflake import Generations, nix_env
+from reup_lab.nixenv import nix_env
+from support.nixflake import Generations
 from support.receiverkit import (
     StreamCache,
     assert_one_line_error,

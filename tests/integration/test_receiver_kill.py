@@ -30,10 +30,11 @@ import time
 from collections.abc import Callable
 
 import pytest
+from reup_lab.nixenv import nix_env
 from reup_receiver.format.manifest import decode_manifest
 from reup_receiver.format.nar import nar_hash_tree
 from reup_receiver.format.wire import T_MANIFEST, T_PATH_END, Buf
-from support.nixflake import Generations, nix_env
+from support.nixflake import Generations
 from support.receiverkit import (
     RECEIVE,
     REUP,

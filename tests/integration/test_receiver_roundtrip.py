@@ -16,9 +16,10 @@ import os
 import subprocess
 
 import pytest
+from reup_lab.nixenv import nix_env
 from reup_receiver.format.nar import parse_hash
 from reup_receiver.format.wire import T_PATH
-from support.nixflake import Generations, nix_env
+from support.nixflake import Generations
 from support.receiverkit import (
     REUP,
     StreamCache,

@@ -25,12 +25,9 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-NIX_CONFIG = "experimental-features = nix-command flakes\nsandbox = false\nsubstituters =\n"
+from reup_lab.nixenv import nix_env
+
 ODD_NAMES = ("-leading dash", "spa ce ü€.conf")
-
-
-def nix_env() -> dict[str, str]:
-    return {**os.environ, "NIX_CONFIG": NIX_CONFIG}
 
 
 def _drv(name: str, script: str, extra: str = "") -> str:

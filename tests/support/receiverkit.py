@@ -18,9 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reup_lab.nixenv import nix_env
 from reup_receiver.format.nar import nar_hash_tree
-
-from .nixflake import nix_env
 
 BIN = os.path.dirname(sys.executable)
 RECEIVE = os.path.join(BIN, "reup-receive")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from reup.io.nix import PathInfo, build_file_cmd, copy_to_cmd, export_cmd, store_verify_cmd
+from reup.io.nix import PathInfo
 
 from bench import corpus, inputs, report
+from bench.nixcmds import build_file_cmd, copy_to_cmd, export_cmd, store_verify_cmd
 
 H = "0123456789abcdfghijklmnpqrsvwxyz"
 

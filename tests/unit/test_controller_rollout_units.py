@@ -16,6 +16,7 @@ import pytest
 from reup.config.reup_toml import parse_config
 from reup.core.errors import ConfigError
 from reup.core.model import Device, Fleet, Target
+from reup.core.outcomes import ProbeVerdict
 from reup.io.ssh import PushOutcome, parse_receive, parse_status
 from reup.loop.controller import Controller
 from reup.loop.executors import judge_timed_out
@@ -68,7 +69,7 @@ def test_judging_a_timed_out_generation_from_the_device_status() -> None:
     top, old = "/nix/store/" + "a" * 32 + "-new", "/nix/store/" + "b" * 32 + "-old"
     gens = ((1, old), (2, top))
     rolled = StatusAnswer(old, ((1, old),), last_rollback={"generation": 2, "reason": "not confirmed before the deadline"})
-    assert judge_timed_out(rolled, top, 2) == ("rolled_back", "not confirmed before the deadline")
+    assert judge_timed_out(rolled, top, 2) == (ProbeVerdict.ROLLED_BACK, "not confirmed before the deadline")
     assert judge_timed_out(StatusAnswer(top, gens), top, 2)[0] == "committed"
     assert judge_timed_out(StatusAnswer(top, gens, pending=Pending(2, 0.0)), top, 2)[0] == "pending"
     # an older rollback record is not this generation's; a device running something else says nothing
@@ -98,11 +99,10 @@ class TimedPusher(FakePusher):
 
 def unreachable_scenario(tmp: str, policy: str) -> tuple[Controller, TimedPusher]:
     """a, b in wave canary, c in wave rest; b never answers."""
-    ctrl, src, _, _ = make(tmp)
-    builder, pusher = WaveBuilder(tmp), TimedPusher()
+    pusher = TimedPusher()
+    ctrl, src, _, _ = make(tmp, builder=WaveBuilder(tmp), pusher=pusher)
     text = f'[rollout]\nwaves = ["canary", "rest"]\nunreachable_after = 1.5\n{policy}\n' + WAVE_FLEET
     src.read_file = lambda commit, path: text  # type: ignore[method-assign]
-    ctrl.builder, ctrl.pusher = builder, pusher  # type: ignore[assignment]
     pusher.down.add("b")
     return ctrl, pusher
 

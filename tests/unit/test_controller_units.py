@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 from reup.cli.status import format_status
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
-from reup.core.model import BuildResult, Decision, DeviceState, Target
+from reup.core.model import AttemptKind, BuildResult, Decision, DeviceState, Target
 from reup.delta.cache import DeltaCache
 from reup.io.nix import add_root_cmd, parse_toplevels, toplevel_drv_installable, toplevels_apply
 from reup.io.ssh import (
@@ -125,8 +125,8 @@ def test_store_round_trip_survives_reopen(tmp_path: os.PathLike[str]) -> None:
     s.record_revision("c1", 10.0, targets, None)
     s.record_build(BuildResult(P1 + ".drv", "c1", True, P1), 1.5, 11.0)
     s.record_ack("a", "c1", P1, 1, 12.0, 300, 9000)
-    assert s.record_failure("b", "c1", P2, "unreachable", "refused", 12.5, 1.0) == 1
-    assert s.record_failure("b", "c1", P2, "unreachable", "refused", 13.0, lambda n: 2.5 * n) == 2
+    assert s.record_failure("b", "c1", P2, AttemptKind.UNREACHABLE, "refused", 12.5, 1.0) == 1
+    assert s.record_failure("b", "c1", P2, AttemptKind.UNREACHABLE, "refused", 13.0, lambda n: 2.5 * n) == 2
     changed = s.set_states([Decision("a", DeviceState.IN_SYNC), Decision("b", DeviceState.FAILED, None, "eval error")], 14.0)
     assert ("b", "pending", "failed") in changed
     s.close()
@@ -150,7 +150,7 @@ def test_store_round_trip_survives_reopen(tmp_path: os.PathLike[str]) -> None:
     assert (a["name"], a["state"], a["target"], a["acknowledged"], a["generation"]) == ("a", "in_sync", P1, P1, 1)
     assert status["devices"][1]["last_error"] == "eval error"
     assert [h["result"] for h in s.history()] == ["committed", "unreachable", "unreachable"]
-    assert s.record_failure("b", "c2", P2, "transient", "locked", 30.0, 0.0) == 1  # a new commit starts over
+    assert s.record_failure("b", "c2", P2, AttemptKind.TRANSIENT, "locked", 30.0, 0.0) == 1  # a new commit starts over
     assert s.get_meta("x") is None
     # A new revision without b drops it from the fleet.
     s.record_revision("c2", 20.0, [Target("a", "c2", "default", P2 + ".drv", P2)], None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from reup.core.model import (
     Attempt,
+    AttemptKind,
     Build,
     BuildResult,
     Desired,
@@ -93,7 +94,7 @@ def test_build_failure_fails_until_new_commit() -> None:
 
 
 def test_permanent_failure_is_quarantined_until_new_commit() -> None:
-    attempt = Attempt(C1, "/nix/store/1-sys", "permanent", "activation failed")
+    attempt = Attempt(C1, "/nix/store/1-sys", AttemptKind.PERMANENT, "activation failed")
     observed = Observed(devices={"a": DeviceObservation("a", attempt=attempt)}, builds=built(1, commit=C1))
     assert summary(Desired(C1, 1.0, {"a": t("a", 1, C1)}), observed) == {"a": ("failed", None)}
     assert summary(Desired(C2, 1.0, {"a": t("a", 1, C2)}), observed) == {
@@ -102,7 +103,7 @@ def test_permanent_failure_is_quarantined_until_new_commit() -> None:
 
 
 def test_unreachable_waits_for_backoff_then_retries() -> None:
-    attempt = Attempt(C2, "/nix/store/1-sys", "unreachable", "connection refused", failures=2, retry_at=150.0)
+    attempt = Attempt(C2, "/nix/store/1-sys", AttemptKind.UNREACHABLE, "connection refused", failures=2, retry_at=150.0)
     observed = Observed(devices={"a": DeviceObservation("a", attempt=attempt)}, builds=built(1))
     desired = Desired(C2, 1.0, {"a": t("a", 1)})
     assert summary(desired, observed, now=100.0) == {"a": ("unreachable", Wait(150.0))}
@@ -112,7 +113,7 @@ def test_unreachable_waits_for_backoff_then_retries() -> None:
 
 
 def test_transient_failure_is_pending_not_settled() -> None:
-    attempt = Attempt(C2, "/nix/store/1-sys", "transient", "device locked", retry_at=150.0)
+    attempt = Attempt(C2, "/nix/store/1-sys", AttemptKind.TRANSIENT, "device locked", retry_at=150.0)
     observed = Observed(devices={"a": DeviceObservation("a", attempt=attempt)}, builds=built(1))
     p = plan(Desired(C2, 1.0, {"a": t("a", 1)}), observed, POLICY, 100.0)
     assert (p.decisions["a"].state, p.decisions["a"].action) == (S.PENDING, Wait(150.0))
@@ -150,9 +151,9 @@ def test_no_revision_plans_nothing() -> None:
 
 def test_transient_failures_give_up_but_unreachable_never_does() -> None:
     desired = Desired(C2, 1.0, {"a": t("a", 1)})
-    flaky = Attempt(C2, "/nix/store/1-sys", "transient", "corrupt", failures=MAX_TRANSIENT, retry_at=0.0)
+    flaky = Attempt(C2, "/nix/store/1-sys", AttemptKind.TRANSIENT, "corrupt", failures=MAX_TRANSIENT, retry_at=0.0)
     p = plan(desired, Observed(devices={"a": DeviceObservation("a", attempt=flaky)}, builds=built(1)), POLICY, 100.0)
     assert p.decisions["a"].state == S.FAILED and "gave up after 5 attempts: corrupt" in p.decisions["a"].reason
-    offline = Attempt(C2, "/nix/store/1-sys", "unreachable", "refused", failures=50, retry_at=0.0)
+    offline = Attempt(C2, "/nix/store/1-sys", AttemptKind.UNREACHABLE, "refused", failures=50, retry_at=0.0)
     p = plan(desired, Observed(devices={"a": DeviceObservation("a", attempt=offline)}, builds=built(1)), POLICY, 100.0)
     assert p.decisions["a"].state == S.UNREACHABLE and isinstance(p.decisions["a"].action, Push)

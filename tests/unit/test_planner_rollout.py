@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from reup.core.model import (
     Attempt,
+    AttemptKind,
     BuildResult,
     Desired,
     DeviceObservation,
@@ -46,7 +47,7 @@ def acked(dev: str, at: float, commit: str = C2) -> DeviceObservation:
     return DeviceObservation(dev, top(dev, commit), commit, acked_at=at)
 
 
-def failed(dev: str, kind: str, at: float = 50.0, commit: str = C2) -> DeviceObservation:
+def failed(dev: str, kind: AttemptKind, at: float = 50.0, commit: str = C2) -> DeviceObservation:
     return DeviceObservation(dev, top(dev, C1), C1, attempt=Attempt(commit, top(dev, commit), kind, f"{kind}!",
                                                                      since=at, at=at), acked_at=0.0)
 
@@ -99,14 +100,14 @@ def test_max_parallel_is_per_wave_and_counts_updates_in_flight() -> None:
 
 def test_failure_threshold_halts_everything_but_updates_in_flight() -> None:
     policy = RolloutPolicy(waves=("canary", "rest"), failure_threshold=0.5, min_executed=2)
-    obs = observed({"a": failed("a", "rolled_back"), "b": DeviceObservation("b", busy=S.ACTIVATING)})
+    obs = observed({"a": failed("a", AttemptKind.ROLLED_BACK), "b": DeviceObservation("b", busy=S.ACTIVATING)})
     p = plan(desired(), obs, policy, 100.0)  # 1 failed / max(1 executed, min_executed 2) = 0.5
     assert got(p) == {"a": ("rolled_back", None), "b": ("activating", None), "x": ("halted", None), "y": ("halted", None)}
     assert p.rollout.halted and "failure threshold reached: 1 failed of 1 executed" in p.rollout.halted
     # no new device starts, even in an open wave: an unreachable device's retry waits too
     policy1 = RolloutPolicy(waves=("canary", "rest"), failure_threshold=0.5, min_executed=1, success_ratio=0.5)
-    obs = observed({"a": failed("a", "permanent"), "b": acked("b", 60.0),
-                    "x": DeviceObservation("x", attempt=Attempt(C2, top("x", C2), "unreachable", "down", since=90.0))})
+    obs = observed({"a": failed("a", AttemptKind.PERMANENT), "b": acked("b", 60.0),
+                    "x": DeviceObservation("x", attempt=Attempt(C2, top("x", C2), AttemptKind.UNREACHABLE, "down", since=90.0))})
     p = plan(desired(), obs, policy1, 100.0)  # 1 failed / 2 executed = 0.5
     assert got(p) == {"a": ("failed", None), "b": ("in_sync", None), "x": ("halted", None), "y": ("halted", None)}
     assert p.settled() and p.decisions["y"].reason.startswith("rollout halted: failure threshold")
@@ -114,13 +115,13 @@ def test_failure_threshold_halts_everything_but_updates_in_flight() -> None:
 
 def test_min_executed_keeps_one_early_failure_from_halting() -> None:
     policy = RolloutPolicy(waves=("canary", "rest"), failure_threshold=0.5, min_executed=4)
-    p = plan(desired(), observed({"a": failed("a", "timed_out")}), policy, 100.0)  # 1 / max(1, 4) < 0.5
+    p = plan(desired(), observed({"a": failed("a", AttemptKind.TIMED_OUT)}), policy, 100.0)  # 1 / max(1, 4) < 0.5
     assert got(p)["a"] == ("rolled_back", None) and got(p)["b"] == push("b") and p.rollout.halted is None
 
 
 def test_resume_and_new_commit_lift_a_halt_without_unquarantining() -> None:
     policy = RolloutPolicy(waves=("canary", "rest"), success_ratio=0.5, failure_threshold=0.5)
-    devs = {"a": failed("a", "rolled_back", at=50.0), "b": acked("b", 40.0)}
+    devs = {"a": failed("a", AttemptKind.ROLLED_BACK, at=50.0), "b": acked("b", 40.0)}
     assert plan(desired(), observed(devs), policy, 100.0).rollout.halted
     resumed = observed(devs, control=RolloutControl(resumed_commit=C2, resumed_at=60.0))
     p = plan(desired(), resumed, policy, 100.0)
@@ -148,7 +149,8 @@ def test_new_commit_supersedes_not_started_devices_only() -> None:
 
 
 def test_quarantine_until_a_new_commit() -> None:
-    for kind, state in (("rolled_back", "rolled_back"), ("timed_out", "rolled_back"), ("permanent", "failed")):
+    for kind, state in ((AttemptKind.ROLLED_BACK, "rolled_back"), (AttemptKind.TIMED_OUT, "rolled_back"),
+                        (AttemptKind.PERMANENT, "failed")):
         obs = observed({"a": failed("a", kind)})
         assert got(plan(desired(), obs, RolloutPolicy(), 100.0))["a"] == (state, None)
         assert got(plan(desired(C3), obs, RolloutPolicy(), 100.0))["a"] == push("a", C3)
@@ -156,7 +158,7 @@ def test_quarantine_until_a_new_commit() -> None:
 
 def test_unreachable_device_stops_blocking_its_wave_after_unreachable_after() -> None:
     down = {"a": acked("a", 10.0),
-            "b": DeviceObservation("b", attempt=Attempt(C2, top("b", C2), "unreachable", "refused", failures=3,
+            "b": DeviceObservation("b", attempt=Attempt(C2, top("b", C2), AttemptKind.UNREACHABLE, "refused", failures=3,
                                                         retry_at=130.0, since=20.0, at=95.0))}
     policy = RolloutPolicy(waves=("canary", "rest"), unreachable_after=100.0)
     p = plan(desired(), observed(down), policy, 100.0)  # unreachable for 80 s: the wave waits
@@ -171,14 +173,14 @@ def test_unreachable_device_stops_blocking_its_wave_after_unreachable_after() ->
 
 
 def test_wave_settled_short_of_success_halts_later_waves() -> None:
-    p = plan(desired(), observed({"a": failed("a", "permanent"), "b": acked("b", 5.0)}), WAVES, 100.0)
+    p = plan(desired(), observed({"a": failed("a", AttemptKind.PERMANENT), "b": acked("b", 5.0)}), WAVES, 100.0)
     assert got(p)["x"] == ("halted", None) and "wave canary settled short" in (p.rollout.halted or "")
     assert p.settled()
 
 
 def test_devices_behind_an_unreachable_canary_are_blocked_so_run_once_can_end() -> None:
     down = {"a": DeviceObservation("a", acked_toplevel=top("a", C2), acked_commit=C2, acked_at=10.0),
-            "b": DeviceObservation("b", attempt=Attempt(C2, top("b", C2), "unreachable", "refused", failures=1,
+            "b": DeviceObservation("b", attempt=Attempt(C2, top("b", C2), AttemptKind.UNREACHABLE, "refused", failures=1,
                                                         retry_at=130.0, since=20.0, at=20.0))}
     policy = RolloutPolicy(waves=("canary", "rest"), unreachable_after=600.0)
     p = plan(desired(), observed(down), policy, 100.0)

@@ -29,7 +29,7 @@ class WavesBuilder(FakeBuilder):
 def test_once_ends_when_the_rest_is_blocked_behind_an_unreachable_canary(tmp_path: os.PathLike[str]) -> None:
     ctrl, _, _, pusher = make(str(tmp_path))
     ctrl.source = WavesSource()  # type: ignore[assignment]
-    ctrl.builder = WavesBuilder(str(tmp_path))  # type: ignore[assignment]
+    ctrl.builder = WavesBuilder(str(tmp_path))
     pusher.down.add("a")
     start = time.monotonic()
     try:

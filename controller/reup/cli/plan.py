@@ -5,7 +5,7 @@ any revision of the fleet repo without contacting a device (cli/preview.py):
 for a pull request's CI job, `--format markdown` is the comment to post.
 Without them it is the dry run of the next reconcile pass described below.
 
-Called by cli/main.py. Fetches and evaluates the branch head without
+Dispatched by cli/main.py. Fetches and evaluates the branch head without
 recording it, runs the pure planner against the recorded observed state, and for
 each device that would be pushed asks the device for its status over SSH and
 encodes the stream it would get (into the delta cache, so a following

@@ -1,10 +1,11 @@
 """Controller error types, kopf style, shared by every executor.
 
-Executors (git, nix, ssh) raise `TemporaryError` for failures worth retrying
+Effects (git, nix, ssh) raise `TemporaryError` for failures worth retrying
 (network, timeouts, a locked device) and `PermanentError` for failures that
 retrying the same revision cannot fix (stream rejected, activation failed, build
-error). The reconcile loop (controller.py) turns them into outcomes; tenacity
-retries only `TemporaryError`. `ConfigError` is raised by config.py and fleet.py.
+error). The loop's executors (loop/executors.py) turn them into outcomes
+(core/outcomes.py, with an `AttemptKind`); tenacity retries only `TemporaryError`.
+`ConfigError` is raised by config/reup_toml.py and config/fleet_toml.py.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The controller's data model: desired state, observed state, actions, device states.
+"""The controller's data model: desired state, observed state, actions, device states,
+failure kinds (`AttemptKind`) and update results (`UpdateResult`).
 
-Plain frozen dataclasses shared by the pure planner (planner.py), the state store
-(state.py, which builds `Desired` and `Observed` from SQLite) and the reconcile
-loop (controller.py, which executes the actions). No I/O here.
+Plain frozen dataclasses and enums shared by the pure planner (planner.py), the
+state store (loop/state.py, which builds `Desired` and `Observed` from SQLite) and
+the reconcile loop (loop/controller.py, whose executors carry out the actions and
+return outcomes, core/outcomes.py). No I/O here.
 """
 
 from __future__ import annotations
@@ -29,9 +31,61 @@ ALL_STATES = tuple(DeviceState)
 # States in which `reup run --once` considers a device settled.
 SETTLED = frozenset({DeviceState.IN_SYNC, DeviceState.FAILED, DeviceState.UNREACHABLE, DeviceState.ROLLED_BACK,
                      DeviceState.HALTED})
-# Attempt kinds that quarantine a revision on a device until a new commit, and the state they give.
-QUARANTINE = {"permanent": DeviceState.FAILED, "rolled_back": DeviceState.ROLLED_BACK,
-              "timed_out": DeviceState.ROLLED_BACK}
+
+
+class UpdateResult(StrEnum):
+    """How one update of a device ended: the `result` of `DeviceUpdated` events and the label of the
+    `reup_device_updates_total` counter (every value but RETRY, which is not an end)."""
+
+    COMMITTED = "committed"
+    SUPERSEDED = "superseded"  # committed, but the device's target changed meanwhile
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    TIMED_OUT = "timed_out"
+    UNREACHABLE = "unreachable"
+    RETRY = "retry"  # a transient failure: tried again soon
+
+    @property
+    def counted(self) -> bool:
+        return self is not UpdateResult.RETRY
+
+
+class AttemptKind(StrEnum):
+    """What kind of failure an unsuccessful push was: the one place that says what each kind means.
+
+    Stored as its value in SQLite (`devices.attempt_kind`, `history.result`)."""
+
+    TRANSIENT = "transient"  # the same stream may succeed later (device locked, stream corrupted on the way)
+    UNREACHABLE = "unreachable"  # no SSH connection
+    PERMANENT = "permanent"  # retrying this revision cannot help (activation failed, stream refused)
+    ROLLED_BACK = "rolled_back"  # the device rolled the new generation back (health check, deadline)
+    TIMED_OUT = "timed_out"  # the confirmation was not delivered in time: the device decides, we ask it
+
+    @property
+    def quarantine(self) -> DeviceState | None:
+        """The state a device stays in, with this revision not retried until a new commit (None: retried)."""
+        return _QUARANTINE.get(self)
+
+    @property
+    def quarantines(self) -> bool:
+        return self in _QUARANTINE
+
+    @property
+    def retryable(self) -> bool:
+        """Pushed again after a backoff (a transient kind gives up after MAX_TRANSIENT failures)."""
+        return self in (AttemptKind.TRANSIENT, AttemptKind.UNREACHABLE)
+
+    @property
+    def result(self) -> UpdateResult:
+        """The update result (event, metric label) this failure is reported as."""
+        return _RESULT[self]
+
+
+_QUARANTINE = {AttemptKind.PERMANENT: DeviceState.FAILED, AttemptKind.ROLLED_BACK: DeviceState.ROLLED_BACK,
+               AttemptKind.TIMED_OUT: DeviceState.ROLLED_BACK}
+_RESULT = {AttemptKind.TRANSIENT: UpdateResult.RETRY, AttemptKind.UNREACHABLE: UpdateResult.UNREACHABLE,
+           AttemptKind.PERMANENT: UpdateResult.FAILED, AttemptKind.ROLLED_BACK: UpdateResult.ROLLED_BACK,
+           AttemptKind.TIMED_OUT: UpdateResult.TIMED_OUT}
 
 
 @dataclass(frozen=True)
@@ -68,7 +122,7 @@ class Attempt:
 
     commit: str
     toplevel: str
-    kind: str  # "transient", "unreachable", "permanent", "rolled_back" or "timed_out"
+    kind: AttemptKind
     error: str
     failures: int = 1
     retry_at: float = 0.0

@@ -22,12 +22,18 @@ Then the rollout rules (rollout.py) gate every Push, in wave order:
 10. more than policy.max_parallel updating in the wave     -> pending (waiting for a slot)
 Devices mid-update always finish (rule 3), so a new commit supersedes a running
 rollout only for devices that have not started.
+
+`probes` is the other decision of a pass: a device whose confirmation timed out
+(quarantined by rule 5) decides by itself whether to roll back, so the loop asks
+it for its status, when its attempt's retry time comes, until it says.
 """
 
 from __future__ import annotations
 
+from collections.abc import Set
+
 from reup.core.model import (
-    QUARANTINE,
+    AttemptKind,
     Build,
     Decision,
     Desired,
@@ -43,7 +49,7 @@ from reup.core.model import (
 from reup.core.rollout import MAX_TRANSIENT, assess, wave_index
 
 S = DeviceState
-__all__ = ["MAX_TRANSIENT", "plan"]
+__all__ = ["MAX_TRANSIENT", "plan", "probes"]
 
 
 def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float) -> Plan:
@@ -103,13 +109,32 @@ def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: flo
 
     attempt = obs.attempt
     if attempt is not None and attempt.commit == target.commit and attempt.toplevel == target.toplevel:
-        if attempt.kind in QUARANTINE:
-            return Decision(name, QUARANTINE[attempt.kind], None, attempt.error)
-        if attempt.kind == "transient" and attempt.failures >= MAX_TRANSIENT:
+        if attempt.kind.quarantine is not None:
+            return Decision(name, attempt.kind.quarantine, None, attempt.error)
+        if attempt.kind == AttemptKind.TRANSIENT and attempt.failures >= MAX_TRANSIENT:
             return Decision(name, S.FAILED, None, f"gave up after {attempt.failures} attempts: {attempt.error}")
         if now < attempt.retry_at:
-            state = S.UNREACHABLE if attempt.kind == "unreachable" else S.PENDING
+            state = S.UNREACHABLE if attempt.kind == AttemptKind.UNREACHABLE else S.PENDING
             return Decision(name, state, Wait(attempt.retry_at), attempt.error)
-    if attempt is not None and attempt.kind == "unreachable":
+    if attempt is not None and attempt.kind == AttemptKind.UNREACHABLE:
         return Decision(name, S.UNREACHABLE, Push(name, target.commit, target.toplevel), "retrying: " + attempt.error)
     return Decision(name, S.PENDING, Push(name, target.commit, target.toplevel), "update needed")
+
+
+def probes(desired: Desired, observed: Observed, now: float,
+           in_flight: Set[str] = frozenset()) -> tuple[tuple[Push, ...], float | None]:
+    """(status probes to start now, the earliest later probe time): one for each device whose last
+    update of its current target timed out and whose retry time has come, unless it is busy or
+    `in_flight` (a probe or push running). The later time is a wake-up for the loop."""
+    due: list[Push] = []
+    later: float | None = None
+    for name, obs in sorted(observed.devices.items()):
+        a, target = obs.attempt, desired.targets.get(name)
+        if (a is None or a.kind != AttemptKind.TIMED_OUT or target is None or target.commit != a.commit
+                or target.toplevel != a.toplevel or obs.busy is not None or name in in_flight):
+            continue
+        if now >= a.retry_at:
+            due.append(Push(name, a.commit, a.toplevel))
+        else:
+            later = a.retry_at if later is None else min(later, a.retry_at)
+    return tuple(due), later

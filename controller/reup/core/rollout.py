@@ -24,8 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reup.core.model import (
-    QUARANTINE,
     SETTLED,
+    AttemptKind,
     Build,
     Decision,
     Desired,
@@ -90,10 +90,10 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
         a = obs.attempt
         if a is None or a.commit != target.commit or a.toplevel != target.toplevel or a.at <= cutoff:
             continue
-        if a.kind in QUARANTINE or (a.kind == "transient" and a.failures >= MAX_TRANSIENT):
+        if a.kind.quarantines or (a.kind == AttemptKind.TRANSIENT and a.failures >= MAX_TRANSIENT):
             failed[i] += 1
             executed += 1
-        elif a.kind == "unreachable" and now - a.since >= policy.unreachable_after:
+        elif a.kind == AttemptKind.UNREACHABLE and now - a.since >= policy.unreachable_after:
             if policy.unreachable_counts_as_failure:
                 failed[i] += 1
                 executed += 1

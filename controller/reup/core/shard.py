@@ -1,6 +1,6 @@
 """Sharding a fleet across controller replicas: `reup run --shard i/n`.
 
-Pure. Called by controller_cli.py (parses the flag) and controller.py (keeps only
+Pure. Called by cli/run.py (parses the flag) and loop/controller.py (keeps only
 its shard's devices of every fleet.toml it reads). Rendezvous hashing: each
 device goes to the shard with the highest hash of (device name, shard index), so
 going from n to n+1 replicas moves only about 1/(n+1) of the devices, and every

@@ -1,6 +1,6 @@
 """The delta cache: streams from the encoder, keyed by (held, target, staged), in `<state>/deltas`.
 
-Called by the push executor (push.py) and `reup plan` (which only needs the
+Called by the SSH transport (io/ssh.py, a `StreamSource` to it) and `reup plan` (which only needs the
 size). Several devices holding the same generation share one encoded stream;
 the cache keeps the newest `max_entries` streams. The encoder is
 `reup.delta.encode.encode(held, target, out, staged)` (out: a file path)

@@ -1,10 +1,12 @@
 """One executor for every Nix call reup makes.
 
 Each Nix operation is a pure pair: a command builder (arguments -> argv) and an
-output parser (stdout -> typed result), golden-tested in tests/test_nix_commands.py.
-`NixExecutor` runs them; the delta encoder, the controller's builder and the
-benchmark all go through it, so options (`--option` from reup.toml, the
-experimental features, a `--store`) are applied in one place.
+output parser (stdout -> typed result), golden-tested in tests/unit/test_nix_commands.py
+against captured Nix output (tests/unit/fixtures/nix/).
+`NixExecutor` runs them; the delta encoder, the controller's builder, the lab and
+the benchmark (whose own command builders are in bench/nixcmds.py) all go through
+it, so options (`--option` from reup.toml, the experimental features, a `--store`)
+are applied in one place.
 Works with Nix 2.8 (no `--print-out-paths`) and newer.
 """
 
@@ -85,28 +87,33 @@ def option_args(options: Mapping[str, str] | None) -> list[str]:
 
 
 def parse_path_info(stdout: str) -> list[PathInfo]:
-    """Parse `nix path-info --json`: a list (Nix <= 2.18) or an object keyed by path (newer)."""
+    """Parse `nix path-info --json`: a list of objects with a `path` (Nix <= 2.18, `"valid": false`
+    for a path not in the store) or an object keyed by path (Nix 2.19+, `null` for one not in the
+    store); references and deriver as full paths or base names. A malformed answer is a ValueError."""
     data = json.loads(stdout)
-    items: list[tuple[str, dict[str, object]]]
+    items: list[tuple[str, object]]
     if isinstance(data, dict):
-        items = [(k, v) for k, v in data.items() if v is not None]
+        items = [(str(k), v) for k, v in data.items() if v is not None]
+    elif isinstance(data, list):
+        items = [(str(d.get("path")), d) for d in data if not isinstance(d, dict) or d.get("valid", True)]
     else:
-        items = [(str(d["path"]), d) for d in data if d.get("valid", True)]
-    out = []
-    for path, d in items:
-        refs = d.get("references") or []
-        assert isinstance(refs, list)
-        deriver = d.get("deriver")
-        out.append(
-            PathInfo(
-                path=path,
-                nar_hash=str(d["narHash"]),
-                nar_size=int(str(d["narSize"])),
-                references=tuple(sorted(_abs_store_path(path, str(r)) for r in refs)),
-                deriver=_abs_store_path(path, str(deriver)) if deriver else None,
-            )
-        )
-    return out
+        raise ValueError(f"nix path-info --json: expected a list or an object, got {type(data).__name__}")
+    return [_path_info(path, d) for path, d in items]
+
+
+def _path_info(path: str, d: object) -> PathInfo:
+    if not isinstance(d, dict) or not path.startswith("/"):
+        raise ValueError(f"nix path-info --json: {path}: expected an object with a store path, got {d!r}")
+    refs, deriver, nar_hash, nar_size = d.get("references") or [], d.get("deriver"), d.get("narHash"), d.get("narSize")
+    if not isinstance(refs, list) or not isinstance(nar_hash, str) or not isinstance(nar_size, int):
+        raise ValueError(f"nix path-info --json: {path}: malformed narHash, narSize or references")
+    return PathInfo(
+        path=path,
+        nar_hash=nar_hash,
+        nar_size=nar_size,
+        references=tuple(sorted(_abs_store_path(path, str(r)) for r in refs)),
+        deriver=_abs_store_path(path, str(deriver)) if deriver else None,
+    )
 
 
 def _abs_store_path(sibling: str, ref: str) -> str:
@@ -176,49 +183,6 @@ def resolve_store_path(path: str, store_dir: str = "/nix/store") -> str:
     return top
 
 
-# --- builders used by the benchmark (bench/) and device-root tooling ---------
-
-
-def build_file_cmd(
-    nix_file: str,
-    attrs: Iterable[str],
-    *,
-    argstr: Mapping[str, str] | None = None,
-    out_link: str | None = None,
-    options: Mapping[str, str] | None = None,
-) -> list[str]:
-    """`nix build -f FILE ATTR...` with `--argstr`s; `out_link` makes GC roots (else --no-link)."""
-    argv = ["nix", *FEATURES, "build", "--json"]
-    argv += ["--out-link", out_link] if out_link else ["--no-link"]
-    argv += option_args(options)
-    for key, value in sorted((argstr or {}).items()):
-        argv += ["--argstr", key, value]
-    return argv + ["-f", nix_file, *attrs]
-
-
-def copy_to_cmd(paths: Iterable[str], store: str, *, check_sigs: bool = False) -> list[str]:
-    """`nix copy --to STORE PATH...` (their closures); STORE may be a directory (a chroot store)."""
-    argv = ["nix", *FEATURES, "copy"]
-    if not check_sigs:
-        argv.append("--no-check-sigs")
-    return argv + ["--to", store, *paths]
-
-
-def store_verify_cmd(paths: Iterable[str], *, store: str | None = None, recursive: bool = True) -> list[str]:
-    """`nix store verify --no-trust` (contents against the recorded NAR hashes, no signatures)."""
-    argv = ["nix", *FEATURES, "store", "verify", "--no-trust"]
-    if store:
-        argv += ["--store", store]
-    if recursive:
-        argv.append("-r")
-    return argv + list(paths)
-
-
-def export_cmd(paths: Iterable[str]) -> list[str]:
-    """`nix-store --export PATH...`: the NAR-with-metadata archive `nix copy` moves (stdout, binary)."""
-    return ["nix-store", "--export", *paths]
-
-
 # --- builders used by the controller (reup run/plan) --------------------------
 
 
@@ -267,6 +231,9 @@ def parse_toplevels(value: object) -> dict[str, tuple[str, str] | None]:
 def add_root_cmd(path: str, link: str) -> list[str]:
     """`nix-store --add-root LINK --realise PATH`: an indirect GC root at LINK keeping PATH alive."""
     return ["nix-store", "--add-root", link, "--realise", path]
+
+
+# --- a simulated device's store (the lab's devices, bench/) -------------------
 
 
 def init_store_cmd(root: str) -> list[str]:

@@ -1,6 +1,6 @@
 """Retrying transient failures: tenacity with jittered exponential backoff, for every executor.
 
-Used by push.py (SSH to devices) and controller.py (git fetches). Only
+Used by io/ssh.py (SSH to devices) and loop/controller.py (git fetches). Only
 `TemporaryError` (and its `UnreachableError`) is retried; a `PermanentError`
 or any other exception goes straight through.
 """

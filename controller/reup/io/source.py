@@ -5,7 +5,7 @@ a bare mirror in `<state>/repo.git`; Nix evaluates `git+file://` of that mirror 
 an exact revision, so what is evaluated is exactly the commit that was fetched.
 For a local repository, `watch` uses watchdog to call back as soon as a ref
 changes (the loop then fetches at once); remote repositories are polled and may
-be triggered by `POST /webhook` (httpserver.py). Remote URLs (`ssh://`, `user@host:path`,
+be triggered by `POST /webhook` (loop/http.py). Remote URLs (`ssh://`, `user@host:path`,
 `https://`) are fetched by gitfetch.py with the system git, which pins SSH host keys and
 carries the configured credentials; local ones are read with pygit2 directly.
 """

@@ -1,17 +1,19 @@
-"""Push executor: talk to a device's `reup-receive --ssh-command` over SSH (asyncssh).
+"""The SSH transport to a device's `reup-receive` (sshd's forced command), with asyncssh.
 
-Called by the reconcile loop (controller.py) for each Push action and by
-`reup plan` (status only). A push is: connect (host key checked against
-fleet.toml, no trust on first use) -> `status` -> if the device already runs the
-target, adopt it (nothing sent) -> a stream from the delta encoder for what the
-device holds (deltacache.py; a base the device reports broken is avoided) -> `receive --activate A` with the stream on stdin
--> the receiver's JSON result; with a confirm timeout the generation is then pending
-on the device, and `confirm` (on a new connection, running the policy's health check
-there) commits it: only then is the push a success (`RolledBackError` when the device
-rolled back, `ConfirmTimeoutError` when the confirmation could not be delivered in time,
-after which the device rolls back by itself). Failures are classified into `UnreachableError`,
-`TemporaryError` (retried by tenacity with jittered exponential backoff) and
-`PermanentError`; the command builders and parsers here are pure and unit-tested.
+`SshPusher` is the device executor the reconcile loop uses (loop/executors.py runs
+the Push actions through it) and `reup plan` asks for a device's status. A push is:
+connect (host key checked against fleet.toml, no trust on first use) -> `status` ->
+if the device already runs the target, adopt it (nothing sent) -> a stream from the
+delta cache (delta/cache.py) for what the device holds -> `receive --activate A` with
+the stream on stdin -> the receiver's JSON answer. A base the device reports broken is
+re-encoded around as `core.delta_base.after_broken_base` decides. With a confirm
+timeout the generation is then pending on the device, and `confirm` (on a new
+connection, running the policy's health check there) commits it (`RolledBackError`
+when the device rolled back, `ConfirmTimeoutError` when the confirmation could not be
+delivered in time, after which the device rolls back by itself). Failures are
+classified, by `reup_receiver.protocol`'s handling of each exit code, into
+`UnreachableError`, `TemporaryError` (retried by tenacity with jittered exponential
+backoff) and `PermanentError`; the parsers here are pure and unit-tested.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from reup_receiver.protocol import (
     retry_class,
 )
 
+from reup.core.delta_base import DeltaBase, after_broken_base
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import Device, DeviceState
 from reup.io.retry import retrying
@@ -218,19 +221,16 @@ class SshPusher:
         activation: str = "switch",
         on_phase: Callable[[DeviceState], None] = lambda s: None,
         confirm_timeout: float = 0.0,
-        health_check: str | None = None,
         on_sent: SentHook = _unreported,
     ) -> PushOutcome:
-        """Bring `dev` to `toplevel`; `on_sent(stream bytes, NAR bytes, seconds)` after each whole stream
-        sent, whatever the device then makes of it (so failed updates count on the wire too)."""
+        """Install and activate `toplevel` on `dev` (or adopt it if it runs it); `on_sent(stream bytes,
+        NAR bytes, seconds)` after each whole stream sent, whatever the device then makes of it (so failed
+        updates count on the wire too). With `confirm_timeout` the generation is left pending
+        (`PushOutcome.confirm_deadline`): `confirm` commits it."""
         async def once() -> PushOutcome:
             return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout, on_sent)
 
-        outcome = await retrying(once, attempts=self.attempts)
-        if outcome.generation is not None and outcome.confirm_deadline is not None:
-            on_phase(DeviceState.CONFIRMING)
-            await self.confirm(dev, toplevel, outcome.generation, outcome.confirm_deadline, health_check)
-        return outcome
+        return await retrying(once, attempts=self.attempts)
 
     async def confirm(self, dev: Device, toplevel: str, generation: int, deadline: float,
                       check: str | None) -> None:
@@ -273,25 +273,20 @@ class SshPusher:
                 if status.pending is not None and status.pending.generation == gen:  # activated, never confirmed
                     return PushOutcome(toplevel, gen, adopted=True, confirm_deadline=status.pending.deadline)
                 return PushOutcome(toplevel, gen, adopted=True)
-            held, staged = ordered_bases(status, self.have_path), status.staged
-            avoid: tuple[str, ...] = ()
+            base = DeltaBase(ordered_bases(status, self.have_path), status.staged)
             on_phase(DeviceState.TRANSFERRING)
-            for _ in range(4):
+            while True:
                 try:
-                    result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase,
-                                                     confirm_timeout, status.codecs, on_sent)
+                    result, entry = await self._send(conn, base.held, toplevel, base.staged, base.avoid, activation,
+                                                     on_phase, confirm_timeout, status.codecs, on_sent)
                     break
                 except BrokenBaseError as exc:
-                    if exc.path and exc.path not in avoid and len(avoid) < 2:
-                        log.warning("%s: %s; re-encoding without %s", dev.name, exc, exc.path)
-                        avoid = (*avoid, exc.path)
-                    elif held:
-                        log.warning("%s: %s; sending a full stream", dev.name, exc)
-                        held, staged, avoid = (), (), ()
-                    else:
+                    following = after_broken_base(base, exc.path)
+                    if following is None:
                         raise
-            else:  # pragma: no cover - the loop always breaks or raises
-                raise PermanentError("no usable delta base")
+                    log.warning("%s: %s; %s", dev.name, exc, "sending a full stream" if following.full
+                                else f"re-encoding without {following.avoid[-1]}")
+                    base = following
         if result.toplevel != toplevel:
             raise PermanentError(f"receiver installed {result.toplevel}, expected {toplevel}")
         return PushOutcome(toplevel, result.generation, entry.stream_bytes, entry.nar_bytes,

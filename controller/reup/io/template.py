@@ -1,6 +1,6 @@
 """`reup init DIR [--offline]`: start a fleet repo from `fleet-repo-template/`.
 
-Called by controller_cli.py (`reup init`) and demo.py (which starts its fleet
+Called by cli/init.py (`reup init`) and the lab's demo.py (which starts its fleet
 repo from the offline flavor). The template is found through `REUP_TEMPLATE_DIR`
 (set by the Nix package) or next to this source tree (a checkout or editable
 install). The NixOS flavor is everything but `offline/`; the offline flavor is

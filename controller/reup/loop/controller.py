@@ -4,10 +4,13 @@ Each pass: fetch the fleet repo if due (poll interval, a watchdog ref change, a
 webhook), evaluate a new head once (fleet.toml + one `nix eval`) and record its
 targets, then ask the pure planner (planner.py) what each device needs given
 the desired state, the observed state in SQLite and what is in flight, persist
-the planned states, and start executors for the actions: builds (nix, at most
-`[build] max_parallel`) and pushes (ssh), as asyncio tasks. Executors report
-outcomes, which are written to the store and emitted as events (events.py);
-metrics and logs subscribe to those. One device's trouble never blocks another.
+the planned states, and start executors (executors.py) for the actions: builds
+(nix, at most `[build] max_parallel`), pushes (ssh) and status probes of timed-out
+confirmations (`planner.probes`), as asyncio tasks. Executors return outcomes
+(core/outcomes.py); the recorder (record.py) writes each to the store and emits
+its events (events.py); metrics and logs subscribe to those. The device
+executor and the system builder are injected (production: SSH and Nix; tests:
+fakes). One device's trouble never blocks another.
 """
 
 from __future__ import annotations
@@ -28,8 +31,23 @@ from typing import IO, Any
 from reup.config.fleet_toml import parse_fleet
 from reup.config.reup_toml import Config
 from reup.core import planner
-from reup.core.errors import ConfigError, PermanentError, ReupError, TemporaryError
-from reup.core.model import BuildResult, DeviceState, Fleet, Observed, Plan, Target
+from reup.core.errors import ConfigError, ReupError, TemporaryError
+from reup.core.model import (
+    AttemptKind,
+    Desired,
+    DeviceState,
+    Fleet,
+    Observed,
+    Plan,
+    Push,
+    RolloutPolicy,
+    Target,
+)
+from reup.core.outcomes import (
+    BuildDeferred,
+    Undecided,
+    UpdateOutcome,
+)
 from reup.core.shard import Shard, select
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
 from reup.io.builder import Builder, GcRoots
@@ -40,7 +58,6 @@ from reup.io.signing import verify_commit
 from reup.io.source import GitSource
 from reup.io.ssh import SshPusher
 from reup.loop.events import (
-    BuildFinished,
     CommitRefused,
     DevicesSnapshot,
     DeviceStateChanged,
@@ -50,21 +67,30 @@ from reup.loop.events import (
     ReconcileError,
     RevisionSeen,
     RolloutChanged,
+    TransferFinished,
     log_subscriber,
     store_subscriber,
 )
-from reup.loop.executors import UpdateExecutor
+from reup.loop.executors import (
+    DeviceExecutor,
+    SystemBuilder,
+    execute_build,
+    execute_probe,
+    execute_push,
+)
 from reup.loop.http import HttpServer
 from reup.loop.metrics import Metrics
+from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
 from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
 
 
-class Controller(UpdateExecutor):
+class Controller:
     def __init__(self, cfg: Config, *, encoder: Encoder | None = None, clock: Callable[[], float] = time.time,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, executor: DeviceExecutor | None = None,
+                 builder: SystemBuilder | None = None) -> None:
         self.cfg = cfg
         self.shard = shard or Shard()
         self.clock = clock
@@ -73,24 +99,25 @@ class Controller(UpdateExecutor):
         self.nix = NixExecutor(options=cfg.build.nix_options)
         self.source = GitSource(cfg.source.url, cfg.source.branch, os.path.join(state_dir, "repo.git"),
                                 credentials_from(cfg.source))
-        self.builder = Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
+        self.builder: SystemBuilder = builder or Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
         self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
-        self.pusher = SshPusher(self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout,
-                                attempts=cfg.ssh.attempts)
+        self.pusher: DeviceExecutor = executor or SshPusher(
+            self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout, attempts=cfg.ssh.attempts)
         self.bus = EventBus()
         self.metrics = Metrics(device_info=cfg.http.device_info, poll_interval=cfg.source.poll_interval,
                                shard=(self.shard.index, self.shard.count))
         self.bus.subscribe(store_subscriber(self.store))
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(log_subscriber())
+        self.recorder = OutcomeRecorder(self.store, self.bus, clock, retry_max=cfg.ssh.retry_max,
+                                        snapshot=self._snapshot)
         self.fleet: Fleet | None = None
         self.busy: dict[str, DeviceState] = {}
         self.building: set[str] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.blocked: dict[str, str] = {}  # `run --once`: devices it left blocked behind unreachable ones
         self.probing: set[str] = set()
-        self.probe_failures: dict[str, int] = {}
         self._next_probe: float | None = None
         self._wake: asyncio.Event | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -258,7 +285,8 @@ class Controller(UpdateExecutor):
             self.fleet = await asyncio.to_thread(self._last_good_fleet)
         now = self.clock()
         desired = self.store.desired()
-        plan = planner.plan(desired, self.observe(), self.policy, now)
+        observed = self.observe()
+        plan = planner.plan(desired, observed, self.policy, now)
         for device, old, new in self.store.set_states(plan.decisions.values(), now):
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
@@ -270,7 +298,7 @@ class Controller(UpdateExecutor):
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
                 self._spawn(self._push(push, desired.seen_at))
-        self._next_probe = self._probe_timeouts(desired, now)
+        self._next_probe = self._start_probes(desired, observed, now)
         await self._sync_gcroots()
         self._snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
@@ -309,28 +337,64 @@ class Controller(UpdateExecutor):
         except Exception as exc:  # roots are a safety net: report, carry on
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
 
-    # --- executors ------------------------------------------------------------------
+    # --- executors -------------------------------------------------------------------------
+
+    @property
+    def policy(self) -> RolloutPolicy:
+        return self.fleet.rollout if self.fleet else RolloutPolicy()
 
     async def _build(self, drv: str, commit: str) -> None:
         try:
             async with self._build_slots:
-                start = time.monotonic()
-                try:
-                    out = await asyncio.to_thread(self.builder.build, drv)
-                    result = BuildResult(drv, commit, True, out)
-                except PermanentError as exc:
-                    result = BuildResult(drv, commit, False, None, str(exc))
-                    self.bus.emit(ReconcileError(self.clock(), "build", str(exc)))
-                except TemporaryError as exc:
-                    self.bus.emit(ReconcileError(self.clock(), "build", str(exc)))
-                    await asyncio.sleep(5)
-                    return
-                seconds = time.monotonic() - start
-                self.store.record_build(result, seconds, self.clock())
-                self.bus.emit(BuildFinished(self.clock(), drv, "success" if result.ok else "failure", seconds,
-                                            result.toplevel, result.error))
+                outcome = await execute_build(self.builder, drv, commit)
+                self.recorder.build(outcome)
+                if isinstance(outcome, BuildDeferred):
+                    await asyncio.sleep(5)  # holding the slot: a broken Nix is not hammered
         finally:
             self.building.discard(drv)
+
+    async def _push(self, push: Push, seen_at: float) -> None:
+        name = push.device
+        try:
+            dev = self.fleet.devices.get(name) if self.fleet else None
+            if dev is None:
+                return
+
+            def on_phase(state: DeviceState) -> None:
+                self.busy[name] = state
+                self.wake()
+
+            def on_sent(stream_bytes: int, nar_bytes: int, seconds: float) -> None:
+                self.bus.emit(TransferFinished(self.clock(), name, stream_bytes, nar_bytes, seconds))
+
+            outcome = await execute_push(self.pusher, dev, push, self.policy, on_phase=on_phase, on_sent=on_sent)
+            self.recorder.update(outcome, seen_at, self.busy.get(name))
+        finally:
+            self.busy.pop(name, None)
+
+    def _start_probes(self, desired: Desired, observed: Observed, now: float) -> float | None:
+        """Start the status probes the planner says are due; returns the next probe time (a wake-up)."""
+        due, later = planner.probes(desired, observed, now, in_flight=set(self.busy) | self.probing)
+        for push in due:
+            self.probing.add(push.device)
+            self._spawn(self._probe(push, desired.seen_at))
+        return later
+
+    async def _probe(self, push: Push, seen_at: float) -> None:
+        name = push.device
+        outcome: UpdateOutcome | None = None
+        try:
+            dev = self.fleet.devices.get(name) if self.fleet else None
+            if dev is None:
+                return
+            generation = self.store.attempt_generation(name, push.commit, push.toplevel, AttemptKind.TIMED_OUT)
+            outcome = await execute_probe(self.pusher, dev, push, generation)
+            self.recorder.update(outcome, seen_at)
+        finally:
+            self.probing.discard(name)
+            if not (isinstance(outcome, Undecided) and outcome.verdict.ask_again):
+                self.recorder.probe_failures.pop(name, None)
+            self.wake()
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -72,7 +72,7 @@ class TransferFinished(Event):
 @dataclass(frozen=True)
 class DeviceUpdated(Event):
     device: str
-    result: str  # "committed", "superseded", "failed", "rolled_back", "timed_out", "unreachable", "retry"
+    result: str  # an UpdateResult (core.model)
     commit: str
     toplevel: str
     seconds_since_seen: float | None = None

@@ -1,7 +1,7 @@
 """Prometheus metrics, fed only by controller events (events.py).
 
 Created by controller.py with its own `CollectorRegistry`; served on `/metrics`
-by httpserver.py. Names follow Prometheus practice: `reup_` prefix, base units,
+by http.py. Names follow Prometheus practice: `reup_` prefix, base units,
 counters end in `_total`, no device label on counters or histograms; the
 per-device `reup_device_info` gauge is opt-in (`[http] device_info`).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from reup.core.model import ALL_STATES
+from reup.core.model import ALL_STATES, UpdateResult
 from reup.io.gitfetch import REFUSED_RESULTS
 from reup.loop.events import (
     BuildFinished,
@@ -27,7 +27,7 @@ from reup.loop.events import (
 )
 
 DURATION_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
-UPDATE_RESULTS = ("committed", "superseded", "failed", "rolled_back", "timed_out", "unreachable")
+UPDATE_RESULTS = tuple(str(r) for r in UpdateResult if r.counted)
 RATIO_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5)
 
 
@@ -101,7 +101,7 @@ class Metrics:
         elif isinstance(event, DeviceUpdated):
             if event.result in UPDATE_RESULTS:
                 self.updates.labels(event.result).inc()
-            if event.result == "committed" and event.seconds_since_seen is not None:
+            if event.result == UpdateResult.COMMITTED and event.seconds_since_seen is not None:
                 self.update_duration.observe(max(0.0, event.seconds_since_seen))
         elif isinstance(event, ReconcileError):
             self.reconcile_errors.labels(event.stage).inc()

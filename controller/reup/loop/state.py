@@ -22,6 +22,7 @@ from typing import Any
 from reup.core.errors import bounded
 from reup.core.model import (
     Attempt,
+    AttemptKind,
     BuildResult,
     Decision,
     Desired,
@@ -166,7 +167,8 @@ class StateDB:
         for r in self._exec("SELECT * FROM devices WHERE active=1"):
             attempt = None
             if r["attempt_kind"]:
-                attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], r["attempt_kind"], r["attempt_error"] or "",
+                attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], AttemptKind(r["attempt_kind"]),
+                                  r["attempt_error"] or "",
                                   r["attempt_failures"], r["retry_at"], r["attempt_since"], r["attempt_at"])
             devices[r["name"]] = DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy.get(r["name"]),
                                                    attempt, r["acked_at"])
@@ -209,7 +211,7 @@ class StateDB:
              "VALUES(?, ?, ?, ?, ?, ?, ?, ?)", (device, commit, toplevel, generation, result, stream_bytes, nar_bytes, at)),
         ])
 
-    def record_failure(self, device: str, commit: str, toplevel: str, kind: str, error: str, at: float,
+    def record_failure(self, device: str, commit: str, toplevel: str, kind: AttemptKind, error: str, at: float,
                        retry_delay: Callable[[int], float] | float, generation: int | None = None) -> int:
         """Record a failed push; returns the consecutive failures of this (commit, toplevel)."""
         rows = self._exec("SELECT attempt_commit, attempt_toplevel, attempt_failures, attempt_kind, attempt_since "
@@ -221,16 +223,16 @@ class StateDB:
         self._tx([
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
              "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
-             (commit, toplevel, kind, bounded(error), failures, at + delay, bounded(error), at, since, at, device)),
+             (commit, toplevel, str(kind), bounded(error), failures, at + delay, bounded(error), at, since, at, device)),
             ("INSERT INTO history(device, commit_id, toplevel, generation, result, error, at) VALUES(?, ?, ?, ?, ?, ?, ?)",
-             (device, commit, toplevel, generation, kind, error, at)),
+             (device, commit, toplevel, generation, str(kind), error, at)),
         ])
         return failures
 
-    def attempt_generation(self, device: str, commit: str, toplevel: str, kind: str) -> int | None:
+    def attempt_generation(self, device: str, commit: str, toplevel: str, kind: AttemptKind) -> int | None:
         """The generation the device gave the last `kind` outcome of (commit, toplevel), if it said."""
         rows = self._exec("SELECT generation FROM history WHERE device=? AND commit_id=? AND toplevel=? AND result=? "
-                          "ORDER BY id DESC LIMIT 1", (device, commit, toplevel, kind))
+                          "ORDER BY id DESC LIMIT 1", (device, commit, toplevel, str(kind)))
         return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
 
     def set_retry(self, device: str, at: float) -> None:
@@ -241,8 +243,9 @@ class StateDB:
         return str(rows[0]["state"]) if rows else None
 
     def reset_retry_timers(self) -> None:
-        """On start-up every device gets one immediate attempt (permanent failures stay)."""
-        self._exec("UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ('permanent', 'rolled_back', 'timed_out')")
+        """On start-up every device gets one immediate attempt (quarantined revisions stay)."""
+        kept = [str(k) for k in AttemptKind if k.quarantines]
+        self._exec(f"UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ({','.join('?' * len(kept))})", kept)
 
     def set_states(self, decisions: Iterable[Decision], at: float) -> list[tuple[str, str, str]]:
         """Persist each device's planned state; returns (device, old, new) for those that changed."""
