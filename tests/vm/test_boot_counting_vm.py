@@ -1,0 +1,186 @@
+"""A kernel that cannot boot rolls itself back, on a real (virtual) machine: OVMF + systemd-boot +
+Linux under qemu TCG (reup_lab.uefivm). The receiver installs a generation with activation
+`reboot` from a real stream; systemd-boot tries the bad generation's entry `tries` times (its
+initramfs panics, `panic=1` resets the VM), then boots the previous entry; the receiver reports
+`boot_failed` and `system` is the old generation again. A good generation boots, passes the health
+check through `confirm`, is blessed (its entry loses the counter) and boots so from then on.
+
+`make vm-test` runs this file; it is also in `make test` (marked slow: about a minute of TCG).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from reup_lab import uefivm
+from support import bootkit
+from support.receiverkit import Run, receive
+from support.streams import TreeEncoder, fake_store_name
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(uefivm.available()),
+                                                   reason=f"VM test needs {uefivm.available()}")]
+
+TRIES = 2
+PARAMS = "console=ttyS0 panic=1"
+# What the check sees on the device: it runs the generation it is asked to confirm.
+CHECK = 'test "$(readlink "$REUP_ROOT/run/booted-system")" = "$REUP_TOPLEVEL"'
+TIMINGS: list[tuple[str, float, int]] = []
+
+
+@dataclass
+class VmDevice:
+    root: str
+    esp: str
+    vm: uefivm.UefiVm
+    kernel: str  # device path of the one kernel
+    first: str  # generation 1's toplevel
+
+    def run(self, *args: str, stream: bytes | None = None) -> Run:
+        return receive(self.root, stream, *args, env={**os.environ})
+
+    def status(self) -> dict[str, object]:
+        run = self.run("--status")
+        assert run.returncode == 0, run.stderr
+        return run.json()  # type: ignore[no-any-return]
+
+    def entries(self) -> list[str]:
+        return sorted(os.listdir(os.path.join(self.esp, "loader", "entries")))
+
+    def boot(self, what: str) -> uefivm.Boot:
+        """Power the VM on with the device's ESP; it runs until a generation boots and powers off."""
+        self.vm.write_esp(self.esp)
+        result = self.vm.boot(timeout=900)
+        self.vm.read_esp(self.esp)
+        bootkit.set_booted(self.root, result.booted_init)
+        TIMINGS.append((what, result.seconds, result.firmware_starts))
+        return result
+
+
+@pytest.fixture
+def device() -> Iterator[VmDevice]:
+    tmp = tempfile.mkdtemp(prefix="reup-vm-")
+    root = os.path.join(tmp, "root")
+    kernel_image = uefivm.kernel_image()
+    assert kernel_image is not None
+    with open(kernel_image, "rb") as fh:
+        kernel = bootkit.add_file(root, "linux", "bzImage", fh.read())
+    initrd = bootkit.add_file(root, "initrd-good", "initrd", uefivm.initramfs(uefivm.GOOD_INIT))
+    first = bootkit.add_toplevel(root, "v1", kernel, initrd, PARAMS)
+    bootkit.set_profile(root, [first])
+    bootkit.set_booted(root, first)
+    # The ESP as NixOS's systemd-boot installer leaves it: generation 1's entry, pinned as default.
+    esp = os.path.join(root, "boot")
+    os.makedirs(os.path.join(esp, "EFI", "BOOT"))
+    os.makedirs(os.path.join(esp, "EFI", "nixos"))
+    os.makedirs(os.path.join(esp, "loader", "entries"))
+    shutil.copyfile(uefivm.SYSTEMD_BOOT, os.path.join(esp, "EFI", "BOOT", "BOOTX64.EFI"))
+    shutil.copyfile(bootkit_host(root, kernel), os.path.join(esp, "EFI", "nixos", "linux.efi"))
+    shutil.copyfile(bootkit_host(root, initrd), os.path.join(esp, "EFI", "nixos", "initrd-1.efi"))
+    with open(os.path.join(esp, "loader", "loader.conf"), "w") as fh:
+        fh.write("timeout 0\ndefault nixos-generation-1.conf\n")
+    with open(os.path.join(esp, "loader", "entries", "nixos-generation-1.conf"), "w") as fh:
+        fh.write(f"title NixOS generation 1\nversion Generation 1\nlinux /EFI/nixos/linux.efi\n"
+                 f"initrd /EFI/nixos/initrd-1.efi\noptions init={first}/init {PARAMS}\n")
+    bootkit.write_settings(root, loader="systemd-boot", tries=TRIES, reboot_delay=0,
+                           reboot_command=["sh", "-c", 'touch "$REUP_ROOT/reboot-requested"'])
+    yield VmDevice(root, esp, uefivm.UefiVm(os.path.join(tmp, "vm")), kernel, first)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bootkit_host(root: str, device_path: str) -> str:
+    return os.path.join(root, device_path.lstrip("/"))
+
+
+def _generation_stream(dev: VmDevice, label: str, init_script: str) -> tuple[bytes, str]:
+    """A real stream carrying a new initrd and a toplevel that boots it with the same kernel."""
+    work = tempfile.mkdtemp(prefix="reup-vm-gen-")
+    initrd_name = fake_store_name(7, f"initrd-{label}").decode()
+    top_name = fake_store_name(7, f"nixos-system-{label}").decode()
+    initrd_dir = os.path.join(work, "initrd")
+    os.makedirs(initrd_dir)
+    with open(os.path.join(initrd_dir, "initrd"), "wb") as fh:
+        fh.write(uefivm.initramfs(init_script))
+    top_dir = os.path.join(work, "top")
+    os.makedirs(os.path.join(top_dir, "bin"))
+    os.symlink(dev.kernel, os.path.join(top_dir, "kernel"))
+    os.symlink(f"/nix/store/{initrd_name}/initrd", os.path.join(top_dir, "initrd"))
+    with open(os.path.join(top_dir, "kernel-params"), "w") as fh:
+        fh.write(PARAMS)
+    with open(os.path.join(top_dir, "init"), "w") as fh:
+        fh.write("#!/bin/sh\n")
+    script = os.path.join(top_dir, "bin", "switch-to-configuration")
+    with open(script, "w") as fh:
+        fh.write(f'#!/bin/sh\nmkdir -p "$REUP_ROOT/var/log"\necho "{label} $1" >> "$REUP_ROOT/var/log/activations"\n')
+    os.chmod(script, 0o755)
+    enc = TreeEncoder()
+    enc.add(top_dir, top_name.encode())
+    enc.add(initrd_dir, initrd_name.encode())
+    data = enc.stream(toplevel=0).encode()
+    shutil.rmtree(work)
+    return data, f"/nix/store/{top_name}"
+
+
+def _install(dev: VmDevice, label: str, init_script: str) -> tuple[int, str]:
+    stream, toplevel = _generation_stream(dev, label, init_script)
+    run = dev.run("--activate", "reboot", "--confirm-timeout", "900", stream=stream)
+    assert run.returncode == 0, run.stderr
+    answer = run.json()
+    assert answer["toplevel"] == toplevel
+    marker = os.path.join(dev.root, "reboot-requested")
+    for _ in range(100):  # the receiver reboots detached, after its answer
+        if os.path.exists(marker):
+            break
+        time.sleep(0.05)
+    assert os.path.exists(marker), "the receiver did not ask for a reboot"
+    os.unlink(marker)
+    return int(answer["generation"]), toplevel
+
+
+def test_bad_kernel_falls_back_then_good_one_is_blessed(device: VmDevice) -> None:
+    dev = device
+    # --- a generation whose initramfs panics -------------------------------------------------
+    gen, bad = _install(dev, "bad", uefivm.BAD_INIT)
+    assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}+{TRIES}.conf"]
+    assert bootkit.activations(dev.root) == []  # not activated: it waits for the reboot
+    early = dev.run("--confirm", str(gen), "--check", CHECK)
+    assert early.returncode == 26, early.stderr  # not rebooted yet: the controller asks again
+
+    boot = dev.boot("bad generation, then the fallback")
+    assert boot.panics == TRIES  # systemd-boot tried the counted entry TRIES times
+    assert boot.firmware_starts == TRIES + 1
+    assert boot.booted_init == dev.first  # then it booted the previous entry
+    assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}+0-{TRIES}.conf"]
+
+    status = dev.status()  # the receiver's first call after the boot settles the trial
+    rb = status["last_rollback"]
+    assert isinstance(rb, dict) and (rb["generation"], rb["reason"]) == (gen, "boot_failed")
+    assert status["current"] == dev.first and status["pending"] is None
+    assert dev.entries() == ["nixos-generation-1.conf"]  # the exhausted entry is gone
+    assert bootkit.activations(dev.root) == ["v1 boot"]  # the previous generation's boot entry, again
+    late = dev.run("--confirm", str(gen), "--check", CHECK)
+    assert late.returncode == 24 and "boot_failed" in late.stderr, late.stderr
+
+    # --- a good generation -------------------------------------------------------------------
+    gen, good = _install(dev, "good", uefivm.GOOD_INIT + "# the good generation\n")
+    boot = dev.boot("good generation")
+    assert (boot.panics, boot.firmware_starts, boot.booted_init) == (0, 1, good)
+    assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}+{TRIES - 1}-1.conf"]
+    ok = dev.run("--confirm", str(gen), "--check", CHECK)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout) == {"confirmed": gen}
+    assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}.conf"]  # blessed
+    status = dev.status()
+    assert status["current"] == good and status["pending"] is None
+
+    boot = dev.boot("blessed generation")  # from now on it boots without counting
+    assert (boot.panics, boot.firmware_starts, boot.booted_init) == (0, 1, good)
+    assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}.conf"]
+    for what, seconds, starts in TIMINGS:
+        print(f"VM boot: {what}: {seconds:.1f} s, {starts} firmware start(s)")
