@@ -171,10 +171,12 @@ def watchdog(device: Device) -> dict[str, Any]:
 
 def settle_boot(device: Device) -> dict[str, Any] | None:
     """For every verb: if a generation on trial did not boot within its tries (the loader booted
-    the previous entry), roll it back with reason `boot_failed`. Takes the lock only then."""
-    if counted.trial(device) is None or counted.judge(device)[0] != "boot_failed":
+    the previous entry), roll it back with reason `boot_failed`. Takes the lock only while a
+    generation is on trial."""
+    record = pending(device)
+    if counted.trial(device) is None and (record is None or record.get("activate") != "reboot"):
         return None
-    with device.lock(wait=True):
+    with device.lock(wait=True):  # the watchdog may be settling it right now: wait for its record
         return _settle_boot_locked(device)
 
 

@@ -5,21 +5,28 @@ initramfs panics, `panic=1` resets the VM), then boots the previous entry; the r
 `boot_failed` and `system` is the old generation again. A good generation boots, passes the health
 check through `confirm`, is blessed (its entry loses the counter) and boots so from then on.
 
-`make vm-test` runs this file; it is also in `make test` (marked slow: about a minute of TCG).
+`make vm-test` runs this directory. `make test` runs only the bad-kernel scenario (marked slow:
+one qemu run, three firmware starts, 40-80 s of TCG); the others need REUP_VM_TEST=1, which
+`make vm-test` sets.
 """
 
 from __future__ import annotations
 
+import asyncio
+import getpass
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pytest
+from reup.core.model import Device
+from reup.io.ssh import PushOutcome, RolledBackError, SshPusher
 from reup_lab import uefivm
+from reup_lab.simdevice import SimDevice, generate_key
 from support import bootkit
 from support.receiverkit import Run, receive
 from support.streams import TreeEncoder, fake_store_name
@@ -32,6 +39,7 @@ PARAMS = "console=ttyS0 panic=1"
 # What the check sees on the device: it runs the generation it is asked to confirm.
 CHECK = 'test "$(readlink "$REUP_ROOT/run/booted-system")" = "$REUP_TOPLEVEL"'
 TIMINGS: list[tuple[str, float, int]] = []
+vm_test_only = pytest.mark.skipif(os.environ.get("REUP_VM_TEST") != "1", reason="make vm-test (REUP_VM_TEST=1)")
 
 
 @dataclass
@@ -66,7 +74,12 @@ class VmDevice:
 @pytest.fixture
 def device() -> Iterator[VmDevice]:
     tmp = tempfile.mkdtemp(prefix="reup-vm-")
-    root = os.path.join(tmp, "root")
+    yield make_device(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_device(tmp: str) -> VmDevice:
+    root = os.path.join(tmp, "dev", "root")  # where SimDevice("vm", tmp/dev) has its root
     kernel_image = uefivm.kernel_image()
     assert kernel_image is not None
     with open(kernel_image, "rb") as fh:
@@ -90,8 +103,7 @@ def device() -> Iterator[VmDevice]:
                  f"initrd /EFI/nixos/initrd-1.efi\noptions init={first}/init {PARAMS}\n")
     bootkit.write_settings(root, loader="systemd-boot", tries=TRIES, reboot_delay=0,
                            reboot_command=["sh", "-c", 'touch "$REUP_ROOT/reboot-requested"'])
-    yield VmDevice(root, esp, uefivm.UefiVm(os.path.join(tmp, "vm")), kernel, first)
-    shutil.rmtree(tmp, ignore_errors=True)
+    return VmDevice(root, esp, uefivm.UefiVm(os.path.join(tmp, "vm")), kernel, first)
 
 
 def bootkit_host(root: str, device_path: str) -> str:
@@ -127,25 +139,27 @@ def _generation_stream(dev: VmDevice, label: str, init_script: str) -> tuple[byt
     return data, f"/nix/store/{top_name}"
 
 
+def _wait_reboot_request(dev: VmDevice, timeout: float = 5.0) -> None:
+    marker = os.path.join(dev.root, "reboot-requested")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(marker) and time.monotonic() < deadline:  # detached, after the answer
+        time.sleep(0.05)
+    assert os.path.exists(marker), "the receiver did not ask for a reboot"
+    os.unlink(marker)
+
+
 def _install(dev: VmDevice, label: str, init_script: str) -> tuple[int, str]:
     stream, toplevel = _generation_stream(dev, label, init_script)
     run = dev.run("--activate", "reboot", "--confirm-timeout", "900", stream=stream)
     assert run.returncode == 0, run.stderr
     answer = run.json()
     assert answer["toplevel"] == toplevel
-    marker = os.path.join(dev.root, "reboot-requested")
-    for _ in range(100):  # the receiver reboots detached, after its answer
-        if os.path.exists(marker):
-            break
-        time.sleep(0.05)
-    assert os.path.exists(marker), "the receiver did not ask for a reboot"
-    os.unlink(marker)
+    _wait_reboot_request(dev)
     return int(answer["generation"]), toplevel
 
 
-def test_bad_kernel_falls_back_then_good_one_is_blessed(device: VmDevice) -> None:
+def test_bad_kernel_falls_back_and_reports_boot_failed(device: VmDevice) -> None:
     dev = device
-    # --- a generation whose initramfs panics -------------------------------------------------
     gen, bad = _install(dev, "bad", uefivm.BAD_INIT)
     assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}+{TRIES}.conf"]
     assert bootkit.activations(dev.root) == []  # not activated: it waits for the reboot
@@ -166,8 +180,12 @@ def test_bad_kernel_falls_back_then_good_one_is_blessed(device: VmDevice) -> Non
     assert bootkit.activations(dev.root) == ["v1 boot"]  # the previous generation's boot entry, again
     late = dev.run("--confirm", str(gen), "--check", CHECK)
     assert late.returncode == 24 and "boot_failed" in late.stderr, late.stderr
+    _print_timings()
 
-    # --- a good generation -------------------------------------------------------------------
+
+@vm_test_only
+def test_good_kernel_is_blessed_after_the_check(device: VmDevice) -> None:
+    dev = device
     gen, good = _install(dev, "good", uefivm.GOOD_INIT + "# the good generation\n")
     boot = dev.boot("good generation")
     assert (boot.panics, boot.firmware_starts, boot.booted_init) == (0, 1, good)
@@ -182,5 +200,83 @@ def test_bad_kernel_falls_back_then_good_one_is_blessed(device: VmDevice) -> Non
     boot = dev.boot("blessed generation")  # from now on it boots without counting
     assert (boot.panics, boot.firmware_starts, boot.booted_init) == (0, 1, good)
     assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{gen}.conf"]
+    _print_timings()
+
+
+def _print_timings() -> None:
     for what, seconds, starts in TIMINGS:
         print(f"VM boot: {what}: {seconds:.1f} s, {starts} firmware start(s)")
+    TIMINGS.clear()
+
+
+@dataclass(frozen=True)
+class _StreamFile:
+    path: str
+    stream_bytes: int
+    nar_bytes: int
+
+
+class _OneStream:
+    """The controller's stream source for this test: the generation's real stream, whatever the
+    device holds (it holds generation 1, which the stream does not need)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def get(self, held: Sequence[str], target: str, staged: Sequence[str] = (), avoid: Sequence[str] = (),
+            codecs: Sequence[str] | None = None) -> _StreamFile:
+        size = os.path.getsize(self.path)
+        return _StreamFile(self.path, size, size)
+
+
+@vm_test_only
+def test_controller_reports_boot_failed_then_commits_a_good_kernel(tmp_path: str) -> None:
+    """The controller's SSH executor against the device behind a real sshd: push with activation
+    `reboot`, confirm across the reboot; the bad kernel -> RolledBackError naming boot_failed (the
+    executor records `rolled_back` and quarantines the revision), the good one -> acknowledged."""
+    tmp = tempfile.mkdtemp(prefix="reup-vm-")
+    dev = make_device(tmp)
+    key = os.path.join(tmp, "id_ed25519")
+    sim = SimDevice("vm", os.path.join(tmp, "dev"), generate_key(key))
+    sim.prepare()
+    sim.start()
+    target = Device("vm", "127.0.0.1", sim.host_key, port=sim.port, user=getpass.getuser())
+    try:
+        def push(label: str, init_script: str) -> tuple[str, PushOutcome | Exception, uefivm.Boot]:
+            stream, toplevel = _generation_stream(dev, label, init_script)
+            path = os.path.join(tmp, f"{label}.stream")
+            with open(path, "wb") as fh:
+                fh.write(stream)
+            pusher = SshPusher(_OneStream(path), key=key, connect_timeout=10, attempts=1)
+
+            def reboot() -> uefivm.Boot:
+                _wait_reboot_request(dev, timeout=120)
+                return dev.boot(f"{label} generation, pushed by the controller")
+
+            async def both() -> tuple[PushOutcome | Exception, uefivm.Boot]:
+                vm = asyncio.create_task(asyncio.to_thread(reboot))
+                try:
+                    outcome: PushOutcome | Exception = await pusher.push(
+                        target, toplevel, activation="reboot", confirm_timeout=900, health_check=CHECK)
+                except RolledBackError as exc:
+                    outcome = exc
+                return outcome, await vm
+
+            outcome, boot = asyncio.run(both())
+            return toplevel, outcome, boot
+
+        _, outcome, boot = push("bad", uefivm.BAD_INIT)
+        assert (boot.panics, boot.booted_init) == (TRIES, dev.first)
+        assert isinstance(outcome, RolledBackError) and "boot_failed" in str(outcome), outcome
+        assert dev.status()["current"] == dev.first
+
+        good, outcome, boot = push("good", uefivm.GOOD_INIT + "# the good generation\n")
+        assert (boot.panics, boot.booted_init) == (0, good)
+        assert isinstance(outcome, PushOutcome) and outcome.toplevel == good, outcome
+        assert dev.entries() == ["nixos-generation-1.conf", f"reup-generation-{outcome.generation}.conf"]
+        status = dev.status()
+        assert status["current"] == good and status["pending"] is None
+        _print_timings()
+    finally:
+        sim.stop()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -32,7 +32,7 @@ def parse_rollout(t: Table) -> RolloutPolicy:
         unreachable_counts_as_failure=t.flag("unreachable_counts_as_failure", d.unreachable_counts_as_failure),
         unreachable_after=t.number("unreachable_after", d.unreachable_after, minimum=0.0),
         confirm_timeout=t.number("confirm_timeout", d.confirm_timeout, minimum=0.0),
-        activation=t.choice("activation", ("switch", "boot"), d.activation),
+        activation=t.choice("activation", ("switch", "boot", "reboot"), d.activation),
         health_check=t.text("health_check", None),
     )
     t.reject_unknown()

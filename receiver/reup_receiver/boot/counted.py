@@ -109,7 +109,12 @@ def install(device: Device, number: int, toplevel: str, previous: tuple[int, str
     record = {"generation": number, "toplevel": toplevel, "previous": list(previous) if previous else None,
               "loader": loader.name, "tries": settings.tries, "changes": sorted(changed),
               "files": written}
-    write_atomic(_trial_file(device), json.dumps(record).encode())
+    try:
+        os.makedirs(device.state, exist_ok=True)
+        write_atomic(_trial_file(device), json.dumps(record).encode())
+    except OSError:
+        loader.discard(number)  # no trial on record: no entry the loader would try
+        raise
     return written
 
 
