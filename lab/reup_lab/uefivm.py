@@ -62,6 +62,10 @@ def available() -> list[str]:
     missing += [c for c in (QEMU, "mcopy", "mkfs.fat") if shutil.which(c) is None]
     if kernel_image() is None:
         missing.append("/boot/vmlinuz-*")
+    if os.path.exists(BUSYBOX):
+        with open(BUSYBOX, "rb") as fh:
+            if b"ld-linux" in fh.read(8192):  # dynamically linked: no use in an initramfs
+                missing.append("busybox-static")
     return missing
 
 
