@@ -9,9 +9,11 @@ import os
 import time
 
 from reup.config.fleet_toml import parse_fleet
+from reup.io.ssh import RolledBackError, classify_exit
+from reup.loop.executors import judge_timed_out
 from reup_receiver.device import Device
 from reup_receiver.generations import switch_generation
-from reup_receiver.protocol import ACTIONS, ExitCode, receive_command
+from reup_receiver.protocol import ACTIONS, ExitCode, StatusAnswer, receive_command
 from support import bootkit
 from support.receiverkit import Run, receive
 
@@ -142,6 +144,9 @@ def test_exhausted_entry_and_old_system_running_is_boot_failed(tmp_path: str) ->
     assert _reboots(root, 0) == 0  # it runs the old generation already
     run = _cli(root, "--confirm", str(number))
     assert run.returncode == ExitCode.NOT_PENDING and "boot_failed" in run.stderr
+    # The controller's reading of both: a rollback (quarantine), with the device's reason.
+    assert isinstance(classify_exit(run.returncode, run.stderr), RolledBackError)
+    assert judge_timed_out(StatusAnswer.from_json(status), new, number) == ("rolled_back", "boot_failed")
 
 
 def test_trial_without_a_confirm_deadline_is_judged_too(tmp_path: str) -> None:
