@@ -31,8 +31,8 @@ from support import bootkit
 from support.receiverkit import Run, receive
 from support.streams import TreeEncoder, fake_store_name
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(uefivm.available()),
-                                                   reason=f"VM test needs {uefivm.available()}")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200),  # TCG on 2 busy cores: minutes, not seconds
+              pytest.mark.skipif(bool(uefivm.available()), reason=f"VM test needs {uefivm.available()}")]
 
 TRIES = 2
 PARAMS = "console=ttyS0 panic=1"
