@@ -70,8 +70,12 @@ def test_systemd_boot_counted_entry_golden(tmp_path: str) -> None:
     assert loader.state(2) == EntryState.BLESSED
     with open(os.path.join(esp, "loader", "loader.conf")) as fh:
         assert fh.read() == "timeout 3\ndefault reup-generation-2.conf\n"
+    loader.install(BootEntry.of(device, 3, old), BootEntry.of(device, 2, new), 3)
+    loader.discard(3)  # generation 3's kernel goes with its entry; generation 2's files stay
+    assert sorted(os.listdir(os.path.join(esp, "EFI", "reup"))) == sorted([kname, iname])
     loader.discard(2)
     assert loader.state(2) == EntryState.ABSENT
+    assert os.listdir(os.path.join(esp, "EFI", "reup")) == []
 
 
 def _uboot_env(path: str, env: dict[str, str]) -> None:

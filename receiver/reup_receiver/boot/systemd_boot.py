@@ -96,6 +96,24 @@ class SystemdBoot:
             os.unlink(os.path.join(self.entries, name))
         if os.path.isdir(self.entries):
             fsync_dir(self.entries)
+        self._collect()
+
+    def _collect(self) -> None:
+        """Delete kernels and initrds under EFI/reup that no reup entry names (the ESP is small)."""
+        target = os.path.join(self.esp, "EFI", "reup")
+        if not os.path.isdir(target):
+            return
+        used = set()
+        for name in os.listdir(self.entries):
+            if _ENTRY_RE.match(name):
+                with open(os.path.join(self.entries, name)) as fh:
+                    for line in fh:
+                        key, _, value = line.strip().partition(" ")
+                        if key in ("linux", "initrd") and value.startswith("/EFI/reup/"):
+                            used.add(value[len("/EFI/reup/"):])
+        for name in os.listdir(target):
+            if name not in used:
+                os.unlink(os.path.join(target, name))
 
     def _set_default(self, entry: str | None) -> None:
         """Rewrite loader.conf's `default` (None: no default, the entries' order decides)."""
