@@ -32,3 +32,9 @@ demo: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache
+
+# Boot counting on a UEFI VM (OVMF, systemd-boot, Linux under qemu TCG): every scenario, timings
+# printed. `make test` runs only the bad-kernel one.
+.PHONY: vm-test
+vm-test: setup
+	REUP_VM_TEST=1 $(PY) -m pytest -s tests/vm

@@ -9,6 +9,7 @@
   sdImage = {
     populateFirmwareCommands =
       let
+        uboot = config.reup.receiver.bootCounting.ubootPackage;
         configTxt = pkgs.writeText "config.txt" ''
           [pi4]
           kernel=u-boot-rpi4.bin
@@ -26,7 +27,9 @@
       ''
         (cd ${pkgs.raspberrypifw}/share/raspberrypi/boot && cp bootcode.bin fixup*.dat start*.elf $NIX_BUILD_TOP/firmware/)
         cp ${configTxt} firmware/config.txt
-        cp ${pkgs.ubootRaspberryPi4_64bit}/u-boot.bin firmware/u-boot-rpi4.bin
+        cp ${uboot}/u-boot.bin firmware/u-boot-rpi4.bin
+        # U-Boot's default environment as uboot.env: boot counting keeps its counter there.
+        ${pkgs.ubootTools}/bin/mkenvimage -s 0x4000 -o firmware/uboot.env ${uboot}/u-boot-initial-env
         cp ${pkgs.raspberrypi-armstubs}/armstub8-gic.bin firmware/armstub8-gic.bin
         cp ${pkgs.raspberrypifw}/share/raspberrypi/boot/bcm2711-rpi-4-b.dtb firmware/
       '';

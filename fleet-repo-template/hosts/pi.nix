@@ -19,6 +19,15 @@
   # The SD image's root file system (sdImage.rootVolumeLabel of nixpkgs' sd-image.nix).
   fileSystems."/" = { device = "/dev/disk/by-label/NIXOS_SD"; fsType = "ext4"; };
 
+  # Boot counting for activation = "reboot" (modules/receiver.nix): U-Boot built with bootcount
+  # and its environment in uboot.env on the firmware partition, which the receiver writes.
+  reup.receiver.bootCounting.ubootBase = pkgs.ubootRaspberryPi4_64bit;
+  fileSystems."/boot/firmware" = {
+    device = "/dev/disk/by-label/FIRMWARE";
+    fsType = "vfat";
+    options = [ "nofail" "noatime" ];
+  };
+
   # The device's job: log the SoC temperature every minute.
   systemd.services.soc-temperature = {
     description = "Log the SoC temperature";

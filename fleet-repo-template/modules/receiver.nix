@@ -16,6 +16,11 @@
 #   Every receiver call also rolls back an overdue generation, and the unit below runs the same
 #   watchdog (`reup-receive --watchdog`) at boot and every `watchdogInterval`, so a deadline
 #   holds when the device rebooted or the detached process was killed.
+# - Activation `reboot` (fleet.toml): a generation that changes the kernel, initrd, kernel
+#   parameters or device tree goes on trial in the boot loader with `bootCounting.tries` tries
+#   (systemd-boot's `+TRIES` entries; U-Boot's bootcount/bootlimit/altbootcmd with extlinux; GRUB
+#   with grubenv) and the device reboots into it; it is blessed only after the health check, and
+#   the previous entry boots if it does not come up. Settings: /etc/reup/boot.json, written below.
 { config, lib, pkgs, options, ... }:
 let
   cfg = config.reup.receiver;
@@ -23,6 +28,28 @@ let
   forced = "${receive} --root / --ssh-command"
     + lib.optionalString (cfg.confirmTimeout != null) " --confirm-timeout ${toString cfg.confirmTimeout}";
   isRoot = cfg.user == "root";
+  bc = cfg.bootCounting;
+  loaders = config.boot.loader;
+  detectedLoader =
+    if loaders.systemd-boot.enable or false then "systemd-boot"
+    else if loaders.generic-extlinux-compatible.enable or false then "uboot"
+    else if loaders.grub.enable or false then "grub"
+    else null;
+  # U-Boot counting boots in its environment, kept in uboot.env on the FAT firmware partition
+  # (CONFIG_ENV_IS_IN_FAT), and the default environment as a file for the install image.
+  ubootWithBootcount = base: (base.override {
+    extraConfig = (base.extraConfig or "") + ''
+      CONFIG_BOOTCOUNT_LIMIT=y
+      CONFIG_BOOTCOUNT_ENV=y
+      CONFIG_ENV_IS_IN_FAT=y
+      CONFIG_ENV_FAT_INTERFACE="mmc"
+      CONFIG_ENV_FAT_DEVICE_AND_PART="0:1"
+      CONFIG_ENV_FAT_FILE="uboot.env"
+    '';
+  }).overrideAttrs (old: {
+    postBuild = (old.postBuild or "") + "\nmake -j$NIX_BUILD_CORES u-boot-initial-env\n";
+    postInstall = (old.postInstall or "") + "\ncp u-boot-initial-env $out/\n";
+  });
   command = if isRoot then forced else "/run/wrappers/bin/sudo -n ${forced}";
 
   ifDeclared = path: value:
@@ -112,6 +139,51 @@ in
         runs at boot and, when one is pending, waits for its deadline).'';
     };
 
+    bootCounting = {
+      tries = lib.mkOption {
+        type = lib.types.ints.between 1 9;
+        default = 3;
+        description = ''
+          Activation `reboot`: how often the boot loader tries a generation that changes what
+          boots before it boots the previous one again (the receiver then reports boot_failed).'';
+      };
+      loader = lib.mkOption {
+        type = lib.types.nullOr (lib.types.enum [ "systemd-boot" "uboot" "grub" ]);
+        default = detectedLoader;
+        defaultText = lib.literalMD "systemd-boot, uboot (generic-extlinux-compatible) or grub, as enabled in `boot.loader`";
+        description = "The boot loader whose entries the receiver writes for a generation on trial.";
+      };
+      bootDir = lib.mkOption {
+        type = lib.types.str;
+        default = if bc.loader == "systemd-boot" then loaders.efi.efiSysMountPoint or "/boot" else "/boot";
+        defaultText = lib.literalMD "the ESP for systemd-boot, else /boot";
+        description = "Where the loader's files live (the ESP; the partition holding extlinux/ or grub/).";
+      };
+      ubootEnvFile = lib.mkOption {
+        type = lib.types.str;
+        default = "/boot/firmware/uboot.env";
+        description = "U-Boot's environment file (CONFIG_ENV_IS_IN_FAT), as mounted on the device.";
+      };
+      ubootBootDevice = lib.mkOption {
+        type = lib.types.str;
+        default = "mmc 0:2";
+        description = "`sysboot` interface and partition of `bootDir`, for U-Boot's altbootcmd.";
+      };
+      ubootBase = lib.mkOption {
+        type = lib.types.nullOr lib.types.package;
+        default = null;
+        example = lib.literalExpression "pkgs.ubootRaspberryPi4_64bit";
+        description = "The board's U-Boot; `ubootPackage` is it built with bootcount and the environment in FAT.";
+      };
+      ubootPackage = lib.mkOption {
+        type = lib.types.nullOr lib.types.package;
+        readOnly = true;
+        default = if bc.ubootBase == null then null else ubootWithBootcount bc.ubootBase;
+        defaultText = lib.literalMD "`ubootBase` with CONFIG_BOOTCOUNT_LIMIT, CONFIG_BOOTCOUNT_ENV, CONFIG_ENV_IS_IN_FAT";
+        description = "U-Boot for the install image: `u-boot.bin` and `u-boot-initial-env` (for mkenvimage).";
+      };
+    };
+
     writableStore = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -137,6 +209,19 @@ in
 
       # For the console: `reup-receive --status`, `--rollback`.
       environment.systemPackages = [ cfg.package ];
+
+      # Activation `reboot` (receiver/reup_receiver/boot/): what the receiver needs to know.
+      environment.etc."reup/boot.json".text = builtins.toJSON ({
+        inherit (bc) tries;
+        boot_dir = bc.bootDir;
+        uboot_env = bc.ubootEnvFile;
+        uboot_bootdev = bc.ubootBootDevice;
+        reboot_command = [ "${config.systemd.package}/bin/systemctl" "reboot" ];
+      } // lib.optionalAttrs (bc.loader != null) { inherit (bc) loader; });
+      # The receiver blesses a counted entry after the health check, not systemd-bless-boot at
+      # boot-complete.target; a kernel that panics must reset the board so the loader counts it.
+      systemd.suppressedSystemUnits = [ "systemd-bless-boot.service" ];
+      boot.kernelParams = [ "panic=10" ];
 
       systemd.services.reup-rollback-deadline = {
         description = "reup: roll back a generation not confirmed before its deadline";

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 
 from reup_receiver import confirm, maintenance
+from reup_receiver.boot import counted
 from reup_receiver.device import Device, translate_oserror
 from reup_receiver.errors import ReceiveError, UsageError
 from reup_receiver.format.wire import VERSION
@@ -96,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     if args.ssh_command:
         args = _ssh_verb(args)
     device = Device(args.root)
+    confirm.settle_boot(device)  # a generation on trial whose kernel did not come up
     if args.watchdog:
         return confirm.watchdog(device)
     confirm.expire_if_overdue(device)  # the device may have been down past a deadline
@@ -107,7 +109,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         return maintenance.rollback(device, args.activate)
     if args.gc:
         return maintenance.gc(device, args.keep)
-    return receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout).to_json()
+    answer = receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout)
+    if args.activate == "reboot" and counted.judge(device)[0] == "not_rebooted":
+        counted.reboot(device)  # detached and delayed: the answer goes out first
+    return answer.to_json()
 
 
 def _return_freed_memory() -> None:

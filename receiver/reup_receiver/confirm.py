@@ -24,9 +24,11 @@ import sys
 import time
 from typing import Any
 
+from reup_receiver.boot import counted
 from reup_receiver.device import Device, write_atomic
-from reup_receiver.errors import HealthCheckFailed, NotPending
+from reup_receiver.errors import HealthCheckFailed, NotPending, Rebooting
 from reup_receiver.generations import revert_to
+from reup_receiver.protocol import BOOT_FAILED
 
 WATCHDOG_ENV = "REUP_WATCHDOG"
 
@@ -124,6 +126,9 @@ def confirm(device: Device, generation: int, check: str | None) -> dict[str, Any
     with device.lock():
         expire_overdue(device)
         record = pending(device)
+        if record is not None and record.get("activate") == "reboot":
+            _boot_trial_gate(device, generation)
+            record = pending(device)
         if record is None or int(record["generation"]) != generation:
             last = last_rollback(device)
             why = (f"; generation {last['generation']} was rolled back: {last['reason']}"
@@ -139,6 +144,8 @@ def confirm(device: Device, generation: int, check: str | None) -> dict[str, Any
                 detail = (proc.stderr.strip().splitlines() or [""])[-1]
                 entry = _roll_back(device, record, f"health check failed (exit {proc.returncode}): {detail}")
                 raise HealthCheckFailed(f"health check failed; rolled back to generation {entry['restored']}: {detail}")
+        if record.get("activate") == "reboot":
+            counted.bless(device, generation)  # only now: the new kernel came up and passed the check
         os.unlink(_pending_file(device))
         return {"confirmed": generation}
 
@@ -157,3 +164,41 @@ def watchdog(device: Device) -> dict[str, Any]:
             entry = expire_overdue(device)
         if entry is not None:
             return {"watchdog": "rolled_back", **entry}
+
+
+# --- activation `reboot`: a generation on trial in the boot loader (reup_receiver.boot) ----------
+
+
+def settle_boot(device: Device) -> dict[str, Any] | None:
+    """For every verb: if a generation on trial did not boot within its tries (the loader booted
+    the previous entry), roll it back with reason `boot_failed`. Takes the lock only while a
+    generation is on trial."""
+    record = pending(device)
+    if counted.trial(device) is None and (record is None or record.get("activate") != "reboot"):
+        return None
+    with device.lock(wait=True):  # the watchdog may be settling it right now: wait for its record
+        return _settle_boot_locked(device)
+
+
+def _settle_boot_locked(device: Device) -> dict[str, Any] | None:
+    verdict, trial = counted.judge(device)
+    if verdict != "boot_failed" or trial is None:
+        return None
+    record = pending(device)
+    if record is None or int(record["generation"]) != int(trial["generation"]):
+        # Received without a confirm timeout: the trial alone says what to undo.
+        record = {"generation": trial["generation"], "deadline": 0.0, "activate": "reboot",
+                  "previous": trial["previous"]}
+        write_atomic(_pending_file(device), json.dumps(record).encode())
+    return _roll_back(device, record, BOOT_FAILED)
+
+
+def _boot_trial_gate(device: Device, generation: int) -> None:
+    """Under the lock, in `confirm`: the device must run the generation on trial before its check."""
+    verdict, trial = counted.judge(device)
+    if trial is None or int(trial["generation"]) != generation:
+        return
+    if verdict == "not_rebooted":
+        raise Rebooting(f"generation {generation} awaits the reboot into its boot entry")
+    if verdict == "boot_failed":
+        _settle_boot_locked(device)

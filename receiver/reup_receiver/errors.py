@@ -108,3 +108,9 @@ class HealthCheckFailed(ReceiveError):
     """The health check failed at confirmation; the device rolled back."""
 
     exit_code = ExitCode.HEALTH_CHECK_FAILED
+
+
+class Rebooting(ReceiveError):
+    """confirm while the device has not yet rebooted into the generation on trial (activation reboot)."""
+
+    exit_code = ExitCode.REBOOTING

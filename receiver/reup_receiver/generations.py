@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 
+from reup_receiver.boot import counted
 from reup_receiver.device import Device
 from reup_receiver.errors import ActivationFailed
 
@@ -19,6 +20,11 @@ def switch_generation(device: Device, toplevel: str, activate: str) -> tuple[int
     Returns the new generation's number and the previous generation.
     """
     previous = device.current()
+    if activate == "reboot":
+        changed = counted.changes(device, previous, toplevel)
+        if changed:
+            return _switch_for_reboot(device, toplevel, previous, changed), previous
+        activate = "switch"  # nothing that boots changes: switch at once
     number = device.add_generation(toplevel)
     device.switch_to(number)
     try:
@@ -35,6 +41,9 @@ def switch_generation(device: Device, toplevel: str, activate: str) -> tuple[int
 
 def revert_to(device: Device, previous: tuple[int, str] | None, failed: int, activate: str) -> None:
     """Put `system` back on `previous`, drop generation `failed`, re-activate `previous`."""
+    reboot = False
+    if activate == "reboot":
+        activate, reboot = counted.revert(device, failed, previous[1] if previous else None)
     if previous is not None:
         device.switch_to(previous[0])
     device.drop_generation(failed)
@@ -43,6 +52,8 @@ def revert_to(device: Device, previous: tuple[int, str] | None, failed: int, act
             run_activation(device, previous[1], activate)
         except ActivationFailed as exc:
             raise ActivationFailed(f"re-activating generation {previous[0]} also failed: {exc}") from exc
+    if reboot:  # it runs the failed generation's kernel: back to the previous one's
+        counted.reboot(device)
 
 
 def run_activation(device: Device, toplevel: str, activate: str) -> None:
@@ -56,3 +67,17 @@ def run_activation(device: Device, toplevel: str, activate: str) -> None:
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or [""])[-1]
         raise ActivationFailed(f"activation failed ({activate}, exit {proc.returncode}): {detail}")
+
+
+def _switch_for_reboot(device: Device, toplevel: str, previous: tuple[int, str] | None,
+                       changed: tuple[str, ...]) -> int:
+    """Activation `reboot` of a generation that changes what boots: a counted boot entry instead
+    of activating; the caller (cli.py) reboots once the answer is out."""
+    number = device.add_generation(toplevel)
+    try:
+        counted.install(device, number, toplevel, previous, changed)
+    except (OSError, ValueError) as exc:
+        device.drop_generation(number)
+        raise ActivationFailed(f"activation failed (reboot): boot entry for generation {number}: {exc}") from exc
+    device.switch_to(number)
+    return number

@@ -22,7 +22,9 @@ from typing import Any
 # The forced command's verbs (`SSH_ORIGINAL_COMMAND`); nothing else is accepted.
 VERBS = ("status", "receive", "rollback", "gc", "confirm")
 # switch-to-configuration actions after an install.
-ACTIONS = ("switch", "boot", "test", "none")
+ACTIONS = ("switch", "boot", "test", "none", "reboot")
+# `reboot`: a generation that changes the kernel, initrd, kernel parameters or device tree gets a
+# boot entry with a try counter and the device reboots into it (reup_receiver.boot); others switch.
 
 # Bounds on the controller's side: what it reads from a device before giving up.
 MAX_ANSWER_BYTES = 64 << 20  # a status lists every valid path: sized for large closures
@@ -49,6 +51,7 @@ class ExitCode(IntEnum):
     NO_GENERATION = 23
     NOT_PENDING = 24
     HEALTH_CHECK_FAILED = 25
+    REBOOTING = 26  # confirm before the device rebooted into a generation on trial: ask again
     SSH_FAILURE = 255  # ssh's own code: the connection, not the receiver
 
 
@@ -82,11 +85,14 @@ EXITS: Mapping[ExitCode, tuple[str, Retry]] = {
     ExitCode.NO_GENERATION: ("no-generation", Retry.PERMANENT),
     ExitCode.NOT_PENDING: ("not-pending", Retry.ROLLED_BACK),
     ExitCode.HEALTH_CHECK_FAILED: ("health-check-failed", Retry.ROLLED_BACK),
+    ExitCode.REBOOTING: ("rebooting", Retry.TRANSIENT),
     ExitCode.SSH_FAILURE: ("connection", Retry.UNREACHABLE),
 }
 # Exit codes that blame one store path the device holds (named on stderr): a corrupt or
 # mismatching result may come from a damaged base, so the controller re-encodes without it.
 BLAMES_BASE = frozenset({ExitCode.CORRUPT, ExitCode.HASH_MISMATCH})
+# `last_rollback.reason` of a generation whose kernel did not come up within its boot tries.
+BOOT_FAILED = "boot_failed"
 
 
 def retry_class(exit_status: int | None) -> Retry:

@@ -151,7 +151,7 @@ def test_device_mistakes_name_the_key_and_the_closest_known_one(body: str, messa
     ("rollout", "message"),
     [
         ("success_ratio = 2", "rollout.success_ratio: must be <= 1.0, got 2"),
-        ('activation = "swich"', "rollout.activation: expected one of switch, boot, got 'swich'"),
+        ('activation = "swich"', "rollout.activation: expected one of switch, boot, reboot, got 'swich'"),
         ("confirm_timeout = nan", "rollout.confirm_timeout: expected a finite number"),
         ("bake_time = -1", "rollout.bake_time: must be >= 0.0, got -1"),
         ("waves = []", "rollout.waves: must not be empty"),

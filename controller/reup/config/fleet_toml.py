@@ -43,7 +43,7 @@ class RolloutSpec(Section):
     unreachable_counts_as_failure: bool = _R.unreachable_counts_as_failure
     unreachable_after: Seconds = Field(_R.unreachable_after, ge=0.0)
     confirm_timeout: Seconds = Field(_R.confirm_timeout, ge=0.0, le=86400.0)
-    activation: Literal["switch", "boot"] = "switch"
+    activation: Literal["switch", "boot", "reboot"] = "switch"
     health_check: str | None = _R.health_check
 
     @field_validator("waves")
