@@ -17,8 +17,9 @@ import os
 import shlex
 import sys
 from collections.abc import Sequence
+from typing import BinaryIO, cast
 
-from reup_receiver import confirm, maintenance
+from reup_receiver import confirm, maintenance, resume
 from reup_receiver.device import Device, translate_oserror
 from reup_receiver.errors import ReceiveError, UsageError
 from reup_receiver.protocol import ACTIONS, VERBS
@@ -45,7 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--confirm-timeout", type=float, default=0, metavar="SECONDS",
                    help="after activating, roll back unless --confirm arrives within SECONDS")
     p.add_argument("--check", metavar="CMD", help="with --confirm: health check to pass first")
+    _resume_options(p)
     return p
+
+
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    """Byte-level resume (resume.py): spool the stream, or continue a kept partial."""
+    p.add_argument("--stream-id", metavar="HEX", help="keep the stream's bytes so an interrupted receive can resume")
+    p.add_argument("--resume-from", type=int, default=0, metavar="N", help="continue the kept partial at byte N")
+    p.add_argument("--resume-sha256", metavar="HEX", help="sha256 of the stream's first N bytes")
 
 
 def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
@@ -64,6 +73,7 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     verb.add_argument("--keep", type=int, default=args.keep)
     verb.add_argument("--confirm-timeout", type=float, default=args.confirm_timeout)
     verb.add_argument("--check")
+    _resume_options(verb)
     try:
         parsed, extra = verb.parse_known_args(words)
     except (argparse.ArgumentError, SystemExit) as exc:
@@ -78,6 +88,7 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     args.keep = parsed.keep
     args.confirm_timeout = parsed.confirm_timeout
     args.check = parsed.check
+    args.stream_id, args.resume_from, args.resume_sha256 = parsed.stream_id, parsed.resume_from, parsed.resume_sha256
     return args
 
 
@@ -96,7 +107,22 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         return maintenance.rollback(device, args.activate)
     if args.gc:
         return maintenance.gc(device, args.keep)
+    if args.stream_id:
+        return _receive_resumable(device, args)
     return receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout).to_json()
+
+
+def _receive_resumable(device: Device, args: argparse.Namespace) -> dict[str, object]:
+    spool = resume.SpoolInput(device, sys.stdin.buffer, args.stream_id, args.resume_from, args.resume_sha256,
+                              progress=sys.stdout.buffer)
+    error: BaseException | None = None
+    try:
+        return receive(device, cast(BinaryIO, spool), args.activate, args.confirm_timeout).to_json()
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        resume.finish(device, spool, error)
 
 
 def _return_freed_memory() -> None:

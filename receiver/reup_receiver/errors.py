@@ -108,3 +108,15 @@ class HealthCheckFailed(ReceiveError):
     """The health check failed at confirmation; the device rolled back."""
 
     exit_code = ExitCode.HEALTH_CHECK_FAILED
+
+
+class ResumeMismatch(ReceiveError):
+    """A resume that does not match the partial stream the device keeps; the partial is dropped."""
+
+    exit_code = ExitCode.RESUME_MISMATCH
+
+
+class BadSignature(ReceiveError):
+    """An offline bundle whose signature, device or generation does not check out (offline.py)."""
+
+    exit_code = ExitCode.BAD_SIGNATURE

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reup_receiver.format.wire import VERSION as STREAM_VERSION
+from reup_receiver.resume import stream_id as id_of
 
 from reup import __version__
 from reup.io.nix import NixExecutor
@@ -93,6 +94,23 @@ class DeltaCache:
                 json.dump({"stream_bytes": stream_bytes, "nar_bytes": nar_bytes, "target": target}, f)
             self._prune()
             return self.Entry(stream, stream_bytes, nar_bytes, False)
+
+    def find(self, stream_id: str, target: str) -> DeltaCache.Entry | None:
+        """The cached stream with this id (its trailer digest) for `target`: the one a device keeps a
+        partial of, so an interrupted transfer resumes with the very same bytes (transfer.py)."""
+        for name in os.listdir(self.dir):
+            if not name.endswith(".stream"):
+                continue
+            stream = os.path.join(self.dir, name)
+            try:
+                with open(stream[: -len(".stream")] + ".json", encoding="utf-8") as f:
+                    m = json.load(f)
+                if m.get("target") == target and id_of(stream) == stream_id:
+                    os.utime(stream)
+                    return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
 
     def _prune(self) -> None:
         streams = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.endswith(".stream")]

@@ -23,7 +23,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import asyncssh
@@ -33,17 +33,21 @@ from reup_receiver.protocol import (
     ExitCode,
     ProtocolError,
     ReceiveAnswer,
+    ResumePoint,
     Retry,
     StatusAnswer,
     confirm_command,
     exit_kind,
     receive_command,
+    resume_args,
     retry_class,
 )
 
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import Device, DeviceState
+from reup.io import transfer
 from reup.io.retry import retrying
+from reup.io.transfer import TokenBucket, TransferProgress
 
 log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
@@ -170,6 +174,10 @@ class SshPusher:
         self.connect_timeout = connect_timeout
         self.attempts = attempts
         self.have_path = have_path
+        # Byte-level resume, rates and windows (transfer.py): set by the reconcile loop from its config.
+        self.transfers: dict[str, TransferProgress] = {}
+        self.rate_limits: Callable[[Device], Sequence[TokenBucket]] = lambda dev: ()
+        self.may_transfer: Callable[[Device], bool] = lambda dev: True
 
     async def _connect(self, dev: Device, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         try:
@@ -279,9 +287,10 @@ class SshPusher:
             for _ in range(4):
                 try:
                     result, entry = await self._send(conn, held, toplevel, staged, avoid, activation, on_phase,
-                                                     confirm_timeout, status.codecs, on_sent)
+                                                     confirm_timeout, status.codecs, on_sent, status=status, dev=dev)
                     break
                 except BrokenBaseError as exc:
+                    status = replace(status, resume=None)  # the device dropped its partial
                     if exc.path and exc.path not in avoid and len(avoid) < 2:
                         log.warning("%s: %s; re-encoding without %s", dev.name, exc, exc.path)
                         avoid = (*avoid, exc.path)
@@ -304,9 +313,15 @@ class SshPusher:
                     confirm_timeout: float = 0.0,
                     codecs: tuple[str, ...] | None = None,
                     on_sent: SentHook = _unreported,
+                    *, status: StatusAnswer | None = None, dev: Device | None = None,
                     ) -> tuple[ReceiveAnswer, Stream]:
-        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid, codecs)
+        kept = self._kept_stream(status, toplevel)
+        entry: Stream = kept if kept is not None else await asyncio.to_thread(
+            self.deltas.get, held, toplevel, staged, avoid, codecs)
         start = time.monotonic()
+        if status is not None and status.resumable and dev is not None:
+            return await self._send_resumable(conn, dev, entry, status.resume if kept else None, held, activation,
+                                              on_phase, confirm_timeout, on_sent, start)
         try:
             proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
             with open(entry.path, "rb") as f:
@@ -329,3 +344,56 @@ class SshPusher:
             raise err
         out = res.stdout if isinstance(res.stdout, bytes) else str(res.stdout or "").encode()
         return parse_receive(out), entry
+
+    # --- byte-level resume, rates and windows (transfer.py) ---
+
+    def _kept_stream(self, status: StatusAnswer | None, toplevel: str) -> Stream | None:
+        """The cached stream whose partial the device keeps, if it is still for `toplevel`."""
+        find = getattr(self.deltas, "find", None)
+        if status is None or status.resume is None or find is None:
+            return None
+        entry: Stream | None = find(status.resume.stream_id, toplevel)
+        return entry
+
+    async def _send_resumable(self, conn: asyncssh.SSHClientConnection, dev: Device, entry: Stream,
+                              point: ResumePoint | None, held: tuple[str, ...], activation: str,
+                              on_phase: Callable[[DeviceState], None], confirm_timeout: float,
+                              on_sent: SentHook, start: float) -> tuple[ReceiveAnswer, Stream]:
+        sid = await asyncio.to_thread(transfer.stream_id, entry.path)
+        offset = point.offset if point is not None and point.stream_id == sid and point.offset < entry.stream_bytes else 0
+        prefix = await asyncio.to_thread(transfer.prefix_sha256, entry.path, offset) if offset else None
+        progress = self.transfers.setdefault(dev.name, transfer.TransferProgress())
+        if progress.stream_id != sid:
+            self.transfers[dev.name] = progress = transfer.TransferProgress(stream_id=sid)
+        progress.total, progress.offset, progress.attempts = entry.stream_bytes, offset, progress.attempts + 1
+        progress.resumed += bool(offset)
+        command = receive_command(activation, confirm_timeout) + resume_args(sid, offset, prefix)
+        try:
+            proc = await conn.create_process(command, encoding=None)
+            answer = b""
+            try:
+                answer = await transfer.send(proc, entry.path, offset, progress, buckets=self.rate_limits(dev),
+                                             may_continue=lambda: self.may_transfer(dev))
+            except transfer.TransferPaused:
+                progress.waiting_for_window = True
+                await proc.wait(check=False)
+                raise
+            except (OSError, asyncssh.Error, BrokenPipeError):
+                pass  # the receiver may have stopped reading on purpose: its exit status says
+            progress.waiting_for_window = False
+            on_sent(entry.stream_bytes - offset, entry.nar_bytes, time.monotonic() - start)
+            on_phase(DeviceState.ACTIVATING)
+            res = await proc.wait(check=False)
+        except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
+            raise UnreachableError(f"transfer interrupted at byte {progress.position}: {exc}") from exc
+        stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
+        if res.exit_status != 0:
+            err = classify_exit(res.exit_status, stderr)
+            if res.exit_status in BLAMES_BASE:
+                blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
+                if blamed:
+                    raise BrokenBaseError(str(err), blamed[0])
+            raise err
+        if isinstance(res.stdout, bytes) and res.stdout and not answer:
+            answer = res.stdout.splitlines()[-1]
+        return parse_receive(answer), entry
