@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import re
 import tomllib
+from typing import Any
 
 from reup.config.tomlschema import Table
 from reup.core.errors import ConfigError
-from reup.core.model import Device, Fleet, RolloutPolicy
+from reup.core.model import Device, Fleet, LinkLimits, RolloutPolicy, TransferPolicy
+from reup.core.windows import check_tz, parse_window
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
@@ -65,6 +67,7 @@ def parse_device(name: str, t: Table) -> Device:
         config=t.text("config", name),
         wave=t.text("wave", "default"),
         tags=tags,
+        **parse_link_keys(t),
     )
     t.reject_unknown()
     if dev.port > 65535:
@@ -82,10 +85,42 @@ def parse_fleet(text: str, *, where: str = "fleet.toml") -> Fleet:
     devs = root.table("devices", required=True)
     devices = {name: parse_device(name, Table(value, f"{where}: devices.{name}")) for name, value in devs.data.items()}
     devs.seen.update(devices)
+    transfer = parse_transfer(root.table("transfer"))
     root.reject_unknown()
     if not devices:
         raise ConfigError(f"{where}: no devices")
     for dev in devices.values():
         if dev.wave not in rollout.waves and rollout.waves != ("default",):
             raise ConfigError(f"{where}: devices.{dev.name}.wave {dev.wave!r} is not in rollout.waves")
-    return Fleet(devices=devices, rollout=rollout)
+    return Fleet(devices=devices, rollout=rollout, transfer=transfer)
+
+
+# --- transfer limits and windows (issue 16): device keys max_rate, windows, tz; [transfer.tags.<tag>]
+# max_rate, windows; [transfer.waves.<wave>] max_rate ---
+
+
+def _windows(t: Table) -> tuple[str, ...]:
+    windows: tuple[str, ...] = t.strings("windows", ())
+    for w in windows:
+        parse_window(w, f"{t.where}.windows")
+    return windows
+
+
+def parse_link_keys(t: Table) -> dict[str, Any]:
+    rate = t.number("max_rate", None, minimum=1.0)
+    return {"max_rate": rate, "windows": _windows(t), "tz": check_tz(t.text("tz", "UTC"), f"{t.where}.tz")}
+
+
+def parse_transfer(t: Table) -> TransferPolicy:
+    groups: dict[str, dict[str, LinkLimits]] = {"tags": {}, "waves": {}}
+    for kind, out in groups.items():
+        sub = t.table(kind)
+        for name, value in sub.data.items():
+            g = Table(value, f"{sub.where}.{name}")
+            out[name] = LinkLimits(max_rate=g.number("max_rate", None, minimum=1.0),
+                                   windows=_windows(g) if kind == "tags" else ())
+            g.reject_unknown()
+        sub.seen.update(out)
+        sub.reject_unknown()
+    t.reject_unknown()
+    return TransferPolicy(tags=groups["tags"], waves=groups["waves"])

@@ -60,6 +60,11 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    max_rate: float | None = None  # bytes/s, the controller's total egress to devices (None: no limit)
+
+
+@dataclass(frozen=True)
 class Config:
     source: SourceConfig
     state: StateConfig
@@ -67,6 +72,7 @@ class Config:
     ssh: SshConfig = field(default_factory=SshConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     path: str | None = None
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 def _is_local(url: str) -> bool:
@@ -129,8 +135,12 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
     http = HttpConfig(listen=listen or None, device_info=h.flag("device_info", False))
     h.reject_unknown()
 
+    tr = root.table("transfer")  # issue 16: [transfer] max_rate
+    transfer = TransferConfig(max_rate=tr.number("max_rate", None, minimum=1.0))
+    tr.reject_unknown()
+
     root.reject_unknown()
-    return Config(source=source, state=state, build=build, ssh=ssh, http=http, path=path)
+    return Config(source=source, state=state, build=build, ssh=ssh, http=http, path=path, transfer=transfer)
 
 
 def load_config(path: str) -> Config:
