@@ -9,7 +9,17 @@ from zoneinfo import ZoneInfo
 import pytest
 from reup.config.fleet_toml import parse_fleet
 from reup.core.errors import ConfigError
-from reup.core.model import BuildResult, Desired, DeviceObservation, DeviceState, Observed, Push, RolloutPolicy, Target, Wait
+from reup.core.model import (
+    BuildResult,
+    Desired,
+    DeviceObservation,
+    DeviceState,
+    Observed,
+    Push,
+    RolloutPolicy,
+    Target,
+    Wait,
+)
 from reup.core.planner import plan
 from reup.core.windows import Schedule, parse_window, schedule_for, schedules
 
