@@ -83,9 +83,13 @@ class TransferProgress:
     resumed: int = 0  # attempts that continued a kept partial
     rate: float = 0.0  # bytes/s over the last second or so
     waiting_for_window: bool = False
+    first_write: float = 0.0  # monotonic time of this attempt's first and last writes
+    last_write: float = 0.0
     _samples: list[tuple[float, int]] = field(default_factory=list)
 
     def note(self, now: float, written: int) -> None:
+        self.first_write = self.first_write or now
+        self.last_write = now
         self.sent += written
         self._samples.append((now, self.sent))
         while len(self._samples) > 2 and now - self._samples[0][0] > 2.0:
@@ -93,10 +97,14 @@ class TransferProgress:
         t0, s0 = self._samples[0]
         self.rate = (self.sent - s0) / (now - t0) if now > t0 else self.rate
 
+    def current_rate(self, now: float) -> float:
+        """The rate, or 0 when nothing was written for two seconds (a finished or cut transfer)."""
+        return self.rate if self._samples and now - self._samples[-1][0] < 2.0 else 0.0
+
     def to_json(self) -> dict[str, Any]:
         return {"stream_id": self.stream_id, "total": self.total, "position": self.position,
                 "acknowledged": self.acknowledged, "sent": self.sent, "attempts": self.attempts,
-                "resumed": self.resumed, "rate": round(self.rate, 1), "waiting_for_window": self.waiting_for_window}
+                "resumed": self.resumed, "rate": round(self.current_rate(time.monotonic()), 1), "waiting_for_window": self.waiting_for_window}
 
 
 async def send(proc: Any, path: str, offset: int, progress: TransferProgress, *,
@@ -108,6 +116,7 @@ async def send(proc: Any, path: str, offset: int, progress: TransferProgress, *,
     Connection errors propagate to the caller (ssh.py), which classifies them.
     """
     acked, ready = asyncio.Event(), asyncio.Event()
+    progress.first_write = progress.last_write = 0.0
     progress.acknowledged = max(progress.acknowledged, offset)
     progress.position = offset
     lines: list[bytes] = []

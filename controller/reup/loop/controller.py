@@ -56,6 +56,7 @@ from reup.loop.executors import UpdateExecutor
 from reup.loop.http import HttpServer
 from reup.loop.metrics import Metrics
 from reup.loop.state import StateDB
+from reup.loop.transfers import TransferLimits, register_gauges, transfer_status, waiting_for_window
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ class Controller(UpdateExecutor):
         self.bus = EventBus()
         self.metrics = Metrics(device_info=cfg.http.device_info, poll_interval=cfg.source.poll_interval,
                                shard=(self.shard.index, self.shard.count))
+        # Rates and windows (transfers.py): buckets for the transport, schedules for the planner.
+        self.limits = TransferLimits(cfg.transfer.max_rate, lambda: self.fleet, clock)
+        self.pusher.rate_limits, self.pusher.may_transfer = self.limits.buckets_for, self.limits.may_transfer
+        self.waiting: dict[str, float | None] = {}
+        register_gauges(self.metrics.registry, self.pusher.transfers, self.waiting)
         self.bus.subscribe(store_subscriber(self.store))
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(log_subscriber())
@@ -123,7 +129,7 @@ class Controller(UpdateExecutor):
         if listen is None and not self.cfg.http.listen:
             return None
         host, port = listen or self.cfg.http.host_port
-        server = HttpServer(host, port, registry=self.metrics.registry, status=self.store.status,
+        server = HttpServer(host, port, registry=self.metrics.registry, status=self.status_with_transfers,
                             webhook=self.request_fetch_threadsafe)
         server.start()
         return server
@@ -221,7 +227,9 @@ class Controller(UpdateExecutor):
             self.fleet = await asyncio.to_thread(self._last_good_fleet)
         now = self.clock()
         desired = self.store.desired()
-        plan = planner.plan(desired, self.observe(), self.policy, now)
+        plan = planner.plan(desired, self.observe(), self.policy, now, self.limits.schedules())
+        self.waiting.clear()
+        self.waiting.update(waiting_for_window(plan))
         for device, old, new in self.store.set_states(plan.decisions.values(), now):
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
@@ -240,6 +248,9 @@ class Controller(UpdateExecutor):
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
         return plan
+
+    def status_with_transfers(self) -> dict[str, Any]:
+        return {**self.store.status(), "transfers": transfer_status(self.pusher.transfers, self.waiting)}
 
     def _rollout_changed(self, plan: Plan, now: float) -> None:
         r = plan.rollout
