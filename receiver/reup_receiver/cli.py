@@ -15,11 +15,12 @@ import ctypes
 import json
 import os
 import shlex
+import socket
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO, cast
 
-from reup_receiver import confirm, maintenance, resume
+from reup_receiver import confirm, maintenance, offline, resume
 from reup_receiver.device import Device, translate_oserror
 from reup_receiver.errors import ReceiveError, UsageError
 from reup_receiver.protocol import ACTIONS, VERBS
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_argument("--confirm", type=int, metavar="GEN",
                        help="commit generation GEN, which awaits confirmation (after --check)")
     verbs.add_argument("--watchdog", action="store_true", help=argparse.SUPPRESS)
+    verbs.add_argument("--from-file", metavar="PATH",
+                       help="apply the signed bundle on a stick (PATH: its mount point, or an envelope)")
     verbs.add_argument("--ssh-command", action="store_true",
                        help="run the verb in SSH_ORIGINAL_COMMAND (forced-command mode)")
     p.add_argument("--keep", type=int, default=3, help="generations --gc keeps (default 3)")
@@ -47,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after activating, roll back unless --confirm arrives within SECONDS")
     p.add_argument("--check", metavar="CMD", help="with --confirm: health check to pass first")
     _resume_options(p)
+    p.add_argument("--device", default=socket.gethostname(), help="with --from-file: this device's name "
+                   "(default: the host name)")
+    p.add_argument("--allowed-signers", default="/etc/reup/allowed_signers",
+                   help="with --from-file: keys that may sign bundles (principal reup-controller)")
+    p.add_argument("--host-key", default="/etc/ssh/ssh_host_ed25519_key",
+                   help="with --from-file: the key that signs receipts (default: the SSH host key)")
     return p
 
 
@@ -95,6 +104,7 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, object]:
     if args.ssh_command:
         args = _ssh_verb(args)
+        args.from_file = None  # never over SSH
     device = Device(args.root)
     if args.watchdog:
         return confirm.watchdog(device)
@@ -107,6 +117,9 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         return maintenance.rollback(device, args.activate)
     if args.gc:
         return maintenance.gc(device, args.keep)
+    if args.from_file:
+        return offline.apply(device, args.from_file, device_name=args.device, allowed_signers=args.allowed_signers,
+                             host_key=args.host_key if os.path.exists(args.host_key) else None)
     if args.stream_id:
         return _receive_resumable(device, args)
     return receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout).to_json()

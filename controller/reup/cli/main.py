@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "reup.cli.init",
     "reup.cli.demo",
     "reup.cli.delta",
+    "reup.cli.offline",
 )
 
 
