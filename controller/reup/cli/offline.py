@@ -17,8 +17,6 @@ import time
 from reup.cli.common import setup_logging
 from reup.config.reup_toml import load_config
 from reup.core.errors import ConfigError, ReupError
-from reup.io.offline import read_receipts, write_bundle
-from reup.loop.controller import Controller
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,6 +32,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from reup.io.offline import write_bundle
+    from reup.loop.controller import (
+        Controller,  # only when run: `reup` starts fast for other commands
+    )
+
     setup_logging()
     try:
         cfg = load_config(args.config)
@@ -63,6 +66,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from reup.io.offline import read_receipts
+    from reup.loop.controller import Controller
+
     setup_logging()
     try:
         cfg = load_config(args.config)

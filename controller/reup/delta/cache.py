@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reup_receiver.format.wire import DIGEST_SIZE
 from reup_receiver.format.wire import VERSION as STREAM_VERSION
-from reup_receiver.resume import stream_id as id_of
 
 from reup import __version__
 from reup.io.nix import NixExecutor
@@ -105,7 +105,7 @@ class DeltaCache:
             try:
                 with open(stream[: -len(".stream")] + ".json", encoding="utf-8") as f:
                     m = json.load(f)
-                if m.get("target") == target and id_of(stream) == stream_id:
+                if m.get("target") == target and _trailer_digest(stream) == stream_id:
                     os.utime(stream)
                     return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
             except (OSError, ValueError, KeyError):
@@ -119,3 +119,10 @@ class DeltaCache:
             for path in (old, old[: -len(".stream")] + ".json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+
+def _trailer_digest(path: str) -> str:
+    """A stream's id (reup_receiver.resume.stream_id, not imported: `reup delta` starts light)."""
+    with open(path, "rb") as f:
+        f.seek(-DIGEST_SIZE, os.SEEK_END)
+        return f.read(DIGEST_SIZE).hex()
