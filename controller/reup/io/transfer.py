@@ -23,7 +23,7 @@ from reup_receiver.protocol import parse_progress
 from reup_receiver.resume import CHUNK as RECEIVER_CHUNK
 from reup_receiver.resume import prefix_sha256, stream_id
 
-from reup.core.errors import TemporaryError
+from reup.core.errors import ReupError
 
 __all__ = ["TokenBucket", "TransferPaused", "TransferProgress", "prefix_sha256", "send", "stream_id"]
 
@@ -31,8 +31,11 @@ WINDOW = 4 * RECEIVER_CHUNK  # unacknowledged bytes in flight (the most a cut ca
 PIECE = 64 << 10  # bytes per write: the granularity of rate limiting and pauses
 
 
-class TransferPaused(TemporaryError):
-    """The transfer stopped at a chunk boundary because its window closed; it resumes later."""
+class TransferPaused(ReupError):
+    """The transfer stopped at a chunk boundary because its window closed; it resumes later.
+
+    Not a TemporaryError: it is not retried at once, nor counted as a failure (executors.py hands
+    the device back to the planner, which holds it until the window opens)."""
 
 
 class TokenBucket:
@@ -60,7 +63,8 @@ class TokenBucket:
     def delay(self, n: int) -> float:
         """Seconds until `n` bytes may go (0: now), without taking them."""
         self._refill()
-        return max(0.0, (min(n, self.burst) - self.tokens) / self.rate)
+        deficit = min(n, self.burst) - self.tokens
+        return deficit / self.rate if deficit > 1e-6 else 0.0  # float dust is not worth a sleep
 
     async def take(self, n: int) -> None:
         async with self._lock:  # first come, first served among senders sharing the bucket

@@ -26,6 +26,7 @@ from reup.config.reup_toml import Config
 from reup.core.errors import PermanentError, ReupError, TemporaryError, UnreachableError
 from reup.core.model import QUARANTINE, Desired, DeviceState, Fleet, Push, RolloutPolicy
 from reup.io.ssh import ConfirmTimeoutError, RolledBackError, SshPusher
+from reup.io.transfer import TransferPaused
 from reup.loop.events import (
     DeviceStateChanged,
     DeviceUpdated,
@@ -106,6 +107,8 @@ class UpdateExecutor:
                 outcome = await self.pusher.push(dev, push.toplevel, activation=policy.activation,
                                                  on_phase=self._phase(name), confirm_timeout=policy.confirm_timeout,
                                                  health_check=policy.health_check, on_sent=self._sent(name))
+            except TransferPaused:
+                return  # its window closed: the planner holds it until the next opening (not a failure)
             except (TemporaryError, PermanentError) as exc:
                 kind = ("unreachable" if isinstance(exc, UnreachableError)
                         else "transient" if isinstance(exc, TemporaryError)
