@@ -21,6 +21,10 @@
 #   (systemd-boot's `+TRIES` entries; U-Boot's bootcount/bootlimit/altbootcmd with extlinux; GRUB
 #   with grubenv) and the device reboots into it; it is blessed only after the health check, and
 #   the previous entry boots if it does not come up. Settings: /etc/reup/boot.json, written below.
+# - Offline updates (`offline.enable`): a USB stick labelled REUP carrying bundles from
+#   `reup export` is mounted by a udev-triggered unit, applied with `reup-receive --from-file`
+#   (signature checked against `offline.signers`, the device's own name, no replays) and given a
+#   receipt signed with the SSH host key; `reup import` on the controller reads the receipts.
 { config, lib, pkgs, options, ... }:
 let
   cfg = config.reup.receiver;
@@ -184,6 +188,29 @@ in
       };
     };
 
+    offline = {
+      enable = lib.mkEnableOption "updates from a USB stick labelled `offline.label` (bundles of `reup export`)";
+      label = lib.mkOption {
+        type = lib.types.str;
+        default = "REUP";
+        description = "File system label of the stick that triggers `reup-receive --from-file`.";
+      };
+      signers = lib.mkOption {
+        type = lib.types.listOf lib.types.str;
+        default = cfg.controllerKeys;
+        defaultText = lib.literalExpression "config.reup.receiver.controllerKeys";
+        description = ''
+          Public keys whose signature a bundle must carry (the controller's `[ssh] key`); written
+          to /etc/reup/allowed_signers with the principal `reup-controller`.'';
+      };
+      deviceName = lib.mkOption {
+        type = lib.types.str;
+        default = config.networking.hostName;
+        defaultText = lib.literalExpression "config.networking.hostName";
+        description = "This device's name in fleet.toml: a bundle for another name is refused.";
+      };
+    };
+
     writableStore = lib.mkOption {
       type = lib.types.bool;
       default = true;
@@ -270,6 +297,32 @@ in
     })
 
     (lib.mkIf cfg.writableStore storeWritable)
+
+    (lib.mkIf cfg.offline.enable {
+      environment.etc."reup/allowed_signers".text =
+        lib.concatMapStrings (key: "reup-controller ${key}\n") cfg.offline.signers;
+      services.udev.extraRules = ''
+        ACTION=="add", SUBSYSTEM=="block", ENV{ID_FS_LABEL}=="${cfg.offline.label}", TAG+="systemd", ENV{SYSTEMD_WANTS}+="reup-stick.service"
+      '';
+      systemd.services.reup-stick = {
+        description = "reup: apply the update bundle on the stick labelled ${cfg.offline.label}";
+        restartIfChanged = false;
+        unitConfig.X-StopOnRemoval = false;
+        path = [ pkgs.util-linux pkgs.openssh ];
+        serviceConfig.Type = "oneshot";
+        # The stick is mounted read-write only while the receipt is written; the exit code of
+        # reup-receive (e.g. 27: refused) is the unit's result, the receipt on the stick says why.
+        script = ''
+          set -eu
+          dir=/run/reup-stick
+          mkdir -p "$dir"
+          mount -o rw,nosuid,nodev,noexec /dev/disk/by-label/${cfg.offline.label} "$dir"
+          trap 'sync; umount "$dir"' EXIT
+          ${receive} --root / --from-file "$dir" --device ${lib.escapeShellArg cfg.offline.deviceName} \
+            --allowed-signers /etc/reup/allowed_signers --host-key /etc/ssh/ssh_host_ed25519_key
+        '';
+      };
+    })
 
     (lib.mkIf (!isRoot) {
       users.users.${cfg.user} = {

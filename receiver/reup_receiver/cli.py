@@ -15,11 +15,13 @@ import ctypes
 import json
 import os
 import shlex
+import socket
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import BinaryIO, cast
 
-from reup_receiver import confirm, maintenance
+from reup_receiver import confirm, maintenance, offline, resume
 from reup_receiver.boot import counted
 from reup_receiver.device import Device, translate_oserror
 from reup_receiver.errors import ReceiveError, UsageError
@@ -44,12 +46,21 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_argument("--confirm", type=int, metavar="GEN",
                        help="commit generation GEN, which awaits confirmation (after --check)")
     verbs.add_argument("--watchdog", action="store_true", help=argparse.SUPPRESS)
+    verbs.add_argument("--from-file", metavar="PATH",
+                       help="apply the signed bundle on a stick (PATH: its mount point, or an envelope)")
     verbs.add_argument("--ssh-command", action="store_true",
                        help="run the verb in SSH_ORIGINAL_COMMAND (forced-command mode)")
     p.add_argument("--keep", type=int, default=3, help="generations --gc keeps (default 3)")
     p.add_argument("--confirm-timeout", type=float, default=0, metavar="SECONDS",
                    help="after activating, roll back unless --confirm arrives within SECONDS")
     p.add_argument("--check", metavar="CMD", help="with --confirm: health check to pass first")
+    _resume_options(p)
+    p.add_argument("--device", default=socket.gethostname(), help="with --from-file: this device's name "
+                   "(default: the host name)")
+    p.add_argument("--allowed-signers", default="/etc/reup/allowed_signers",
+                   help="with --from-file: keys that may sign bundles (principal reup-controller)")
+    p.add_argument("--host-key", default="/etc/ssh/ssh_host_ed25519_key",
+                   help="with --from-file: the key that signs receipts (default: the SSH host key)")
     return p
 
 
@@ -58,6 +69,11 @@ def _version() -> str:
         return version("reup-receiver")
     except PackageNotFoundError:
         return "unknown"
+def _resume_options(p: argparse.ArgumentParser) -> None:
+    """Byte-level resume (resume.py): spool the stream, or continue a kept partial."""
+    p.add_argument("--stream-id", metavar="HEX", help="keep the stream's bytes so an interrupted receive can resume")
+    p.add_argument("--resume-from", type=int, default=0, metavar="N", help="continue the kept partial at byte N")
+    p.add_argument("--resume-sha256", metavar="HEX", help="sha256 of the stream's first N bytes")
 
 
 def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
@@ -76,6 +92,7 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     verb.add_argument("--keep", type=int, default=args.keep)
     verb.add_argument("--confirm-timeout", type=float, default=args.confirm_timeout)
     verb.add_argument("--check")
+    _resume_options(verb)
     try:
         parsed, extra = verb.parse_known_args(words)
     except (argparse.ArgumentError, SystemExit) as exc:
@@ -90,12 +107,14 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     args.keep = parsed.keep
     args.confirm_timeout = parsed.confirm_timeout
     args.check = parsed.check
+    args.stream_id, args.resume_from, args.resume_sha256 = parsed.stream_id, parsed.resume_from, parsed.resume_sha256
     return args
 
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     if args.ssh_command:
         args = _ssh_verb(args)
+        args.from_file = None  # never over SSH
     device = Device(args.root)
     confirm.settle_boot(device)  # a generation on trial whose kernel did not come up
     if args.watchdog:
@@ -109,10 +128,29 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         return maintenance.rollback(device, args.activate)
     if args.gc:
         return maintenance.gc(device, args.keep)
-    answer = receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout)
+    if args.from_file:
+        return offline.apply(device, args.from_file, device_name=args.device, allowed_signers=args.allowed_signers,
+                             host_key=args.host_key if os.path.exists(args.host_key) else None)
+    if args.stream_id:
+        answer = _receive_resumable(device, args)
+    else:
+        answer = receive(device, sys.stdin.buffer, args.activate, args.confirm_timeout).to_json()
     if args.activate == "reboot" and counted.judge(device)[0] == "not_rebooted":
         counted.reboot(device)  # detached and delayed: the answer goes out first
-    return answer.to_json()
+    return answer
+
+
+def _receive_resumable(device: Device, args: argparse.Namespace) -> dict[str, object]:
+    spool = resume.SpoolInput(device, sys.stdin.buffer, args.stream_id, args.resume_from, args.resume_sha256,
+                              progress=sys.stdout.buffer)
+    error: BaseException | None = None
+    try:
+        return receive(device, cast(BinaryIO, spool), args.activate, args.confirm_timeout).to_json()
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        resume.finish(device, spool, error)
 
 
 def _return_freed_memory() -> None:

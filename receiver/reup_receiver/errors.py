@@ -114,3 +114,13 @@ class Rebooting(ReceiveError):
     """confirm while the device has not yet rebooted into the generation on trial (activation reboot)."""
 
     exit_code = ExitCode.REBOOTING
+class ResumeMismatch(ReceiveError):
+    """A resume that does not match the partial stream the device keeps; the partial is dropped."""
+
+    exit_code = ExitCode.RESUME_MISMATCH
+
+
+class BadSignature(ReceiveError):
+    """An offline bundle whose signature, device or generation does not check out (offline.py)."""
+
+    exit_code = ExitCode.BAD_SIGNATURE

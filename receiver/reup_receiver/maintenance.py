@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Iterable
 
-from reup_receiver import confirm
+from reup_receiver import confirm, resume
 from reup_receiver.builder import available_codecs
 from reup_receiver.device import Device
 from reup_receiver.errors import NoGeneration
@@ -32,6 +32,7 @@ def status(device: Device) -> dict[str, object]:
         "last_rollback": confirm.last_rollback(device),
         "format": VERSION,
         "codecs": [c.name.lower() for c in available_codecs()],
+        "resume": resume.status_field(device),
     }
 
 
@@ -69,6 +70,7 @@ def gc(device: Device, keep: int) -> dict[str, object]:
             host = device.host(path)
             if os.path.lexists(host):
                 device.remove_tree(host)
+        resume.discard(device)  # a partial stream is staging too
         staged = list(device.staged())
         for path in staged:
             name = os.path.basename(path)

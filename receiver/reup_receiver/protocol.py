@@ -12,7 +12,9 @@ clear error with the device's name, never an internal one.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ class ExitCode(IntEnum):
     NOT_PENDING = 24
     HEALTH_CHECK_FAILED = 25
     REBOOTING = 26  # confirm before the device rebooted into a generation on trial: ask again
+    RESUME_MISMATCH = 27
+    BAD_SIGNATURE = 28
     SSH_FAILURE = 255  # ssh's own code: the connection, not the receiver
 
 
@@ -86,6 +90,8 @@ EXITS: Mapping[ExitCode, tuple[str, Retry]] = {
     ExitCode.NOT_PENDING: ("not-pending", Retry.ROLLED_BACK),
     ExitCode.HEALTH_CHECK_FAILED: ("health-check-failed", Retry.ROLLED_BACK),
     ExitCode.REBOOTING: ("rebooting", Retry.TRANSIENT),
+    ExitCode.RESUME_MISMATCH: ("resume-mismatch", Retry.TRANSIENT),  # the device's partial is dropped
+    ExitCode.BAD_SIGNATURE: ("bad-signature", Retry.PERMANENT),  # an offline bundle (--from-file)
     ExitCode.SSH_FAILURE: ("connection", Retry.UNREACHABLE),
 }
 # Exit codes that blame one store path the device holds (named on stderr): a corrupt or
@@ -127,6 +133,21 @@ def confirm_command(generation: int, check: str | None = None) -> str:
 
 
 STATUS_COMMAND = "status"
+
+
+def resume_args(stream_id: str, offset: int = 0, prefix_sha256: str | None = None) -> str:
+    """What `receive` takes after its options for a resumable transfer (docs/stream-format.md, Resume):
+    the stream's id, and to continue a partial the device holds, its offset and the prefix's sha256."""
+    if not _HEX64.fullmatch(stream_id) or offset < 0:
+        raise ValueError("stream id must be 64 hex digits and the offset >= 0")
+    if offset == 0:
+        return f" --stream-id {stream_id}"
+    if prefix_sha256 is None or not _HEX64.fullmatch(prefix_sha256):
+        raise ValueError("resuming needs the prefix's sha256 (64 hex digits)")
+    return f" --stream-id {stream_id} --resume-from {offset} --resume-sha256 {prefix_sha256}"
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 # --- answers -------------------------------------------------------------------------------------
@@ -200,6 +221,8 @@ class StatusAnswer:
     last_rollback: Mapping[str, object] | None = None
     codecs: tuple[str, ...] | None = None  # patch codecs it can apply (None: an older receiver)
     format: int | None = None
+    resume: ResumePoint | None = None  # a partial stream the device keeps (resume.py)
+    resumable: bool = False  # the receiver takes --stream-id (False: an older receiver)
 
     def generation_of(self, toplevel: str) -> int | None:
         numbers = [n for n, t in self.generations if t == toplevel]
@@ -228,7 +251,46 @@ class StatusAnswer:
             last_rollback=rb or None,
             codecs=_strs(d, "codecs") if codecs is not None else None,
             format=_int(fmt, "format") if fmt is not None else None,
+            resume=ResumePoint.from_json(d["resume"]) if d.get("resume") else None,
+            resumable="resume" in d,
         )
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """`status.resume`: the device holds the first `offset` bytes of stream `stream_id`, verified."""
+
+    stream_id: str
+    offset: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"stream_id": self.stream_id, "offset": self.offset}
+
+    @classmethod
+    def from_json(cls, data: Any) -> ResumePoint:
+        d = _obj(data, "resume")
+        sid = str(_str(d, "stream_id"))
+        off = _int(d.get("offset"), "resume.offset")
+        if not _HEX64.fullmatch(sid) or off < 0:
+            raise ProtocolError(f"resume: bad stream id or offset {sid!r:.80} {off}")
+        return cls(sid, off)
+
+
+def progress_line(offset: int) -> bytes:
+    """What a resumable `receive` writes on stdout each time it has made `offset` bytes durable;
+    the answer is the last line."""
+    return b'{"verified": %d}\n' % offset
+
+
+def parse_progress(line: bytes) -> int | None:
+    """The offset in a progress line, None for any other line (the answer)."""
+    if not line.startswith(b'{"verified": '):
+        return None
+    try:
+        value = json.loads(line)["verified"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(frozen=True)

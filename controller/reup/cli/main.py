@@ -33,6 +33,7 @@ _COMMAND_MODULES = (
     "reup.cli.demo",
     "reup.cli.delta",
     "reup.cli.source",
+    "reup.cli.offline",
 )
 
 

@@ -14,11 +14,12 @@ import re
 import struct
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from reup.config.schema import Section, load_toml, validate
 from reup.core.errors import ConfigError
-from reup.core.model import Device, Fleet, RolloutPolicy
+from reup.core.model import Device, Fleet, LinkLimits, RolloutPolicy, TransferPolicy
+from reup.core.windows import check_tz, parse_window
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521")
@@ -31,6 +32,16 @@ def _default(cls: type[Any], name: str) -> Any:
 
 
 _R = RolloutPolicy()
+Rate = Annotated[float, Field(ge=1.0, allow_inf_nan=False)]
+
+
+def _window(text: str) -> str:
+    parse_window(text, "window")  # ConfigError is a ValueError: reported with the key's path
+    return text
+
+
+def _tz(tz: str) -> str:
+    return check_tz(tz, "time zone")
 
 
 class RolloutSpec(Section):
@@ -65,6 +76,9 @@ class DeviceSpec(Section):
     config: str | None = None  # default: the device's name
     wave: str = _default(Device, "wave")
     tags: list[str] | dict[str, str | int | float | bool] = Field(default_factory=list)
+    max_rate: Rate | None = None  # bytes/s to this device
+    windows: list[Annotated[str, AfterValidator(_window)]] = Field(default_factory=list)
+    tz: Annotated[str, AfterValidator(_tz)] = _default(Device, "tz")
 
     @field_validator("host_key")
     @classmethod
@@ -75,12 +89,37 @@ class DeviceSpec(Section):
         tags = (tuple(f"{k}={v}" for k, v in sorted(self.tags.items())) if isinstance(self.tags, dict)
                 else tuple(self.tags))
         return Device(name=name, host=self.host, host_key=self.host_key, port=self.port, user=self.user,
-                      config=self.config if self.config is not None else name, wave=self.wave, tags=tags)
+                      config=self.config if self.config is not None else name, wave=self.wave, tags=tags,
+                      max_rate=self.max_rate, windows=tuple(self.windows), tz=self.tz)
+
+
+class TagLimits(Section):
+    """`[transfer.tags.<tag>]`: shared by the tag's devices."""
+
+    max_rate: Rate | None = None
+    windows: list[Annotated[str, AfterValidator(_window)]] = Field(default_factory=list)
+
+
+class WaveLimits(Section):
+    """`[transfer.waves.<wave>]` (windows belong to devices and tags, in the device's time zone)."""
+
+    max_rate: Rate | None = None
+
+
+class TransferSpec(Section):
+    tags: dict[str, TagLimits] = Field(default_factory=dict)
+    waves: dict[str, WaveLimits] = Field(default_factory=dict)
+
+    def policy(self) -> TransferPolicy:
+        return TransferPolicy(
+            tags={k: LinkLimits(max_rate=v.max_rate, windows=tuple(v.windows)) for k, v in self.tags.items()},
+            waves={k: LinkLimits(max_rate=v.max_rate) for k, v in self.waves.items()})
 
 
 class FleetToml(Section):
     devices: dict[str, DeviceSpec]
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    transfer: TransferSpec = Field(default_factory=TransferSpec)
 
     @field_validator("devices", mode="before")
     @classmethod
@@ -126,4 +165,4 @@ def parse_fleet(text: str, *, where: str = "fleet.toml") -> Fleet:
     if not raw.devices:  # pragma: no cover - refused by the schema
         raise ConfigError(f"{where}: no devices")
     return Fleet(devices={name: spec.device(name) for name, spec in raw.devices.items()},
-                 rollout=raw.rollout.policy())
+                 rollout=raw.rollout.policy(), transfer=raw.transfer.policy())

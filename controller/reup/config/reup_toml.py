@@ -107,6 +107,10 @@ class HttpConfig(Section):
         return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class TransferConfig(Section):
+    max_rate: float | None = Field(None, ge=1.0, allow_inf_nan=False)  # bytes/s, the controller's total egress to devices (None: no limit)
+
+
 class ReupToml(Section):
     """The file as written."""
 
@@ -115,6 +119,7 @@ class ReupToml(Section):
     build: BuildConfig = Field(default_factory=BuildConfig)
     ssh: SshConfig = Field(default_factory=SshConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    transfer: TransferConfig = Field(default_factory=lambda: TransferConfig())
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class Config:
     ssh: SshConfig = field(default_factory=SshConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     path: str | None = None
+    transfer: TransferConfig = field(default_factory=TransferConfig)
 
 
 def is_local(url: str) -> bool:
@@ -153,7 +159,8 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None,
                                  os.environ if env is None else env)
     state = raw.state.model_copy(update={"dir": _path(base_dir, raw.state.dir)})
     ssh = raw.ssh.model_copy(update={"key": _path(base_dir, raw.ssh.key)})
-    return Config(source=source, state=state, build=raw.build, ssh=ssh, http=raw.http, path=path)
+    return Config(source=source, state=state, build=raw.build, ssh=ssh, http=raw.http, path=path,
+                  transfer=raw.transfer)
 
 
 # [source] keys for private remotes, in order; the ones holding paths are resolved like other paths.

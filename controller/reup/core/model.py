@@ -272,9 +272,27 @@ class Device:
     config: str = ""
     wave: str = "default"
     tags: tuple[str, ...] = ()
+    max_rate: float | None = None  # bytes/s to this device (None: no limit)
+    windows: tuple[str, ...] = ()  # daily "HH:MM-HH:MM" ranges in `tz` (empty: any time)
+    tz: str = "UTC"
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """`[transfer.tags.<tag>]` / `[transfer.waves.<wave>]` in fleet.toml: shared by their devices."""
+
+    max_rate: float | None = None  # bytes/s, all of the group's transfers together
+    windows: tuple[str, ...] = ()  # tags only: daily ranges in each device's tz
+
+
+@dataclass(frozen=True)
+class TransferPolicy:
+    tags: Mapping[str, LinkLimits] = field(default_factory=dict)
+    waves: Mapping[str, LinkLimits] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Fleet:
     devices: dict[str, Device] = field(default_factory=dict)
     rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    transfer: TransferPolicy = field(default_factory=TransferPolicy)

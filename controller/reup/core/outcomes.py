@@ -76,5 +76,13 @@ class BuildDeferred:
     error: str
 
 
-UpdateOutcome = Updated | UpdateFailed | Undecided
+@dataclass(frozen=True)
+class Paused:
+    """The transfer stopped because the device's transfer window closed: no failure, it resumes from
+    the device's kept partial when the planner's window opens again."""
+
+    push: Push
+
+
+UpdateOutcome = Updated | UpdateFailed | Undecided | Paused
 BuildOutcome = Built | BuildDeferred

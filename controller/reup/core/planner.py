@@ -19,7 +19,9 @@ Then the rollout rules (rollout.py) gate every Push, in wave order:
 8. rollout halted (failure threshold, operator pause)     -> halted, nothing starts
 9. an earlier wave short of its success condition          -> pending (+ Wait for the bake), or
                                                               halted when that wave settled short
-10. more than policy.max_parallel updating in the wave     -> pending (waiting for a slot)
+10. outside the device's transfer windows (`schedules`)   -> pending, "waiting_for_window" (+ Wait for
+                                                              the next opening); takes no slot
+11. more than policy.max_parallel updating in the wave     -> pending (waiting for a slot)
 Devices mid-update always finish (rule 3), so a new commit supersedes a running
 rollout only for devices that have not started.
 
@@ -30,7 +32,7 @@ it for its status, when its attempt's retry time comes, until it says.
 
 from __future__ import annotations
 
-from collections.abc import Set
+from collections.abc import Mapping, Set
 
 from reup.core.model import (
     AttemptKind,
@@ -47,12 +49,14 @@ from reup.core.model import (
     Wait,
 )
 from reup.core.rollout import MAX_TRANSIENT, assess, wave_index
+from reup.core.windows import WAITING_FOR_WINDOW, Schedule
 
 S = DeviceState
 __all__ = ["MAX_TRANSIENT", "plan", "probes"]
 
 
-def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float) -> Plan:
+def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float,
+         schedules: Mapping[str, Schedule] | None = None) -> Plan:
     builds: list[str] = []
     # Waves in policy order, then by name, so that a limited budget goes to early waves first.
     names = sorted(desired.targets, key=lambda n: (wave_index(policy, desired.targets[n].wave), n))
@@ -81,12 +85,20 @@ def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float
             elif i > gate.open_index:
                 wait = Wait(gate.wait_until) if gate.wait_until is not None else None
                 decision = Decision(name, S.PENDING, wait, gate.waiting, blocked_by=gate.stalled)
+            elif schedules and name in schedules and not schedules[name].is_open(now):
+                decision = _outside_window(name, schedules[name], now)
             elif policy.max_parallel > 0 and in_flight.get(i, 0) >= policy.max_parallel:
                 decision = Decision(name, S.PENDING, None, "waiting for a free slot (rollout.max_parallel)")
             else:
                 in_flight[i] = in_flight.get(i, 0) + 1
         decisions[name] = decision
     return Plan(decisions=decisions, builds=tuple(builds), rollout=gate.rollout)
+
+
+def _outside_window(name: str, schedule: Schedule, now: float) -> Decision:
+    opens = schedule.next_open(now)
+    return Decision(name, S.PENDING, Wait(opens) if opens is not None else None,
+                    f"{WAITING_FOR_WINDOW}: transfers only in {schedule.describe()}")
 
 
 def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: float) -> Decision:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from reup_receiver.format.wire import DIGEST_SIZE
 from reup_receiver.format.wire import VERSION as STREAM_VERSION
 
 from reup import __version__
@@ -94,6 +95,23 @@ class DeltaCache:
             self._prune()
             return self.Entry(stream, stream_bytes, nar_bytes, False)
 
+    def find(self, stream_id: str, target: str) -> DeltaCache.Entry | None:
+        """The cached stream with this id (its trailer digest) for `target`: the one a device keeps a
+        partial of, so an interrupted transfer resumes with the very same bytes (transfer.py)."""
+        for name in os.listdir(self.dir):
+            if not name.endswith(".stream"):
+                continue
+            stream = os.path.join(self.dir, name)
+            try:
+                with open(stream[: -len(".stream")] + ".json", encoding="utf-8") as f:
+                    m = json.load(f)
+                if m.get("target") == target and _trailer_digest(stream) == stream_id:
+                    os.utime(stream)
+                    return self.Entry(stream, int(m["stream_bytes"]), int(m["nar_bytes"]), True)
+            except (OSError, ValueError, KeyError):
+                continue
+        return None
+
     def _prune(self) -> None:
         streams = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.endswith(".stream")]
         streams.sort(key=lambda p: os.path.getmtime(p), reverse=True)
@@ -101,3 +119,10 @@ class DeltaCache:
             for path in (old, old[: -len(".stream")] + ".json"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+
+
+def _trailer_digest(path: str) -> str:
+    """A stream's id (reup_receiver.resume.stream_id, not imported: `reup delta` starts light)."""
+    with open(path, "rb") as f:
+        f.seek(-DIGEST_SIZE, os.SEEK_END)
+        return f.read(DIGEST_SIZE).hex()

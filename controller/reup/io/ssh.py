@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import asyncssh
@@ -35,18 +35,22 @@ from reup_receiver.protocol import (
     ExitCode,
     ProtocolError,
     ReceiveAnswer,
+    ResumePoint,
     Retry,
     StatusAnswer,
     confirm_command,
     exit_kind,
     receive_command,
+    resume_args,
     retry_class,
 )
 
 from reup.core.delta_base import DeltaBase, after_broken_base
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import Device, DeviceState
+from reup.io import transfer
 from reup.io.retry import retrying
+from reup.io.transfer import TokenBucket, TransferProgress
 
 log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
@@ -167,12 +171,20 @@ class SshPusher:
         connect_timeout: float = 10.0,
         attempts: int = 3,
         have_path: Callable[[str], bool] = os.path.exists,
+        transfers: dict[str, TransferProgress] | None = None,
+        rate_limits: Callable[[Device], Sequence[TokenBucket]] = lambda dev: (),
+        may_transfer: Callable[[Device], bool] = lambda dev: True,
     ) -> None:
         self.deltas = deltas
         self.key = key
         self.connect_timeout = connect_timeout
         self.attempts = attempts
         self.have_path = have_path
+        # Byte-level resume, rates and windows (transfer.py), as the reconcile loop configures them:
+        # the progress of each device's transfer (read by status and gauges), its buckets, its window.
+        self.transfers = {} if transfers is None else transfers
+        self.rate_limits = rate_limits
+        self.may_transfer = may_transfer
 
     async def _connect(self, dev: Device, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         try:
@@ -278,9 +290,11 @@ class SshPusher:
             while True:
                 try:
                     result, entry = await self._send(conn, base.held, toplevel, base.staged, base.avoid, activation,
-                                                     on_phase, confirm_timeout, status.codecs, on_sent)
+                                                     on_phase, confirm_timeout, status.codecs, on_sent,
+                                                     status=status, dev=dev)
                     break
                 except BrokenBaseError as exc:
+                    status = replace(status, resume=None)  # the device dropped its partial
                     following = after_broken_base(base, exc.path)
                     if following is None:
                         raise
@@ -299,9 +313,15 @@ class SshPusher:
                     confirm_timeout: float = 0.0,
                     codecs: tuple[str, ...] | None = None,
                     on_sent: SentHook = _unreported,
+                    *, status: StatusAnswer | None = None, dev: Device | None = None,
                     ) -> tuple[ReceiveAnswer, Stream]:
-        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid, codecs)
+        kept = self._kept_stream(status, toplevel)
+        entry: Stream = kept if kept is not None else await asyncio.to_thread(
+            self.deltas.get, held, toplevel, staged, avoid, codecs)
         start = time.monotonic()
+        if status is not None and status.resumable and dev is not None:
+            return await self._send_resumable(conn, dev, entry, status.resume if kept else None, held, activation,
+                                              on_phase, confirm_timeout, on_sent, start)
         try:
             proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
             with open(entry.path, "rb") as f:
@@ -324,3 +344,56 @@ class SshPusher:
             raise err
         out = res.stdout if isinstance(res.stdout, bytes) else str(res.stdout or "").encode()
         return parse_receive(out), entry
+
+    # --- byte-level resume, rates and windows (transfer.py) ---
+
+    def _kept_stream(self, status: StatusAnswer | None, toplevel: str) -> Stream | None:
+        """The cached stream whose partial the device keeps, if it is still for `toplevel`."""
+        find = getattr(self.deltas, "find", None)
+        if status is None or status.resume is None or find is None:
+            return None
+        entry: Stream | None = find(status.resume.stream_id, toplevel)
+        return entry
+
+    async def _send_resumable(self, conn: asyncssh.SSHClientConnection, dev: Device, entry: Stream,
+                              point: ResumePoint | None, held: tuple[str, ...], activation: str,
+                              on_phase: Callable[[DeviceState], None], confirm_timeout: float,
+                              on_sent: SentHook, start: float) -> tuple[ReceiveAnswer, Stream]:
+        sid = await asyncio.to_thread(transfer.stream_id, entry.path)
+        offset = point.offset if point is not None and point.stream_id == sid and point.offset < entry.stream_bytes else 0
+        prefix = await asyncio.to_thread(transfer.prefix_sha256, entry.path, offset) if offset else None
+        progress = self.transfers.setdefault(dev.name, transfer.TransferProgress())
+        if progress.stream_id != sid:
+            self.transfers[dev.name] = progress = transfer.TransferProgress(stream_id=sid)
+        progress.total, progress.offset, progress.attempts = entry.stream_bytes, offset, progress.attempts + 1
+        progress.resumed += bool(offset)
+        command = receive_command(activation, confirm_timeout) + resume_args(sid, offset, prefix)
+        try:
+            proc = await conn.create_process(command, encoding=None)
+            answer = b""
+            try:
+                answer = await transfer.send(proc, entry.path, offset, progress, buckets=self.rate_limits(dev),
+                                             may_continue=lambda: self.may_transfer(dev))
+            except transfer.TransferPaused:
+                progress.waiting_for_window = True
+                await proc.wait(check=False)
+                raise
+            except (OSError, asyncssh.Error, BrokenPipeError):
+                pass  # the receiver may have stopped reading on purpose: its exit status says
+            progress.waiting_for_window = False
+            on_sent(entry.stream_bytes - offset, entry.nar_bytes, time.monotonic() - start)
+            on_phase(DeviceState.ACTIVATING)
+            res = await proc.wait(check=False)
+        except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
+            raise UnreachableError(f"transfer interrupted at byte {progress.position}: {exc}") from exc
+        stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
+        if res.exit_status != 0:
+            err = classify_exit(res.exit_status, stderr)
+            if res.exit_status in BLAMES_BASE:
+                blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
+                if blamed:
+                    raise BrokenBaseError(str(err), blamed[0])
+            raise err
+        if isinstance(res.stdout, bytes) and res.stdout and not answer:
+            answer = res.stdout.splitlines()[-1]
+        return parse_receive(answer), entry

@@ -57,6 +57,7 @@ from reup.io.retry import retrying
 from reup.io.signing import verify_commit
 from reup.io.source import GitSource
 from reup.io.ssh import SshPusher
+from reup.io.transfer import TransferProgress
 from reup.loop.events import (
     CommitRefused,
     DevicesSnapshot,
@@ -82,6 +83,7 @@ from reup.loop.http import HttpServer
 from reup.loop.metrics import Metrics
 from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
+from reup.loop.transfers import TransferLimits, register_gauges, transfer_status, waiting_for_window
 from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
@@ -102,11 +104,17 @@ class Controller:
         self.builder: SystemBuilder = builder or Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
         self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
+        # Rates and windows (transfers.py): buckets for the transport, schedules for the planner.
+        self.limits = TransferLimits(cfg.transfer.max_rate, lambda: self.fleet, clock)
+        self.transfers: dict[str, TransferProgress] = {}
         self.pusher: DeviceExecutor = executor or SshPusher(
-            self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout, attempts=cfg.ssh.attempts)
+            self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout, attempts=cfg.ssh.attempts,
+            transfers=self.transfers, rate_limits=self.limits.buckets_for, may_transfer=self.limits.may_transfer)
         self.bus = EventBus()
         self.metrics = Metrics(device_info=cfg.http.device_info, poll_interval=cfg.source.poll_interval,
                                shard=(self.shard.index, self.shard.count))
+        self.waiting: dict[str, float | None] = {}
+        register_gauges(self.metrics.registry, self.transfers, self.waiting)
         self.bus.subscribe(store_subscriber(self.store))
         self.bus.subscribe(self.metrics)
         self.bus.subscribe(log_subscriber())
@@ -156,7 +164,7 @@ class Controller:
         if listen is None and not self.cfg.http.listen:
             return None
         host, port = listen or self.cfg.http.host_port
-        server = HttpServer(host, port, registry=self.metrics.registry, status=self.store.status,
+        server = HttpServer(host, port, registry=self.metrics.registry, status=self.status_with_transfers,
                             webhook=self.request_fetch_threadsafe, web=self.fleet_page())
         server.start()
         return server
@@ -286,7 +294,9 @@ class Controller:
         now = self.clock()
         desired = self.store.desired()
         observed = self.observe()
-        plan = planner.plan(desired, observed, self.policy, now)
+        plan = planner.plan(desired, observed, self.policy, now, self.limits.schedules())
+        self.waiting.clear()
+        self.waiting.update(waiting_for_window(plan))
         for device, old, new in self.store.set_states(plan.decisions.values(), now):
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
@@ -305,6 +315,9 @@ class Controller:
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
         return plan
+
+    def status_with_transfers(self) -> dict[str, Any]:
+        return {**self.store.status(), "transfers": transfer_status(self.transfers, self.waiting)}
 
     def _rollout_changed(self, plan: Plan, now: float) -> None:
         r = plan.rollout

@@ -44,6 +44,7 @@ from reup.core.outcomes import (
     BuildDeferred,
     BuildOutcome,
     Built,
+    Paused,
     ProbeVerdict,
     Undecided,
     Updated,
@@ -51,6 +52,7 @@ from reup.core.outcomes import (
     UpdateOutcome,
 )
 from reup.io.ssh import ConfirmTimeoutError, PushOutcome, RolledBackError, SentHook
+from reup.io.transfer import TransferPaused
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ async def execute_push(executor: DeviceExecutor, dev: Device, push: Push, policy
         if out.generation is not None and out.confirm_deadline is not None:
             on_phase(DeviceState.CONFIRMING)
             await executor.confirm(dev, push.toplevel, out.generation, out.confirm_deadline, policy.health_check)
+    except TransferPaused:
+        return Paused(push)
     except (TemporaryError, PermanentError) as exc:
         generation = exc.generation if isinstance(exc, ConfirmTimeoutError) else None
         return UpdateFailed(push, attempt_kind(exc), str(exc), generation)

@@ -13,7 +13,14 @@ import random
 from collections.abc import Callable
 
 from reup.core.model import DeviceState, UpdateResult
-from reup.core.outcomes import BuildDeferred, BuildOutcome, Updated, UpdateFailed, UpdateOutcome
+from reup.core.outcomes import (
+    BuildDeferred,
+    BuildOutcome,
+    Paused,
+    Updated,
+    UpdateFailed,
+    UpdateOutcome,
+)
 from reup.loop.events import (
     BuildFinished,
     DeviceStateChanged,
@@ -78,6 +85,8 @@ class OutcomeRecorder:
                                       outcome.generation)
             self.bus.emit(DeviceUpdated(now, name, kind.result, push.commit, push.toplevel, error=outcome.error))
             self.bus.emit(ReconcileError(now, "push", outcome.error, name))
+        elif isinstance(outcome, Paused):
+            return  # the planner holds the device until its window opens: nothing to record
         elif outcome.verdict.ask_again:
             failures = self.probe_failures[name] = self.probe_failures.get(name, 0) + 1
             self.store.set_retry(name, now + self.backoff(failures))
