@@ -108,3 +108,9 @@ class HealthCheckFailed(ReceiveError):
     """The health check failed at confirmation; the device rolled back."""
 
     exit_code = ExitCode.HEALTH_CHECK_FAILED
+
+
+class PendingConfirmation(ReceiveError):
+    """A receive or switch while a generation awaits confirmation (invariant 2)."""
+
+    exit_code = ExitCode.PENDING

@@ -49,6 +49,7 @@ class ExitCode(IntEnum):
     NO_GENERATION = 23
     NOT_PENDING = 24
     HEALTH_CHECK_FAILED = 25
+    PENDING = 26  # a generation awaits confirmation: confirm it or wait for its deadline
     SSH_FAILURE = 255  # ssh's own code: the connection, not the receiver
 
 
@@ -82,6 +83,7 @@ EXITS: Mapping[ExitCode, tuple[str, Retry]] = {
     ExitCode.NO_GENERATION: ("no-generation", Retry.PERMANENT),
     ExitCode.NOT_PENDING: ("not-pending", Retry.ROLLED_BACK),
     ExitCode.HEALTH_CHECK_FAILED: ("health-check-failed", Retry.ROLLED_BACK),
+    ExitCode.PENDING: ("pending", Retry.TRANSIENT),
     ExitCode.SSH_FAILURE: ("connection", Retry.UNREACHABLE),
 }
 # Exit codes that blame one store path the device holds (named on stderr): a corrupt or
@@ -109,9 +111,23 @@ def exit_kind(exit_status: int | None) -> str:
 # --- command lines (built by the controller, parsed by the receiver's cli.py) --------------------
 
 
+# `--confirm-timeout` range (docs/device-invariants.md, invariant 8); 0 means no confirmation.
+CONFIRM_TIMEOUT_MIN = 1.0
+CONFIRM_TIMEOUT_MAX = 86400.0
+
+
+def check_confirm_timeout(value: float) -> float:
+    """0 (no confirmation) or a finite number of seconds within the documented range."""
+    if value != 0 and not (math.isfinite(value) and CONFIRM_TIMEOUT_MIN <= value <= CONFIRM_TIMEOUT_MAX):
+        raise ValueError(f"--confirm-timeout {value!r}: must be 0 or between {CONFIRM_TIMEOUT_MIN:g} "
+                         f"and {CONFIRM_TIMEOUT_MAX:g} seconds")
+    return value
+
+
 def receive_command(activation: str = "switch", confirm_timeout: float = 0.0) -> str:
     if activation not in ACTIONS:
         raise ValueError(f"unknown activation {activation!r}")
+    check_confirm_timeout(confirm_timeout)
     extra = f" --confirm-timeout {confirm_timeout:g}" if confirm_timeout > 0 else ""
     return f"receive --activate {activation}{extra}"
 
