@@ -324,7 +324,7 @@ def watchdog(device: Device) -> dict[str, Any]:
             return {"watchdog": "confirmed"}
         delay = remaining(record)
         if delay > 0:
-            time.sleep(min(delay + 0.05, 60.0))
+            time.sleep(min(delay + 0.05, 2.0))  # short polls: a confirmed or removed record ends it soon
             continue
         with device.lock(wait=True):
             entry = expire_overdue(device)

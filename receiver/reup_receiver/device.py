@@ -65,10 +65,14 @@ class Device:
             if os.path.lexists(d):
                 delete_tree(d)
             os.makedirs(d)
-        # A record without its tree is the trace of a kill between the two renames.
-        for name in os.listdir(self.done):
-            if name.endswith(".json") and not os.path.lexists(os.path.join(self.done, name[:-5])):
+        # A record without its tree is the trace of a kill between the two renames; a tree
+        # without its record was never verified (or was being replaced): neither is kept.
+        names = set(os.listdir(self.done))
+        for name in names:
+            if name.endswith(".json") and name[:-5] not in names:
                 os.unlink(os.path.join(self.done, name))
+            elif not name.endswith(".json") and not name.endswith(".reup-tmp") and name + ".json" not in names:
+                delete_tree(os.path.join(self.done, name))
 
     # --- store paths -----------------------------------------------------------
 
@@ -189,6 +193,24 @@ def symlink_atomic(target: str, link: str) -> None:
     os.symlink(target, tmp)
     os.rename(tmp, link)
     fsync_dir(os.path.dirname(link))
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: str, b: str) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE): neither is ever missing."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise ReceiveError("this system has no renameat2: cannot replace a store path atomically")
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), b)
+    fsync_dir(os.path.dirname(b))
 
 
 def write_atomic(path: str, data: bytes) -> None:

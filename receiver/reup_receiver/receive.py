@@ -19,12 +19,20 @@ from typing import BinaryIO
 
 from reup_receiver import confirm
 from reup_receiver.builder import PathBuilder
-from reup_receiver.device import Device, write_atomic
-from reup_receiver.errors import Corrupt, DiskFull, HashMismatch, MissingBase, MissingPath
+from reup_receiver.device import Device, exchange, write_atomic
+from reup_receiver.errors import (
+    Corrupt,
+    DiskFull,
+    HashMismatch,
+    MissingBase,
+    MissingPath,
+    ReceiveError,
+)
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.literal import LiteralStream
 from reup_receiver.format.manifest import decode_manifest
 from reup_receiver.format.model import Manifest
+from reup_receiver.format.nar import nar_hash_tree
 from reup_receiver.format.wire import (
     T_DATA,
     T_ENTRY,
@@ -209,6 +217,28 @@ def _stage_done(device: Device, rec: PathRecord) -> None:
     os.rename(os.path.join(device.work, name), dest)
 
 
+def _is_broken(device: Device, rec: PathRecord) -> bool:
+    """The device's copy of a path the controller reports broken: does it fail its NAR hash?"""
+    try:
+        return nar_hash_tree(device.host(rec.path))[0] != rec.nar_hash
+    except (OSError, ReceiveError):
+        return True
+
+
+def _replace(device: Device, rec: PathRecord) -> None:
+    """Invariant 4: the verified staged copy goes in beside the broken one and is swapped in by one
+    atomic exchange, so the path is never missing; the NAR hash is registered again first."""
+    name = os.path.basename(rec.path)
+    beside = os.path.join(device.trash, name + ".replace")
+    os.unlink(os.path.join(device.done, name + ".json"))
+    os.rename(os.path.join(device.done, name), beside)
+    device.record(rec)
+    if device.db.exists():
+        device.db.reregister(rec)
+    exchange(beside, device.host(rec.path))
+    device.remove_tree(beside)  # the broken copy
+
+
 def _install(m: Manifest, device: Device) -> list[str]:
     """Phase 2: every manifest path into the store (from staging), recorded and registered.
 
@@ -232,7 +262,11 @@ def _install(m: Manifest, device: Device) -> list[str]:
     installed = []
     for rec in records:
         name = os.path.basename(rec.path)
-        if rec.path in valid and rec.path not in replace:
+        if rec.path in valid and rec.path in replace and rec.path in staged and _is_broken(device, rec):
+            _replace(device, rec)
+            installed.append(rec.path)
+            continue
+        if rec.path in valid:  # invariant 4: a valid path that verifies is never touched
             if rec.path in staged:  # carried although present: the staged copy is surplus
                 os.unlink(os.path.join(device.done, name + ".json"))
                 device.remove_tree(os.path.join(device.done, name))
