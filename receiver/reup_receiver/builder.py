@@ -184,6 +184,13 @@ MAX_WHOLE_OUTPUT = 64 << 20
 MAX_PATCH_OUTPUT = 1 << 30
 
 
+def check_patch_size(e: Entry) -> None:
+    limit = MAX_PATCH_OUTPUT if e.codec == Codec.ZSTD_PREFIX else MAX_WHOLE_OUTPUT
+    if e.size > limit or e.data_len > MAX_PATCH_OUTPUT:
+        raise Oversized(f"{e.relpath!r}: patch output of {e.size} bytes exceeds the receiver's "
+                        f"limit of {limit} for {e.codec.name if e.codec else 'its codec'}")
+
+
 def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | None = None) -> None:
     """Write `old` patched with `patch` to `sink` (`size`: the declared output size, checked
     before any decoding); codec errors propagate as the library raises them."""
@@ -347,6 +354,8 @@ class PathBuilder:
             if b"/".join(parts[:depth]) in self.links:
                 raise UnsafeWrite(f"{label}: would write through the symlink "
                                   f"{self.label(b'/'.join(parts[:depth]))}")
+        if e.kind == KIND_FILE and e.method == Method.PATCH:
+            check_patch_size(e)  # before a byte of it is read or decoded
         if e.kind == KIND_DIR:
             self.nar.directory(parts)
         elif e.kind == KIND_SYMLINK:
