@@ -50,6 +50,7 @@ class SshConfig:
 class HttpConfig:
     listen: str | None = "127.0.0.1:9120"
     device_info: bool = False  # opt-in reup_device_info{device,state,generation}
+    webhook_secret: str | None = None  # POST /webhook's shared secret (or webhook_secret_file)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -126,11 +127,25 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
     listen = h.text("listen", "127.0.0.1:9120")
     if listen and not listen.rpartition(":")[2].isdigit():
         raise ConfigError(f"http.listen: expected host:port, got {listen!r}")
-    http = HttpConfig(listen=listen or None, device_info=h.flag("device_info", False))
+    http = HttpConfig(listen=listen or None, device_info=h.flag("device_info", False),
+                      webhook_secret=_secret(h.text("webhook_secret", None),
+                                             _path(base_dir, h.text("webhook_secret_file", None))))
     h.reject_unknown()
 
     root.reject_unknown()
     return Config(source=source, state=state, build=build, ssh=ssh, http=http, path=path)
+
+
+def _secret(value: str | None, path: str | None) -> str | None:
+    if value and path:
+        raise ConfigError("http: webhook_secret and webhook_secret_file are exclusive")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"http.webhook_secret_file: {exc}") from exc
+    return value or None
 
 
 def load_config(path: str) -> Config:

@@ -124,7 +124,8 @@ class Controller(UpdateExecutor):
             return None
         host, port = listen or self.cfg.http.host_port
         server = HttpServer(host, port, registry=self.metrics.registry, status=self.store.status,
-                            webhook=self.request_fetch_threadsafe)
+                            webhook=self.request_fetch_threadsafe,
+                            webhook_secret=os.environ.get("REUP_WEBHOOK_SECRET") or self.cfg.http.webhook_secret)
         server.start()
         return server
 
