@@ -28,6 +28,7 @@ lint: setup
 # stream reader fuzzed for REUP_FUZZ_SECONDS (hypothesis). Not part of `make test`'s budget.
 chaos: setup
 	REUP_CHAOS=full $(PY) -m pytest -p no:cacheprovider --timeout 0 -s tests/chaos
+	$(PY) tests/chaos/atheris_reader.py -max_total_time=$${REUP_FUZZ_SECONDS:-60}
 
 bench: setup
 	$(PY) -m bench.run --out bench/results.md
