@@ -277,8 +277,13 @@ def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.Pat
         wait_for(lambda: lab.activations("d1")[-1:] == ["switch d1 3"], 30, "d1 activating 3")
         dev.stop()
         gen3 = wait_for(lambda: (g := _pending_generation(lab, "d1")) and g != gen2 and g, 15, "generation 3 pending")
-        r = subprocess.run([dev.receiver, "--root", dev.root, "--confirm", str(gen3)], capture_output=True,
-                           text=True, timeout=30, check=False)
+        # The pending record is written before the switch (armed before switched), so the receive
+        # may still be activating and hold the device lock: retry while it is locked (exit 19).
+        def confirm3() -> subprocess.CompletedProcess[str] | None:
+            r = subprocess.run([dev.receiver, "--root", dev.root, "--confirm", str(gen3)], capture_output=True,
+                               text=True, timeout=30, check=False)
+            return None if r.returncode == 19 else r
+        r = wait_for(confirm3, 10, "the receive to finish")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: [h for h in store_history(lab) if h["commit_id"] == c3 and h["result"] == "timed_out"],
                  20, "confirmation timed out")
