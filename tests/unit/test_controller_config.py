@@ -127,3 +127,11 @@ tags = {{ site = "hamburg" }}
 def test_fleet_errors(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_fleet(text)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1.0", "0.5", "90000"])
+def test_confirm_timeout_within_the_receivers_range(value: str) -> None:
+    """Refused when read, not when a push builds the receiver's command line."""
+    text = f'[rollout]\nconfirm_timeout = {value}\n[devices.dev-1]\nhost = "10.0.0.1"\nhost_key = "{KEY} root@dev"\n'
+    with pytest.raises(ConfigError, match="confirm_timeout"):
+        parse_fleet(text)

@@ -40,6 +40,9 @@ def parse_rollout(t: Table) -> RolloutPolicy:
         raise ConfigError(f"{t.where}: success_ratio and failure_threshold are ratios in [0, 1]")
     if len(set(policy.waves)) != len(policy.waves) or not policy.waves:
         raise ConfigError(f"{t.where}.waves: wave names must be unique and non-empty")
+    ct = policy.confirm_timeout  # the receiver's range (reup_receiver.protocol.check_confirm_timeout)
+    if ct != 0 and not 1.0 <= ct <= 86400.0:  # also refuses nan and inf, which TOML allows
+        raise ConfigError(f"{t.where}.confirm_timeout: 0 or 1 to 86400 seconds, got {ct}")
     return policy
 
 
