@@ -190,7 +190,13 @@ def switch_armed(device: Device, toplevel: str, activate: str, timeout: float) -
               "previous": list(previous) if previous else None, "timeout": timeout,
               "deadline": wall_time() + timeout, "boot_id": _boot_id(), "boot_deadline": _boottime() + timeout}
     write_atomic(_pending_file(device), json.dumps(record).encode())
-    _spawn_watchdog(device)
+    try:
+        _spawn_watchdog(device)
+    except BaseException:  # not armed: undo the record and the link, nothing was switched
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_pending_file(device))
+        device.drop_generation(number)
+        raise
     device.switch_to(number)
     try:
         run_activation(device, toplevel, activate)
