@@ -111,13 +111,13 @@ def test_watchdog_runs_under_a_wrapped_interpreter(gen1_root: str, gens: Generat
 def test_deadline_passed_while_device_was_down(gen1_root: str, gens: Generations,
                                                streams: StreamCache) -> None:
     """The watchdog died with the device; the next receiver call rolls back first."""
-    gen = armed(gen1_root, gens, streams, 1.0)
+    gen = armed(gen1_root, gens, streams, 3.0)  # armed before the switch: the deadline runs during activation too
     watchdogs = subprocess.run(["pgrep", "-f", "--", f"--root {os.path.abspath(gen1_root)} --watchdog"],
                                capture_output=True, text=True, check=False).stdout.split()
     assert watchdogs, "the watchdog runs detached from the receive"
     for pid in watchdogs:
         os.kill(int(pid), signal.SIGKILL)
-    time.sleep(1.2)
+    time.sleep(3.2)
     assert current_toplevel(gen1_root) == gens.gen2  # nobody acted yet
     st = status(gen1_root)
     assert current_toplevel(gen1_root) == gens.gen1
