@@ -226,10 +226,13 @@ def write_atomic(path: str, data: bytes) -> None:
 
 def append_line(path: str, line: str) -> None:
     """Append one line to a JSONL log durably; a torn last line is skipped by `read_jsonl_last`."""
-    with open(path, "a") as fh:
+    with open(path, "a+b") as fh:
+        fh.seek(0, os.SEEK_END)
         if fh.tell():
-            fh.write("\n")  # a torn earlier line ends here instead of swallowing this one
-        fh.write(line + "\n")
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")  # a torn earlier line ends here instead of swallowing this one
+        fh.write(line.encode() + b"\n")
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -196,7 +196,8 @@ class Scenario:
     starts_broken: bool = False  # the device holds a damaged path before the fault (replace)
 
 
-def scenarios(gens: Generations, gen1_template: str, stream12: bytes, stream_full: bytes) -> list[Scenario]:
+def scenarios(gens: Generations, gen1_template: str, stream12: bytes, stream_full: bytes,
+              stream_held2: bytes) -> list[Scenario]:
     def on_gen1(root: str) -> None:
         copy_root(gen1_template, root)
 
@@ -223,7 +224,8 @@ def scenarios(gens: Generations, gen1_template: str, stream12: bytes, stream_ful
         Scenario("receive-replace", broken_data, [], stream_full, stream_full, gens.gen2, starts_broken=True),
         Scenario("rollback", on_gen2, ["--rollback"], None, stream12, gens.gen2),
         Scenario("confirm", pending_gen2, ["--confirm", "2"], None, stream12, gens.gen2),
-        Scenario("gc", on_gen2, ["--gc", "--keep", "1"], None, stream12, gens.gen2),
+        # after gc, the controller encodes from what the device reports (here: generation 2 alone)
+        Scenario("gc", on_gen2, ["--gc", "--keep", "1"], None, stream_held2, gens.gen2),
     ]
 
 
