@@ -58,7 +58,7 @@ class Results:
     def markdown(self, seconds: float, seed: int) -> str:
         lines = ["# Fault campaign results", "",
                  f"`make chaos`, seed {seed}: {self.total} faults in {seconds:.0f} s "
-                 "(tests/chaos/campaign.py describes each kind and the checks after it).", "",
+                 "(tests/support/chaoskit.py describes each kind and the checks after it).", "",
                  "| fault kind | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(self.faults.items())]
         lines += ["", "| outcome | count |", "|---|---:|",
