@@ -134,9 +134,7 @@ def test_patch_bomb(gen1_root: str, delta: bytes) -> None:
     empty = bz2.compress(b"")
     patch = (b"BSDIFF40" + bsdiff4.core.encode_int64(len(ctrl)) + bsdiff4.core.encode_int64(len(empty))
              + bsdiff4.core.encode_int64(size) + ctrl + empty + bz2.compress(b"\0" * (1 << 20)))
-    # the manifest's NAR size grows with it, so only the patch bound can stop it
-    s.manifest.paths[s.paths[pi].index] = dataclasses.replace(
-        s.manifest.paths[s.paths[pi].index], nar_size=s.manifest.paths[s.paths[pi].index].nar_size + size)
+    # the patch bound is checked at the entry, before the path's NAR size and before any decoding
     node.entry = dataclasses.replace(e, method=Method.PATCH, codec=Codec.BSDIFF4, size=size,
                                      source=len(s.manifest.paths), source_relpath=b"", data_len=len(patch))
     node.data = [patch]
