@@ -190,7 +190,9 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         d2 = {d["name"]: d for d in st3["devices"]}["d2"]
         assert d2["acknowledged"] == acked["d2"] and "not delivered before the deadline" in d2["last_error"]
         assert [h["result"] for h in store_history(lab) if h["commit_id"] == c3] == ["timed_out"]
-        with open(os.path.join(lab.devices["d2"].root, "nix/var/reup/rollbacks.jsonl"), encoding="utf-8") as f:
+        log = os.path.join(lab.devices["d2"].root, "nix/var/reup/rollbacks.jsonl")
+        wait_for(lambda: os.path.exists(log), 10, "the rollback recorded (after the re-activation)")
+        with open(log, encoding="utf-8") as f:
             rb = json.loads(f.read().splitlines()[-1])
         assert rb["reason"] == "not confirmed before the deadline"
 
