@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast lint bench demo clean
+.PHONY: setup test test-fast lint bench demo clean chaos
 
 setup: $(VENV)/.stamp
 
@@ -23,6 +23,12 @@ lint: setup
 	$(VENV)/bin/ruff check receiver controller lab tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
+
+# The fault campaign (issue 11): >= 1,000 faults, results in tests/chaos/results.md, then the
+# stream reader fuzzed for REUP_FUZZ_SECONDS (hypothesis). Not part of `make test`'s budget.
+chaos: setup
+	REUP_CHAOS=full $(PY) -m pytest -p no:cacheprovider --timeout 0 -s tests/chaos
+	$(PY) tests/chaos/atheris_reader.py -max_total_time=$${REUP_FUZZ_SECONDS:-60}
 
 bench: setup
 	$(PY) -m bench.run --out bench/results.md

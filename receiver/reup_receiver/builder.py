@@ -176,12 +176,29 @@ def available_codecs() -> list[Codec]:
     return sorted(out)
 
 
-def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
-    """Write `old` patched with `patch` to `sink`; codec errors propagate as the library raises them."""
-    if codec == Codec.BSDIFF4:
-        import bsdiff4
+# Patch outputs (docs/device-invariants.md): codecs that build the whole new file in memory
+# (bsdiff, HDiffPatch) are refused above MAX_WHOLE_OUTPUT before they decode; zstd-prefix
+# streams its output and is bounded by the declared size and a window no larger than
+# base + new file.
+MAX_WHOLE_OUTPUT = 64 << 20
+MAX_PATCH_OUTPUT = 1 << 30
 
-        sink.write(bsdiff4.patch(old, patch))
+
+def check_patch_size(e: Entry) -> None:
+    limit = MAX_PATCH_OUTPUT if e.codec == Codec.ZSTD_PREFIX else MAX_WHOLE_OUTPUT
+    if e.size > limit or e.data_len > MAX_PATCH_OUTPUT:
+        raise Oversized(f"{e.relpath!r}: patch output of {e.size} bytes exceeds the receiver's "
+                        f"limit of {limit} for {e.codec.name if e.codec else 'its codec'}")
+
+
+def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | None = None) -> None:
+    """Write `old` patched with `patch` to `sink` (`size`: the declared output size, checked
+    before any decoding); codec errors propagate as the library raises them."""
+    size = MAX_WHOLE_OUTPUT if size is None else size
+    if size > MAX_PATCH_OUTPUT or (codec != Codec.ZSTD_PREFIX and size > MAX_WHOLE_OUTPUT):
+        raise Oversized(f"patch output of {size} bytes exceeds the receiver's limit")
+    if codec == Codec.BSDIFF4:
+        sink.write(_bsdiff4_bounded(old, patch, size))
     elif codec == Codec.HDIFFPATCH:
         import hdiffpatch
 
@@ -189,13 +206,42 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
     elif codec == Codec.BSDIFF_LZMA:
         from reup_receiver.format import bsdiffxz
 
-        sink.write(bsdiffxz.apply(old, patch))
+        sink.write(bsdiffxz.apply(old, patch, size))
     elif codec == Codec.ZSTD_PREFIX:
         d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
+        window = min(MAX_WINDOW, 1 << max(20, (len(old) + size).bit_length()))
+        dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=window)
         zstd_feed(dctx.decompressobj(), patch, sink)
     else:
         raise Unsupported(f"unknown codec {codec}")
+
+
+def _bz2_bounded(data: bytes, limit: int) -> bytes:
+    import bz2
+
+    d = bz2.BZ2Decompressor()
+    out = d.decompress(data, max_length=limit + 1)
+    if len(out) > limit:
+        raise Oversized("bsdiff block larger than its file")
+    return out
+
+
+def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
+    """bsdiff4's format, read with every block bounded by the declared output size."""
+    import bsdiff4.core
+
+    if len(patch) < 32 or patch[:7] != b"BSDIFF4":
+        raise Corrupt("not a bsdiff4 patch")
+    len_ctrl, len_diff, len_new = (bsdiff4.core.decode_int64(patch[i : i + 8]) for i in (8, 16, 24))
+    if len_new != size or not 0 <= len_ctrl <= len(patch) - 32 or not 0 <= len_diff <= len(patch) - 32 - len_ctrl:
+        raise Corrupt(f"bsdiff4 patch declares {len_new} bytes, its entry {size}")
+    ctrl = _bz2_bounded(patch[32 : 32 + len_ctrl], 24 * (size + 1))
+    diff = _bz2_bounded(patch[32 + len_ctrl : 32 + len_ctrl + len_diff], size)
+    extra = _bz2_bounded(patch[32 + len_ctrl + len_diff :], size)
+    if len(ctrl) % 24:
+        raise Corrupt("bsdiff4 patch: bad control block")
+    result: bytes = bsdiff4.core.patch(old, len_new, ctrl, diff, extra)
+    return result
 
 
 # Resolves (table index, relpath) of a base file to (host dir of its store path, label).
@@ -206,14 +252,14 @@ class PathBuilder:
     """Materialises one store path under `work_dir` from entries fed in NAR order."""
 
     def __init__(self, work_dir: str, name: bytes, resolve: Resolver,
-                 rewrites: Mapping[bytes, bytes], literal: LiteralStream) -> None:
+                 rewrites: Mapping[bytes, bytes], literal: LiteralStream, nar_limit: int | None = None) -> None:
         self.name = name
         self.top = os.path.join(os.fsencode(work_dir), name)
         self.work_fd = os.open(work_dir, _DIR_FLAGS)
         self.resolve = resolve
         self.rewrites = rewrites
         self.literal = literal
-        self.nar = NarHasher()
+        self.nar = NarHasher(nar_limit)  # declared nar_size: checked as every byte is written
         self.file: _OpenFile | None = None
         self.pending: _Peek | None = None  # entries a MIRROR still has to produce
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
@@ -308,6 +354,8 @@ class PathBuilder:
             if b"/".join(parts[:depth]) in self.links:
                 raise UnsafeWrite(f"{label}: would write through the symlink "
                                   f"{self.label(b'/'.join(parts[:depth]))}")
+        if e.kind == KIND_FILE and e.method == Method.PATCH:
+            check_patch_size(e)  # before a byte of it is read or decoded
         if e.kind == KIND_DIR:
             self.nar.directory(parts)
         elif e.kind == KIND_SYMLINK:
@@ -338,6 +386,8 @@ class PathBuilder:
         f = self.file
         if f is None:
             raise Corrupt("data record outside a file")
+        if f.entry.method == Method.PATCH and f.entry.data_len > MAX_PATCH_OUTPUT:
+            raise Oversized(f"{f.sink.label}: patch of {f.entry.data_len} bytes exceeds the receiver's limit")
         if f.received + len(chunk) > f.entry.data_len:
             raise Oversized(f"{f.sink.label}: more data than its declared {f.entry.data_len} bytes")
         f.received += len(chunk)
@@ -385,7 +435,7 @@ class PathBuilder:
             old = rewrite_bytes(old, self.rewrites)
         assert e.codec is not None
         try:
-            apply_patch(e.codec, old, patch, sink)
+            apply_patch(e.codec, old, patch, sink, e.size)
         except (Oversized, HashMismatch, Unsupported):
             raise
         except Exception as exc:  # codec libraries raise their own types on bad input

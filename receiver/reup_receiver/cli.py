@@ -15,18 +15,19 @@ import ctypes
 import json
 import os
 import shlex
+import signal
 import socket
 import sys
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import BinaryIO, cast
 
-from reup_receiver import confirm, maintenance, offline, resume
+from reup_receiver import confirm, faults, maintenance, offline, resume
 from reup_receiver.boot import counted
 from reup_receiver.device import Device, translate_oserror
 from reup_receiver.errors import ReceiveError, UsageError
 from reup_receiver.format.wire import VERSION
-from reup_receiver.protocol import ACTIONS, VERBS
+from reup_receiver.protocol import ACTIONS, VERBS, check_confirm_timeout
 from reup_receiver.receive import receive
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -111,14 +112,25 @@ def _ssh_verb(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Bounded verb arguments (invariant 8): usage errors, before anything is touched."""
+    check_confirm_timeout(args.confirm_timeout)
+    if not 1 <= args.keep <= 10_000:
+        raise UsageError(f"--keep {args.keep}: must be between 1 and 10000")
+    if args.confirm is not None and args.confirm < 1:
+        raise UsageError(f"confirm {args.confirm}: not a generation number")
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     if args.ssh_command:
         args = _ssh_verb(args)
         args.from_file = None  # never over SSH
+    _check_args(args)
     device = Device(args.root)
-    confirm.settle_boot(device)  # a generation on trial whose kernel did not come up
     if args.watchdog:
         return confirm.watchdog(device)
+    # Not for the watchdog (above): its parent holds the device lock until the watchdog says it runs.
+    confirm.settle_boot(device)  # a generation on trial whose kernel did not come up
     confirm.expire_if_overdue(device)  # the device may have been down past a deadline
     if args.status:
         return maintenance.status(device)
@@ -166,6 +178,11 @@ def _return_freed_memory() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     _return_freed_memory()
+    # sshd's hangup when the session drops (activation restarts the network) must not kill a
+    # receive halfway; a closed stdout is an EPIPE on the answer, handled below (invariant 1).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    faults.install()
     args = build_parser().parse_args(argv)
     try:
         try:
@@ -178,8 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"reup-receive: usage: {exc}", file=sys.stderr)
         return UsageError.exit_code
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    try:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the controller went away; the work is done and recorded
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

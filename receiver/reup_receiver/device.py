@@ -14,7 +14,7 @@ import fcntl
 import json
 import os
 import re
-import shutil
+import stat
 from collections.abc import Iterator
 
 from reup_receiver import nixdb
@@ -63,13 +63,16 @@ class Device:
         # Work trees of an interrupted receive are incomplete by definition.
         for d in (self.work, self.trash):
             if os.path.lexists(d):
-                make_writable_tree(d)
-                shutil.rmtree(d)
+                delete_tree(d)
             os.makedirs(d)
-        # A record without its tree is the trace of a kill between the two renames.
-        for name in os.listdir(self.done):
-            if name.endswith(".json") and not os.path.lexists(os.path.join(self.done, name[:-5])):
+        # A record without its tree is the trace of a kill between the two renames; a tree
+        # without its record was never verified (or was being replaced): neither is kept.
+        names = set(os.listdir(self.done))
+        for name in names:
+            if name.endswith(".json") and name[:-5] not in names:
                 os.unlink(os.path.join(self.done, name))
+            elif not name.endswith(".json") and not name.endswith(".reup-tmp") and name + ".json" not in names:
+                delete_tree(os.path.join(self.done, name))
 
     # --- store paths -----------------------------------------------------------
 
@@ -121,11 +124,7 @@ class Device:
         os.makedirs(self.trash, exist_ok=True)
         dest = os.path.join(self.trash, f"{os.path.basename(host_path)}.{os.getpid()}")
         os.rename(host_path, dest)
-        make_writable_tree(dest)
-        if os.path.isdir(dest) and not os.path.islink(dest):
-            shutil.rmtree(dest)
-        else:
-            os.unlink(dest)
+        delete_tree(dest)
 
     # --- profiles ------------------------------------------------------------
 
@@ -162,6 +161,26 @@ class Device:
     def switch_to(self, number: int) -> None:
         symlink_atomic(f"system-{number}-link", os.path.join(self.profiles, "system"))
 
+    def add_link(self, number: int, toplevel: str) -> None:
+        os.makedirs(self.profiles, exist_ok=True)
+        symlink_atomic(toplevel, os.path.join(self.profiles, f"system-{number}-link"))
+
+    def clear_system(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.profiles, "system"))
+            fsync_dir(self.profiles)
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the store's filesystem (statvfs)."""
+        st = os.statvfs(self.store)
+        return st.f_bavail * st.f_frsize
+
+    def clear_work(self) -> None:
+        """Remove the work tree of a receive that did not finish (kept: verified `done` paths)."""
+        if os.path.lexists(self.work):
+            delete_tree(self.work)
+        os.makedirs(self.work, exist_ok=True)
+
     def drop_generation(self, number: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.profiles, f"system-{number}-link"))
@@ -176,13 +195,63 @@ def symlink_atomic(target: str, link: str) -> None:
     fsync_dir(os.path.dirname(link))
 
 
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def exchange(a: str, b: str) -> None:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE): neither is ever missing."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise ReceiveError("this system has no renameat2: cannot replace a store path atomically")
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), b)
+    fsync_dir(os.path.dirname(b))
+
+
 def write_atomic(path: str, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the directory: the old or the new content, never a torn one."""
     tmp = f"{path}.reup-tmp"
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp, path)
+    fsync_dir(os.path.dirname(path))
+
+
+def append_line(path: str, line: str) -> None:
+    """Append one line to a JSONL log durably; a torn last line is skipped by `read_jsonl_last`."""
+    with open(path, "a+b") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell():
+            fh.seek(-1, os.SEEK_END)
+            if fh.read(1) != b"\n":
+                fh.write(b"\n")  # a torn earlier line ends here instead of swallowing this one
+        fh.write(line.encode() + b"\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_jsonl_last(path: str) -> object:
+    """The last complete JSON line of a log (None: none); torn or garbage lines are skipped."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - (1 << 16)))
+            lines = fh.read().splitlines()
+    except OSError:
+        return None
+    for raw in reversed(lines):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            continue
+    return None
 
 
 def fsync_dir(path: str) -> None:
@@ -193,16 +262,47 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def make_writable_tree(path: str) -> None:
-    """Store trees are read-only; deleting them needs write bits on directories."""
-    if os.path.islink(path) or not os.path.isdir(path):
+def delete_tree(path: str) -> None:
+    """Delete a (read-only) store tree without recursion: any depth, never through a symlink.
+
+    Directories are opened with O_NOFOLLOW relative to their parent's descriptor, so neither the
+    depth nor the length of the tree's paths matters (invariant: no recursion over a depth a
+    stream chooses).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
         return
-    for dirpath, dirnames, _ in os.walk(path):
-        os.chmod(dirpath, 0o755)
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                os.chmod(full, 0o755)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(path)
+        return
+    os.chmod(path, 0o755)
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    stack: list[tuple[int, str]] = [(os.open(path, flags), "")]  # (open directory, its name), deepest last
+    try:
+        while stack:
+            fd = stack[-1][0]
+            child = None
+            with os.scandir(fd) as it:
+                entries = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for name, is_dir in entries:
+                if is_dir:
+                    child = name
+                else:
+                    os.unlink(name, dir_fd=fd)
+            if child is None:
+                _, name = stack.pop()
+                os.close(fd)
+                if stack:
+                    os.rmdir(name, dir_fd=stack[-1][0])
+                continue
+            cfd = os.open(child, flags, dir_fd=fd)
+            stack.append((cfd, child))
+            os.chmod(cfd, 0o755)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    os.rmdir(path)
 
 
 def translate_oserror(exc: OSError, what: str) -> ReceiveError:

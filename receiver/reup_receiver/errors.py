@@ -114,6 +114,8 @@ class Rebooting(ReceiveError):
     """confirm while the device has not yet rebooted into the generation on trial (activation reboot)."""
 
     exit_code = ExitCode.REBOOTING
+
+
 class ResumeMismatch(ReceiveError):
     """A resume that does not match the partial stream the device keeps; the partial is dropped."""
 
@@ -124,3 +126,9 @@ class BadSignature(ReceiveError):
     """An offline bundle whose signature, device or generation does not check out (offline.py)."""
 
     exit_code = ExitCode.BAD_SIGNATURE
+
+
+class PendingConfirmation(ReceiveError):
+    """A receive or switch while a generation awaits confirmation (invariant 2)."""
+
+    exit_code = ExitCode.PENDING

@@ -46,6 +46,8 @@ def revert_to(device: Device, previous: tuple[int, str] | None, failed: int, act
         activate, reboot = counted.revert(device, failed, previous[1] if previous else None)
     if previous is not None:
         device.switch_to(previous[0])
+    else:
+        device.clear_system()  # the device had no generation: none is better than a failed one
     device.drop_generation(failed)
     if previous is not None:
         try:
@@ -62,8 +64,14 @@ def run_activation(device: Device, toplevel: str, activate: str) -> None:
     script = device.host(toplevel + "/bin/switch-to-configuration")
     if not os.path.exists(script):
         raise ActivationFailed(f"activation failed: {toplevel} has no bin/switch-to-configuration")
-    env = {**os.environ, "REUP_ROOT": device.root, "REUP_TOPLEVEL": toplevel}
-    proc = subprocess.run([script, activate], env=env, capture_output=True, text=True, check=False)
+    from reup_receiver.faults import FAULT_ENV
+
+    env = {**{k: v for k, v in os.environ.items() if k != FAULT_ENV},
+           "REUP_ROOT": device.root, "REUP_TOPLEVEL": toplevel}
+    # Its own session: activation restarts sshd and the network, and the hangup that follows
+    # must not kill it halfway (invariant 1). No stdin: it is not the SSH channel's.
+    proc = subprocess.run([script, activate], env=env, capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL, start_new_session=True)
     if proc.returncode != 0:
         detail = (proc.stderr.strip().splitlines() or [""])[-1]
         raise ActivationFailed(f"activation failed ({activate}, exit {proc.returncode}): {detail}")

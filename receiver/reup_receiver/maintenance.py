@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterable
@@ -37,30 +38,62 @@ def status(device: Device) -> dict[str, object]:
 
 
 def rollback(device: Device, activate: str = "switch") -> dict[str, object]:
-    """Switch to the newest generation older than the current one (as a new generation)."""
+    """A pending generation: back to the last confirmed one. Otherwise: switch to the newest
+    generation older than the current one (as a new generation), which becomes the confirmed one."""
     with device.lock():
+        entry = confirm.roll_back_pending(device, "rolled back by the rollback verb")
+        if entry is not None:
+            restored = device.current()
+            return {"generation": restored[0] if restored else None,
+                    "toplevel": restored[1] if restored else None, "rolled_back_to": entry["restored"]}
         current = device.current()
         older = [(n, t) for n, t in device.generations() if current is None or n < current[0]]
         if not older:
             raise NoGeneration("no earlier generation to roll back to")
         number, toplevel = older[-1]
+        if not os.path.lexists(device.host(toplevel)):
+            raise NoGeneration(f"generation {number} is not complete on the device")
         new, _ = switch_generation(device, toplevel, activate)
+        confirm.mark_confirmed(device, (new, toplevel))
         return {"generation": new, "toplevel": toplevel, "rolled_back_to": number}
 
 
 def gc(device: Device, keep: int) -> dict[str, object]:
-    """Delete store paths no generation among the newest `keep` (and the current one) needs."""
+    """Delete store paths no kept generation needs (invariant 3).
+
+    Kept: the newest `keep` generations counted from the last confirmed one, every newer one
+    (a pending generation), the current and the last confirmed generation, whatever a pending
+    record names, and the booted system (`/run/booted-system`) when the device has one.
+    """
     if keep < 1:
         raise ValueError("--keep must be at least 1")
     with device.lock():
         device.prepare_staging()
         generations = device.generations()
         current = device.current()
-        kept = generations[-keep:]
-        for number, _ in generations[:-keep]:
-            if current is None or number != current[0]:
+        confirmed = confirm.last_confirmed(device)
+        record = confirm.read_pending(device)
+        base = confirmed[0] if confirmed else (current[0] if current else 0)
+        older = [g for g in generations if g[0] <= base]
+        keep_numbers = {n for n, _ in older[-keep:]} | {n for n, _ in generations if n > base}
+        for gen in (current, confirmed):
+            if gen is not None:
+                keep_numbers.add(gen[0])
+        roots = {t for n, t in generations if n in keep_numbers}
+        if record is not None:
+            if isinstance(record.get("generation"), int):
+                keep_numbers.add(record["generation"])
+            if record.get("toplevel"):
+                roots.add(str(record["toplevel"]))
+            if record.get("previous"):
+                roots.add(str(record["previous"][1]))
+        if confirmed is not None:
+            roots.add(confirmed[1])
+        with contextlib.suppress(OSError):
+            roots.add(os.readlink(device.host("/run/booted-system")))
+        for number, _ in generations:
+            if number not in keep_numbers:
                 device.drop_generation(number)
-        roots = {t for _, t in kept} | ({current[1]} if current else set())
         valid = device.valid_paths()
         live = closure(roots & valid, references(device, valid))
         dead = sorted(valid - live)

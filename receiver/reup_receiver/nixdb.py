@@ -85,6 +85,12 @@ class NixDb:
                     conn.execute("INSERT OR IGNORE INTO Refs (referrer, reference) VALUES (?, ?)",
                                  (ids[r.path], ids[ref]))
 
+    def reregister(self, r: PathRecord) -> None:
+        """A replaced path: its registered NAR hash and size are the new copy's."""
+        with self._connect(readonly=False) as conn:
+            conn.execute("UPDATE ValidPaths SET hash = ?, narSize = ? WHERE path = ?",
+                         ("sha256:" + r.nar_hash.hex(), r.nar_size, r.path))
+
     def unregister(self, paths: Iterable[str]) -> None:
         paths = list(paths)
         if not paths or not self.exists():

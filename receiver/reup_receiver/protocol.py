@@ -56,6 +56,7 @@ class ExitCode(IntEnum):
     REBOOTING = 26  # confirm before the device rebooted into a generation on trial: ask again
     RESUME_MISMATCH = 27
     BAD_SIGNATURE = 28
+    PENDING = 29  # a generation awaits confirmation: confirm it or wait for its deadline
     SSH_FAILURE = 255  # ssh's own code: the connection, not the receiver
 
 
@@ -92,6 +93,7 @@ EXITS: Mapping[ExitCode, tuple[str, Retry]] = {
     ExitCode.REBOOTING: ("rebooting", Retry.TRANSIENT),
     ExitCode.RESUME_MISMATCH: ("resume-mismatch", Retry.TRANSIENT),  # the device's partial is dropped
     ExitCode.BAD_SIGNATURE: ("bad-signature", Retry.PERMANENT),  # an offline bundle (--from-file)
+    ExitCode.PENDING: ("pending", Retry.TRANSIENT),
     ExitCode.SSH_FAILURE: ("connection", Retry.UNREACHABLE),
 }
 # Exit codes that blame one store path the device holds (named on stderr): a corrupt or
@@ -121,9 +123,23 @@ def exit_kind(exit_status: int | None) -> str:
 # --- command lines (built by the controller, parsed by the receiver's cli.py) --------------------
 
 
+# `--confirm-timeout` range (docs/device-invariants.md, invariant 8); 0 means no confirmation.
+CONFIRM_TIMEOUT_MIN = 1.0
+CONFIRM_TIMEOUT_MAX = 86400.0
+
+
+def check_confirm_timeout(value: float) -> float:
+    """0 (no confirmation) or a finite number of seconds within the documented range."""
+    if value != 0 and not (math.isfinite(value) and CONFIRM_TIMEOUT_MIN <= value <= CONFIRM_TIMEOUT_MAX):
+        raise ValueError(f"--confirm-timeout {value!r}: must be 0 or between {CONFIRM_TIMEOUT_MIN:g} "
+                         f"and {CONFIRM_TIMEOUT_MAX:g} seconds")
+    return value
+
+
 def receive_command(activation: str = "switch", confirm_timeout: float = 0.0) -> str:
     if activation not in ACTIONS:
         raise ValueError(f"unknown activation {activation!r}")
+    check_confirm_timeout(confirm_timeout)
     extra = f" --confirm-timeout {confirm_timeout:g}" if confirm_timeout > 0 else ""
     return f"receive --activate {activation}{extra}"
 

@@ -17,14 +17,22 @@ import os
 import time
 from typing import BinaryIO
 
+from reup_receiver import confirm
 from reup_receiver.builder import PathBuilder
-from reup_receiver.confirm import arm
-from reup_receiver.device import Device, write_atomic
-from reup_receiver.errors import Corrupt, HashMismatch, MissingBase, MissingPath
+from reup_receiver.device import Device, exchange, write_atomic
+from reup_receiver.errors import (
+    Corrupt,
+    DiskFull,
+    HashMismatch,
+    MissingBase,
+    MissingPath,
+    ReceiveError,
+)
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.literal import LiteralStream
 from reup_receiver.format.manifest import decode_manifest
 from reup_receiver.format.model import Manifest
+from reup_receiver.format.nar import nar_hash_tree
 from reup_receiver.format.wire import (
     T_DATA,
     T_ENTRY,
@@ -37,28 +45,77 @@ from reup_receiver.format.wire import (
 )
 from reup_receiver.generations import switch_generation
 from reup_receiver.nixdb import PathRecord
-from reup_receiver.protocol import ReceiveAnswer
+from reup_receiver.protocol import ReceiveAnswer, check_confirm_timeout
 
 
 def receive(device: Device, inp: BinaryIO, activate: str = "switch",
             confirm_timeout: float = 0) -> ReceiveAnswer:
     """Receive a stream; with `confirm_timeout`, the new generation must be confirmed in time."""
+    check_confirm_timeout(confirm_timeout)
     start = time.monotonic()
     with device.lock():
         device.prepare_staging()
-        reader = RecordReader(inp)
-        manifest = _read_manifest(reader, device)
-        _read_paths(reader, manifest, device)
-        installed = _install(manifest, device)
+        try:
+            reader = RecordReader(inp)
+            manifest = _read_manifest(reader, device)
+            _check_space(manifest, device)
+            _read_paths(reader, manifest, device)
+        finally:  # a failed receive leaves no partial tree behind; verified `done` paths stay for resume
+            device.clear_work()
         toplevel = manifest.store_path(manifest.toplevel)
         current = device.current()
+        if current is None or current[1] != toplevel:
+            confirm.refuse_if_pending(device)  # invariant 2: never switch away from a pending generation
+        installed = _install(manifest, device)
         if current is not None and current[1] == toplevel:
+            record = confirm.read_pending(device)
+            waiting = record is not None and record.get("generation") == current[0]
             return ReceiveAnswer(current[0], toplevel, tuple(installed), reader.bytes_read,
-                                 time.monotonic() - start, unchanged=True)
-        number, previous = switch_generation(device, toplevel, activate)
-        deadline = arm(device, number, previous, activate, confirm_timeout) if confirm_timeout > 0 else None
-        return ReceiveAnswer(number, toplevel, tuple(installed), reader.bytes_read, time.monotonic() - start,
-                             confirm_deadline=deadline, confirm_remaining=confirm_timeout if deadline else None)
+                                 time.monotonic() - start, unchanged=True,
+                                 confirm_deadline=float(record["deadline"]) if record and waiting else None,
+                                 confirm_remaining=max(0.0, confirm.remaining(record)) if record and waiting else None)
+        _check_complete(device, toplevel)
+        if confirm_timeout > 0:
+            number, record = confirm.switch_armed(device, toplevel, activate, confirm_timeout)
+            return ReceiveAnswer(number, toplevel, tuple(installed), reader.bytes_read, time.monotonic() - start,
+                                 confirm_deadline=float(record["deadline"]),
+                                 confirm_remaining=max(0.0, confirm.remaining(record)))
+        number, _ = switch_generation(device, toplevel, activate)
+        confirm.mark_confirmed(device, (number, toplevel))
+        return ReceiveAnswer(number, toplevel, tuple(installed), reader.bytes_read, time.monotonic() - start)
+
+
+# Kept free on the store's filesystem after staging (docs/device-invariants.md): Nix's database,
+# logs and the activation need room too.
+SPACE_RESERVE = 1 << 20
+
+
+def _check_space(m: Manifest, device: Device) -> None:
+    """Refuse before staging when the paths the manifest says it will write do not fit (statvfs)."""
+    staged = device.staged()
+    need = sum(p.nar_size for p in m.paths
+               if p.carried and device.store_path(os.fsdecode(p.name)) not in staged)
+    free = device.free_bytes()
+    if need + SPACE_RESERVE > free:
+        raise DiskFull(f"stream needs {need} bytes of staging (+{SPACE_RESERVE} reserve), "
+                       f"{free} bytes free on the store's filesystem")
+
+
+def _check_complete(device: Device, toplevel: str) -> None:
+    """Invariant 5: the switch target and its whole closure are present and registered."""
+    valid = device.valid_paths()
+    refs = device.db.references() if device.db.exists() else {
+        p: set(r.references) for p, r in device.records().items()}
+    seen: set[str] = set()
+    todo = [toplevel]
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        if p not in valid or not os.path.lexists(device.host(p)):
+            raise MissingPath(f"switch target incomplete: {p} is not a valid path on the device")
+        todo.extend(refs.get(p, ()))
 
 
 def _read_manifest(reader: RecordReader, device: Device) -> Manifest:
@@ -104,7 +161,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
         if index not in carried or index in built:
             raise Corrupt(f"stream carries path #{index} the manifest does not expect")
         entry = m.paths[index]
-        builder = PathBuilder(device.work, entry.name, resolve, rewrites, literal)
+        builder = PathBuilder(device.work, entry.name, resolve, rewrites, literal, entry.nar_size)
         entries = EntryCoder(table, m.store_dir)
         try:
             while True:
@@ -122,7 +179,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
             builder.close()
         if nar_hash != entry.nar_hash or nar_size != entry.nar_size:
             raise HashMismatch(f"NAR hash mismatch: {device.store_path(os.fsdecode(entry.name))}")
-        _stage_done(device, _record(m, index, device))
+        _stage_done(device, _record(m, index, device, table))
         built.add(index)
     missing = carried - built
     if missing:
@@ -136,13 +193,17 @@ def _index(payload: bytes) -> int:
     return index
 
 
-def _record(m: Manifest, i: int, device: Device) -> PathRecord:
+def _record(m: Manifest, i: int, device: Device, table: list[bytes]) -> PathRecord:
     p = m.paths[i]
+
+    def path(j: int) -> str:
+        return device.store_path(os.fsdecode(table[j]))
+
     return PathRecord(
-        path=m.store_path(i),
+        path=path(i),
         nar_hash=p.nar_hash,
         nar_size=p.nar_size,
-        references=tuple(sorted(m.store_path(r) for r in p.references)),
+        references=tuple(sorted(path(r) for r in p.references)),
         deriver=device.store_path(os.fsdecode(p.deriver)) if p.deriver else None,
     )
 
@@ -156,6 +217,28 @@ def _stage_done(device: Device, rec: PathRecord) -> None:
     os.rename(os.path.join(device.work, name), dest)
 
 
+def _is_broken(device: Device, rec: PathRecord) -> bool:
+    """The device's copy of a path the controller reports broken: does it fail its NAR hash?"""
+    try:
+        return nar_hash_tree(device.host(rec.path))[0] != rec.nar_hash
+    except (OSError, ReceiveError):
+        return True
+
+
+def _replace(device: Device, rec: PathRecord) -> None:
+    """Invariant 4: the verified staged copy goes in beside the broken one and is swapped in by one
+    atomic exchange, so the path is never missing; the NAR hash is registered again first."""
+    name = os.path.basename(rec.path)
+    beside = os.path.join(device.trash, name + ".replace")
+    os.unlink(os.path.join(device.done, name + ".json"))
+    os.rename(os.path.join(device.done, name), beside)
+    device.record(rec)
+    if device.db.exists():
+        device.db.reregister(rec)
+    exchange(beside, device.host(rec.path))
+    device.remove_tree(beside)  # the broken copy
+
+
 def _install(m: Manifest, device: Device) -> list[str]:
     """Phase 2: every manifest path into the store (from staging), recorded and registered.
 
@@ -164,7 +247,8 @@ def _install(m: Manifest, device: Device) -> list[str]:
     """
     valid = {p for p in device.valid_paths() if os.path.lexists(device.host(p))}
     staged = device.staged()
-    records = [_record(m, i, device) for i in range(len(m.paths))]
+    table = m.table
+    records = [_record(m, i, device, table) for i in range(len(m.paths))]
     replace = {rec.path for rec, p in zip(records, m.paths, strict=True) if p.replace}
     for rec in records:
         st = staged.get(rec.path)
@@ -178,7 +262,11 @@ def _install(m: Manifest, device: Device) -> list[str]:
     installed = []
     for rec in records:
         name = os.path.basename(rec.path)
-        if rec.path in valid and rec.path not in replace:
+        if rec.path in valid and rec.path in replace and rec.path in staged and _is_broken(device, rec):
+            _replace(device, rec)
+            installed.append(rec.path)
+            continue
+        if rec.path in valid:  # invariant 4: a valid path that verifies is never touched
             if rec.path in staged:  # carried although present: the staged copy is surplus
                 os.unlink(os.path.join(device.done, name + ".json"))
                 device.remove_tree(os.path.join(device.done, name))

@@ -190,7 +190,9 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         d2 = {d["name"]: d for d in st3["devices"]}["d2"]
         assert d2["acknowledged"] == acked["d2"] and "not delivered before the deadline" in d2["last_error"]
         assert [h["result"] for h in store_history(lab) if h["commit_id"] == c3] == ["timed_out"]
-        with open(os.path.join(lab.devices["d2"].root, "nix/var/reup/rollbacks.jsonl"), encoding="utf-8") as f:
+        log = os.path.join(lab.devices["d2"].root, "nix/var/reup/rollbacks.jsonl")
+        wait_for(lambda: os.path.exists(log), 10, "the rollback recorded (after the re-activation)")
+        with open(log, encoding="utf-8") as f:
             rb = json.loads(f.read().splitlines()[-1])
         assert rb["reason"] == "not confirmed before the deadline"
 
@@ -277,8 +279,13 @@ def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.Pat
         wait_for(lambda: lab.activations("d1")[-1:] == ["switch d1 3"], 30, "d1 activating 3")
         dev.stop()
         gen3 = wait_for(lambda: (g := _pending_generation(lab, "d1")) and g != gen2 and g, 15, "generation 3 pending")
-        r = subprocess.run([dev.receiver, "--root", dev.root, "--confirm", str(gen3)], capture_output=True,
-                           text=True, timeout=30, check=False)
+        # The pending record is written before the switch (armed before switched), so the receive
+        # may still be activating and hold the device lock: retry while it is locked (exit 19).
+        def confirm3() -> subprocess.CompletedProcess[str] | None:
+            r = subprocess.run([dev.receiver, "--root", dev.root, "--confirm", str(gen3)], capture_output=True,
+                               text=True, timeout=30, check=False)
+            return None if r.returncode == 19 else r
+        r = wait_for(confirm3, 10, "the receive to finish")
         assert r.returncode == 0, r.stderr
         wait_for(lambda: [h for h in store_history(lab) if h["commit_id"] == c3 and h["result"] == "timed_out"],
                  20, "confirmation timed out")

@@ -69,12 +69,12 @@ def _reboots(root: str, expect: int) -> int:
 
 def _on_trial(root: str, toplevel: str, timeout: float = 600) -> int:
     """Phase 3 of a receive with activation reboot and a confirm deadline (receive.py does the same)."""
-    from reup_receiver.confirm import arm
+    from reup_receiver.confirm import switch_armed
 
     device = Device(root)
     os.makedirs(device.state, exist_ok=True)
-    number, previous = switch_generation(device, toplevel, "reboot")
-    arm(device, number, previous, "reboot", timeout)
+    with device.lock():
+        number, _ = switch_armed(device, toplevel, "reboot", timeout)
     return number
 
 

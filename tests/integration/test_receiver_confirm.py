@@ -76,7 +76,7 @@ def test_failed_health_check_rolls_back_at_once(gen1_root: str, gens: Generation
 def test_missed_deadline_rolls_back_by_itself(gen1_root: str, gens: Generations,
                                               streams: StreamCache) -> None:
     """Nobody confirms: the detached watchdog (not the finished receive) rolls back."""
-    gen = armed(gen1_root, gens, streams, 1.5)
+    gen = armed(gen1_root, gens, streams, 3.0)
     assert current_toplevel(gen1_root) == gens.gen2
     wait_until(lambda: current_toplevel(gen1_root) == gens.gen1, 15)
     st = status(gen1_root)
@@ -100,7 +100,7 @@ def test_watchdog_runs_under_a_wrapped_interpreter(gen1_root: str, gens: Generat
     env = {k: v for k, v in nix_env().items() if k != "PYTHONPATH"}
     bare = subprocess.run([base, "-c", "import reup_receiver"], capture_output=True, env=env, check=False)
     assert bare.returncode != 0, "the base interpreter must not see the receiver for this test to mean anything"
-    run = subprocess.run([base, "-c", script, "--root", gen1_root, "--confirm-timeout", "1.5"],
+    run = subprocess.run([base, "-c", script, "--root", gen1_root, "--confirm-timeout", "3"],
                          input=streams.get([gens.gen1], gens.gen2), capture_output=True, env=env, timeout=120,
                          check=False)
     assert run.returncode == 0, run.stderr
@@ -112,13 +112,13 @@ def test_watchdog_runs_under_a_wrapped_interpreter(gen1_root: str, gens: Generat
 def test_deadline_passed_while_device_was_down(gen1_root: str, gens: Generations,
                                                streams: StreamCache) -> None:
     """The watchdog died with the device; the next receiver call rolls back first."""
-    gen = armed(gen1_root, gens, streams, 1.0)
+    gen = armed(gen1_root, gens, streams, 3.0)  # armed before the switch: the deadline runs during activation too
     watchdogs = subprocess.run(["pgrep", "-f", "--", f"--root {os.path.abspath(gen1_root)} --watchdog"],
                                capture_output=True, text=True, check=False).stdout.split()
     assert watchdogs, "the watchdog runs detached from the receive"
     for pid in watchdogs:
         os.kill(int(pid), signal.SIGKILL)
-    time.sleep(1.2)
+    time.sleep(3.2)
     assert current_toplevel(gen1_root) == gens.gen2  # nobody acted yet
     st = status(gen1_root)
     assert current_toplevel(gen1_root) == gens.gen1

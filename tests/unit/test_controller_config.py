@@ -183,3 +183,9 @@ def test_every_problem_is_one_line() -> None:
 def test_config_names_keep_any_text() -> None:
     fleet = parse_fleet(f'[devices.a]\nhost = "h"\nhost_key = "{KEY}"\nconfig = "x${{y}}\\"z\u00e4"\n')
     assert fleet.devices["a"].config == 'x${y}"z\u00e4'
+@pytest.mark.parametrize("value", ["nan", "inf", "-1.0", "0.5", "90000"])
+def test_confirm_timeout_within_the_receivers_range(value: str) -> None:
+    """Refused when read, not when a push builds the receiver's command line."""
+    text = f'[rollout]\nconfirm_timeout = {value}\n[devices.dev-1]\nhost = "10.0.0.1"\nhost_key = "{KEY} root@dev"\n'
+    with pytest.raises(ConfigError, match="confirm_timeout"):
+        parse_fleet(text)

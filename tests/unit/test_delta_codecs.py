@@ -30,9 +30,10 @@ class Buf:
         return len(data)
 
 
-def applied(codec: Codec, old: bytes, patch: bytes) -> bytes:
+def applied(codec: Codec, old: bytes, patch: bytes, size: int) -> bytes:
+    """The patch applied as the receiver does, with the output size the stream's entry declares."""
     sink = Buf()
-    apply_patch(codec, old, patch, sink)
+    apply_patch(codec, old, patch, sink, size)
     return bytes(sink.out)
 
 
@@ -62,7 +63,7 @@ def test_every_codec_round_trips(pair: tuple[bytes, int, int]) -> None:
     for codec in Codec:
         if codec == Codec.ZSTD_PREFIX and len(old) < 8:
             continue  # the encoder never emits a prefix shorter than zstd's minimum
-        assert applied(codec, old, make_patch(codec, old, new)) == new, codec
+        assert applied(codec, old, make_patch(codec, old, new), len(new)) == new, codec
 
 
 @settings(max_examples=40, deadline=None)
@@ -71,7 +72,7 @@ def test_best_candidate_round_trips(pair: tuple[bytes, int, int]) -> None:
     old, seed, edits = pair
     new = mutate(old, random.Random(seed), edits)
     for codec, patch in candidates(old, new):
-        assert applied(codec, old, patch) == new
+        assert applied(codec, old, patch, len(new)) == new
 
 
 def _hash(rnd: random.Random) -> bytes:
@@ -100,7 +101,7 @@ def test_diff_job_rewrite_then_patch(tmp_path_factory: pytest.TempPathFactory, s
     result = diff_job(bytes(d / "old"), bytes(d / "new"), rewrites, hashlib.sha256(changed).digest(),
                       [Codec.HDIFFPATCH])
     assert result.codec == Codec.HDIFFPATCH
-    assert applied(Codec.HDIFFPATCH, rewrite_bytes(old, rewrites), result.data) == changed
+    assert applied(Codec.HDIFFPATCH, rewrite_bytes(old, rewrites), result.data, len(changed)) == changed
 
 
 def test_large_file_uses_zstd_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,7 +114,7 @@ def test_large_file_uses_zstd_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
     new = mutate(old, rnd, 20)
     found = codecs.candidates(old, new)
     assert [c for c, _ in found] == [Codec.ZSTD_PREFIX]
-    assert applied(Codec.ZSTD_PREFIX, old, found[0][1]) == new
+    assert applied(Codec.ZSTD_PREFIX, old, found[0][1], len(new)) == new
 
 
 @settings(max_examples=200, deadline=None)

@@ -62,3 +62,20 @@ def test_status_garbage_is_a_protocol_error(answer: bytes) -> None:
 def test_receive_garbage_is_a_protocol_error(answer: bytes) -> None:
     with pytest.raises(ProtocolError):
         parse_receive(answer)
+
+
+def test_pending_is_retried_later() -> None:
+    """A receive while a generation awaits confirmation: the controller retries after the deadline."""
+    assert retry_class(ExitCode.PENDING) == Retry.TRANSIENT
+    assert isinstance(classify_exit(ExitCode.PENDING, "reup-receive: pending: generation 2 awaits"), TemporaryError)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.5, 86401.0])
+def test_confirm_timeout_out_of_range_is_refused(value: float) -> None:
+    from reup_receiver.protocol import check_confirm_timeout, receive_command
+
+    with pytest.raises(ValueError, match="confirm-timeout"):
+        check_confirm_timeout(value)
+    with pytest.raises(ValueError):
+        receive_command("switch", value)
+    assert receive_command("switch", 60) == "receive --activate switch --confirm-timeout 60"

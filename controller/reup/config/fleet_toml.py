@@ -57,6 +57,15 @@ class RolloutSpec(Section):
     activation: Literal["switch", "boot", "reboot"] = "switch"
     health_check: str | None = _R.health_check
 
+    @field_validator("confirm_timeout")
+    @classmethod
+    def _receivers_range(cls, value: float) -> float:
+        # The receiver's range (reup_receiver.protocol.check_confirm_timeout): refused when read,
+        # not when a push builds the command line.
+        if value != 0 and value < 1.0:
+            raise ValueError(f"0 (no confirmation) or 1 to 86400 seconds, got {value}")
+        return value
+
     @field_validator("waves")
     @classmethod
     def _unique(cls, waves: list[str]) -> list[str]:

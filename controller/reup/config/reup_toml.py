@@ -98,6 +98,14 @@ class HttpConfig(Section):
         if listen and not listen.rpartition(":")[2].isdigit():
             raise ValueError(f"expected host:port, got {listen!r}")
         return listen or None
+    webhook_secret: str | None = None  # POST /webhook's shared secret (or webhook_secret_file)
+    webhook_secret_file: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> HttpConfig:
+        if self.webhook_secret and self.webhook_secret_file:
+            raise ValueError("webhook_secret and webhook_secret_file are exclusive")
+        return self
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -159,7 +167,10 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None,
                                  os.environ if env is None else env)
     state = raw.state.model_copy(update={"dir": _path(base_dir, raw.state.dir)})
     ssh = raw.ssh.model_copy(update={"key": _path(base_dir, raw.ssh.key)})
-    return Config(source=source, state=state, build=raw.build, ssh=ssh, http=raw.http, path=path,
+    secret_file = _path(base_dir, raw.http.webhook_secret_file)
+    http = raw.http.model_copy(update={"webhook_secret": _secret(raw.http.webhook_secret, secret_file),
+                                       "webhook_secret_file": secret_file})
+    return Config(source=source, state=state, build=raw.build, ssh=ssh, http=http, path=path,
                   transfer=raw.transfer)
 
 
@@ -224,6 +235,18 @@ def _read(path: str) -> str:
             return f.read()
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from exc
+
+
+def _secret(value: str | None, path: str | None) -> str | None:
+    if value and path:
+        raise ConfigError("http: webhook_secret and webhook_secret_file are exclusive")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                value = fh.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"http.webhook_secret_file: {exc}") from exc
+    return value or None
 
 
 def load_config(path: str) -> Config:

@@ -26,11 +26,13 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import asyncssh
 from reup_receiver.protocol import (
     BLAMES_BASE,
+    MAX_ANSWER_BYTES,
+    MAX_STDERR_BYTES,
     STATUS_COMMAND,
     ExitCode,
     ProtocolError,
@@ -53,6 +55,7 @@ from reup.io.retry import retrying
 from reup.io.transfer import TokenBucket, TransferProgress
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 CHUNK = 256 * 1024
 
 _STORE_PATH = re.compile(r"(/nix/store/[0-9a-df-np-sv-z]{32}-[^/\s:'\"]+)")
@@ -87,7 +90,7 @@ class PushOutcome:
     adopted: bool = False  # the device already ran the target: nothing was sent
     seconds: float = 0.0
     installed: tuple[str, ...] = field(default=())
-    confirm_deadline: float | None = None  # set while the generation awaits confirmation
+    confirm_deadline: float | None = None  # while pending: the deadline on the controller's monotonic clock
 
 
 # --- pure builders and parsers -------------------------------------------------
@@ -208,18 +211,23 @@ class SshPusher:
 
     async def _run(self, conn: asyncssh.SSHClientConnection, command: str) -> str:
         try:
-            res = await conn.run(command, check=False, timeout=self.connect_timeout * 6)
+            proc = await conn.create_process(command, encoding=None)
+            proc.stdin.write_eof()
+            exit_status, out, err = await asyncio.wait_for(_bounded(proc), self.connect_timeout * 6)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise UnreachableError(f"{command}: {exc}") from exc
-        if res.exit_status != 0:
-            raise classify_exit(res.exit_status, str(res.stderr or ""))
-        return str(res.stdout or "")
+        if exit_status != 0:
+            raise classify_exit(exit_status, err.decode("utf-8", "replace"))
+        return out.decode("utf-8", "replace")
+
+    async def _status_on(self, dev: Device, conn: asyncssh.SSHClientConnection) -> StatusAnswer:
+        return _answer(dev, parse_status, await self._run(conn, STATUS_COMMAND))
 
     async def status(self, dev: Device, attempts: int | None = None) -> StatusAnswer:
         async def once() -> StatusAnswer:
             conn = await self._connect(dev)
             try:
-                return parse_status(await self._run(conn, STATUS_COMMAND))
+                return await self._status_on(dev, conn)
             finally:
                 conn.close()
 
@@ -246,32 +254,36 @@ class SshPusher:
 
     async def confirm(self, dev: Device, toplevel: str, generation: int, deadline: float,
                       check: str | None) -> None:
-        """Deliver `confirm GEN [--check CMD]` on new connections until it is answered or the deadline passes."""
+        """Deliver `confirm GEN [--check CMD]` on new connections until it is answered or the deadline
+        passes. `deadline` is on the controller's monotonic clock (the device's remaining seconds
+        when it answered, added to ours): the device's own clock never enters."""
         while True:
-            left = deadline - time.time()
+            left = deadline - time.monotonic()
             if left <= 0.2:
                 raise ConfirmTimeoutError(
                     f"confirmation of generation {generation} not delivered before the deadline; "
                     "the device rolls back by itself", generation)
             try:
                 async with await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
-                    res = await conn.run(confirm_command(generation, check), check=False,
-                                         timeout=max(left + 5.0, self.connect_timeout))
-                    if res.exit_status == 0:
+                    proc = await conn.create_process(confirm_command(generation, check), encoding=None)
+                    proc.stdin.write_eof()
+                    exit_status, _out, err = await asyncio.wait_for(
+                        _bounded(proc), max(left + 5.0, self.connect_timeout))
+                    if exit_status == 0:
                         return
-                    stderr = str(res.stderr or "").strip()
-                    message = stderr.splitlines()[-1] if stderr else f"exit status {res.exit_status}"
-                    if retry_class(res.exit_status) == Retry.ROLLED_BACK:
-                        status = parse_status(await self._run(conn, STATUS_COMMAND))
-                        if (res.exit_status == ExitCode.NOT_PENDING and status.current == toplevel
+                    stderr = err.decode("utf-8", "replace").strip()
+                    message = stderr.splitlines()[-1] if stderr else f"exit status {exit_status}"
+                    if retry_class(exit_status) == Retry.ROLLED_BACK:
+                        status = await self._status_on(dev, conn)
+                        if (exit_status == ExitCode.NOT_PENDING and status.current == toplevel
                                 and status.pending is None):
                             return  # confirmed by an earlier attempt whose answer was lost
                         raise RolledBackError(f"rolled back by the device: {message}")
-                    if retry_class(res.exit_status) not in (Retry.UNREACHABLE, Retry.TRANSIENT):
-                        raise classify_exit(res.exit_status, stderr)
-            except (UnreachableError, OSError, asyncssh.Error, TimeoutError) as exc:
+                    if retry_class(exit_status) not in (Retry.UNREACHABLE, Retry.TRANSIENT):
+                        raise classify_exit(exit_status, stderr)
+            except (UnreachableError, TemporaryError, OSError, asyncssh.Error, TimeoutError) as exc:
                 log.warning("%s: confirm %d: %s", dev.name, generation, exc)
-            await asyncio.sleep(min(1.0, max(0.05, deadline - time.time() - 0.3)))
+            await asyncio.sleep(min(1.0, max(0.05, deadline - time.monotonic() - 0.3)))
 
     async def _push_once(
         self, dev: Device, toplevel: str, activation: str, on_phase: Callable[[DeviceState], None],
@@ -279,11 +291,12 @@ class SshPusher:
     ) -> PushOutcome:
         start = time.monotonic()
         async with await self._connect(dev) as conn:
-            status = parse_status(await self._run(conn, STATUS_COMMAND))
+            status = await self._status_on(dev, conn)
             if status.current == toplevel:
                 gen = status.generation_of(toplevel)
                 if status.pending is not None and status.pending.generation == gen:  # activated, never confirmed
-                    return PushOutcome(toplevel, gen, adopted=True, confirm_deadline=status.pending.deadline)
+                    return PushOutcome(toplevel, gen, adopted=True, confirm_deadline=local_deadline(
+                        status.pending.remaining, status.pending.deadline))
                 return PushOutcome(toplevel, gen, adopted=True)
             base = DeltaBase(ordered_bases(status, self.have_path), status.staged)
             on_phase(DeviceState.TRANSFERRING)
@@ -303,9 +316,11 @@ class SshPusher:
                     base = following
         if result.toplevel != toplevel:
             raise PermanentError(f"receiver installed {result.toplevel}, expected {toplevel}")
+        deadline = (local_deadline(result.confirm_remaining, result.confirm_deadline)
+                    if result.confirm_deadline is not None or result.confirm_remaining is not None else None)
         return PushOutcome(toplevel, result.generation, entry.stream_bytes, entry.nar_bytes,
                            seconds=time.monotonic() - start, installed=result.installed,
-                           confirm_deadline=result.confirm_deadline)
+                           confirm_deadline=deadline)
 
     async def _send(self, conn: asyncssh.SSHClientConnection, held: tuple[str, ...], toplevel: str,
                     staged: tuple[str, ...], avoid: tuple[str, ...], activation: str,
@@ -331,19 +346,18 @@ class SshPusher:
             proc.stdin.write_eof()
             on_sent(entry.stream_bytes, entry.nar_bytes, time.monotonic() - start)
             on_phase(DeviceState.ACTIVATING)
-            res = await proc.wait(check=False)
+            exit_status, out, err_bytes = await _bounded(proc)
         except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
             raise UnreachableError(f"transfer interrupted: {exc}") from exc
-        stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
-        if res.exit_status != 0:
-            err = classify_exit(res.exit_status, stderr)
-            if res.exit_status in BLAMES_BASE:  # corrupt or mismatching, but blaming a base the device holds
+        stderr = err_bytes.decode("utf-8", "replace")
+        if exit_status != 0:
+            err = classify_exit(exit_status, stderr)
+            if exit_status in BLAMES_BASE:  # corrupt or mismatching, but blaming a base the device holds
                 blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
                 if blamed:
                     raise BrokenBaseError(str(err), blamed[0])
             raise err
-        out = res.stdout if isinstance(res.stdout, bytes) else str(res.stdout or "").encode()
-        return parse_receive(out), entry
+        return _answer(dev.name if dev else "device", parse_receive, out.decode("utf-8", "replace")), entry
 
     # --- byte-level resume, rates and windows (transfer.py) ---
 
@@ -396,4 +410,51 @@ class SshPusher:
             raise err
         if isinstance(res.stdout, bytes) and res.stdout and not answer:
             answer = res.stdout.splitlines()[-1]
-        return parse_receive(answer), entry
+        return _answer(dev, parse_receive, answer.decode("utf-8", "replace")), entry
+
+
+# --- bounded reading of a device's output -----------------------------------------------------------
+
+
+class AnswerTooLarge(TemporaryError):
+    """A device sent more than the protocol's bound on one answer (or on its stderr)."""
+
+
+async def _read_bounded(stream: asyncssh.SSHReader[bytes], limit: int, what: str) -> bytes:
+    buf = bytearray()
+    while chunk := await stream.read(CHUNK):
+        buf += chunk
+        if len(buf) > limit:
+            raise AnswerTooLarge(f"the device sent more than {limit} bytes of {what}: cut off")
+    return bytes(buf)
+
+
+async def _bounded(proc: asyncssh.SSHClientProcess[bytes]) -> tuple[int | None, bytes, bytes]:
+    """(exit status, stdout, stderr) of a verb, each stream read up to the protocol's bound: a device
+    that streams endlessly is cut off (the channel closed), and our memory stays bounded."""
+    try:
+        out, err = await asyncio.gather(_read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer"),
+                                        _read_bounded(proc.stderr, MAX_STDERR_BYTES, "stderr"))
+    except AnswerTooLarge:
+        proc.close()
+        raise
+    await proc.wait_closed()
+    return proc.exit_status, out, err
+
+
+def _answer(dev: Device | str, parse: Callable[[str], _T], text: str) -> _T:
+    """A device's answer read with the protocol's validating reader; garbage is a temporary error
+    that names the device (it may be a receiver mid-upgrade or a damaged one), never an internal one."""
+    try:
+        return parse(text)
+    except ProtocolError as exc:
+        name = dev if isinstance(dev, str) else dev.name
+        raise TemporaryError(f"{name}: malformed answer from the device: {exc}") from exc
+
+
+def local_deadline(remaining: float | None, device_deadline: float | None) -> float:
+    """The confirmation deadline on the controller's monotonic clock: the device's remaining seconds
+    (what a receiver reports) or, from an older receiver, its deadline on its own clock."""
+    if remaining is not None:
+        return time.monotonic() + remaining
+    return time.monotonic() + ((device_deadline or 0.0) - time.time())

@@ -165,7 +165,8 @@ class Controller:
             return None
         host, port = listen or self.cfg.http.host_port
         server = HttpServer(host, port, registry=self.metrics.registry, status=self.status_with_transfers,
-                            webhook=self.request_fetch_threadsafe, web=self.fleet_page())
+                            webhook=self.request_fetch_threadsafe, web=self.fleet_page(),
+                            webhook_secret=os.environ.get("REUP_WEBHOOK_SECRET") or self.cfg.http.webhook_secret)
         server.start()
         return server
 

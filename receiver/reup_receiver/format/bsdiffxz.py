@@ -93,12 +93,15 @@ def _unpack(data: bytes, dict_log: int, block: int, limit: int) -> bytes:
     return out
 
 
-def apply(old: bytes, patch: bytes) -> bytes:
+def apply(old: bytes, patch: bytes, size: int | None = None) -> bytes:
+    """`size`: the output size the stream declared; a patch claiming another is refused before decoding."""
     buf = Buf(patch, "bsdiff-lzma patch")
     dict_log = buf.u8()
     if not 12 <= dict_log <= MAX_DICT_LOG:
         raise Corrupt("bsdiff-lzma patch: bad dictionary size")
     new_size = buf.varint()
+    if size is not None and new_size != size:
+        raise Corrupt(f"bsdiff-lzma patch declares {new_size} bytes, its entry {size}")
     ctrl_len, diff_len = buf.varint(), buf.varint()
     ctrl_c, diff_c = buf.raw(ctrl_len), buf.raw(diff_len)
     extra_c = bytes(buf.data[buf.pos :])

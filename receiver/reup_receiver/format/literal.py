@@ -24,7 +24,8 @@ import zstandard
 
 from reup_receiver.errors import Corrupt, Unsupported
 
-MAX_WINDOW = 1 << 31
+MAX_WINDOW = 1 << 31  # zstd-prefix patches: further bounded by base + new size (builder.apply_patch)
+MAX_LITERAL_WINDOW = 1 << 25  # the encoder's literal stream never uses more (reup.delta.literal)
 LITERAL_ZSTD, LITERAL_LZMA_X86 = 0, 1
 MAX_DICT_LOG = 25  # 32 MiB
 STEP = 1 << 20
@@ -58,7 +59,7 @@ class LiteralStream:
         if codec not in (LITERAL_ZSTD, LITERAL_LZMA_X86):
             raise Unsupported(f"unknown literal codec {codec}")
         self.codec = codec
-        self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW).decompressobj()
+        self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_LITERAL_WINDOW).decompressobj()
         self.group: lzma.LZMADecompressor | None = None
         self.pending = bytearray()  # compressed bytes of a group still arriving
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import zstandard
 
-from reup_receiver.errors import Corrupt, UnsafeName, Unsupported
+from reup_receiver.errors import Corrupt, Oversized, UnsafeName, Unsupported
 from reup_receiver.format.model import HASH_LEN, Manifest, PathEntry, check_store_name
 from reup_receiver.format.nar import from_nix32, to_nix32
 from reup_receiver.format.wire import STREAM_BYTES, Buf, put_bytes, put_varint
 
-MAX_MANIFEST_BODY = 1 << 30
+# Sized for real systems (a NixOS closure of 5,000 paths is well under 2 MiB); docs/device-invariants.md.
+MAX_MANIFEST_BODY = 64 << 20
 MANIFEST_RAW, MANIFEST_ZSTD = 0, 1
 DERIVER_NONE, DERIVER_NAMED, DERIVER_SAME_NAME = 0, 1, 2
 
@@ -73,22 +74,29 @@ def decode_manifest(payload: bytes) -> Manifest:
     compression, rest = payload[STREAM_BYTES.size], payload[STREAM_BYTES.size + 1 :]
     if compression == MANIFEST_RAW:
         body = rest
+        if len(body) > MAX_MANIFEST_BODY:
+            raise Oversized(f"manifest body larger than {MAX_MANIFEST_BODY} bytes")
     elif compression == MANIFEST_ZSTD:
-        try:
-            body = zstandard.ZstdDecompressor().decompress(rest, max_output_size=MAX_MANIFEST_BODY)
-        except zstandard.ZstdError as exc:
-            raise Corrupt(f"manifest does not decompress: {exc}") from exc
+        body = _decompress_bounded(rest)
     else:
         raise Unsupported(f"unknown manifest compression {compression}")
     buf = Buf(body, "manifest")
     store_dir = buf.bytes()
     if not store_dir.startswith(b"/") or b"\0" in store_dir:
         raise UnsafeName(f"bad store dir {store_dir!r}")
-    known = [get_store_name(buf) for _ in range(buf.varint())]
+    seen: set[bytes] = set()
+
+    def unique(name: bytes) -> bytes:  # refused as read, not after building a huge table
+        if name in seen:
+            raise Corrupt("manifest lists a store path twice")
+        seen.add(name)
+        return name
+
+    known = [unique(get_store_name(buf)) for _ in range(buf.varint())]
     n_paths = buf.varint()
     paths = []
     for _ in range(n_paths):
-        name = get_store_name(buf)
+        name = unique(get_store_name(buf))
         nar_hash = buf.raw(32)
         nar_size = buf.varint()
         how = buf.u8()
@@ -129,3 +137,20 @@ def _validate_manifest(m: Manifest) -> None:
         raise Corrupt("manifest: toplevel out of range")
     if any(o >= len(table) or n >= len(table) for o, n in m.rewrites):
         raise Corrupt("manifest: rewrite out of range")
+
+
+def _decompress_bounded(data: bytes) -> bytes:
+    """Streaming decompression that stops at MAX_MANIFEST_BODY, whatever the frame header claims."""
+    dobj = zstandard.ZstdDecompressor(max_window_size=1 << 27).decompressobj()
+    out = bytearray()
+    view = memoryview(data)
+    try:
+        for off in range(0, len(view), 64):  # 64 input bytes expand to at most ~3 MiB
+            out += dobj.decompress(view[off : off + 64])
+            if len(out) > MAX_MANIFEST_BODY:
+                raise Oversized(f"manifest body larger than {MAX_MANIFEST_BODY} bytes")
+    except zstandard.ZstdError as exc:
+        raise Corrupt(f"manifest does not decompress: {exc}") from exc
+    if not dobj.eof:
+        raise Corrupt("manifest does not decompress: truncated frame")
+    return bytes(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 from dataclasses import dataclass, field
 
 from reup_receiver.errors import UnsafeName
@@ -112,6 +113,13 @@ class Entry:
 # --- names -------------------------------------------------------------------
 
 
+# Limits on trees (docs/device-invariants.md): no walk over a stream's tree ever recurses deeper
+# than MAX_DEPTH, and every host path stays below PATH_MAX.
+MAX_DEPTH = 128
+MAX_RELPATH = 3072
+MAX_NAME_PART = 211  # Nix's limit on the name after "<hash>-"
+
+
 def check_component(name: bytes, what: str) -> None:
     if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
         raise UnsafeName(f"unsafe name {name!r} in {what}")
@@ -120,13 +128,19 @@ def check_component(name: bytes, what: str) -> None:
 def split_relpath(relpath: bytes, what: str) -> list[bytes]:
     if relpath == b"":
         return []
+    if len(relpath) > MAX_RELPATH:
+        raise UnsafeName(f"path of {len(relpath)} bytes in {what} (limit {MAX_RELPATH})")
     parts = relpath.split(b"/")
+    if len(parts) > MAX_DEPTH:
+        raise UnsafeName(f"tree {len(parts)} levels deep in {what} (limit {MAX_DEPTH})")
     for part in parts:
         check_component(part, what)
     return parts
 
 
 _NIX32_CHARS = frozenset(b"0123456789abcdfghijklmnpqrsvwxyz")
+# What Nix accepts after "<hash>-" (its store-path name grammar).
+_NAME_RE = re.compile(rb"[A-Za-z0-9+\-._?=]+")
 
 
 def is_store_name(name: bytes) -> bool:
@@ -134,10 +148,14 @@ def is_store_name(name: bytes) -> bool:
         check_store_name(name)
     except UnsafeName:
         return False
-    return all(c in _NIX32_CHARS for c in name[:HASH_LEN])
+    return True
 
 
 def check_store_name(name: bytes) -> None:
+    """`<32 base-32 chars>-<name>`, as Nix's own parser accepts it; else UnsafeName."""
     check_component(name, "store path name")
-    if len(name) < HASH_LEN + 2 or name[HASH_LEN : HASH_LEN + 1] != b"-" or name.startswith(b"."):
-        raise UnsafeName(f"not a store path name: {name!r}")
+    rest = name[HASH_LEN + 1 :]
+    if (len(name) < HASH_LEN + 2 or name[HASH_LEN : HASH_LEN + 1] != b"-"
+            or not all(c in _NIX32_CHARS for c in name[:HASH_LEN])
+            or len(rest) > MAX_NAME_PART or rest.startswith(b".") or not _NAME_RE.fullmatch(rest)):
+        raise UnsafeName(f"not a store path name: {name[:300]!r}")

@@ -82,9 +82,10 @@ class NarHasher:
     stream cannot create duplicates or nest under a file.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self.h = hashlib.sha256()
         self.size = 0
+        self.limit = limit  # the declared NAR size: more is refused as it comes
         self.stack: list[bytes] = []  # open directories' names below the root
         self.last_child: list[bytes | None] = []  # last entry name in each open directory
         self.started = False
@@ -96,6 +97,13 @@ class NarHasher:
     def _w(self, data: bytes) -> None:
         self.h.update(data)
         self.size += len(data)
+        self._check()
+
+    def _check(self) -> None:
+        if self.limit is not None and self.size > self.limit:
+            from reup_receiver.errors import Oversized
+
+            raise Oversized(f"store path larger than its declared NAR size of {self.limit} bytes")
 
     def _enter(self, parts: list[bytes]) -> None:
         if self.file_remaining:
@@ -148,6 +156,10 @@ class NarHasher:
         if executable:
             head += _str(b"executable") + _str(b"")
         self._w(head + _str(b"contents") + _U64.pack(size))
+        if self.limit is not None and self.size + size > self.limit:  # before a byte of it is written
+            from reup_receiver.errors import Oversized
+
+            raise Oversized(f"file of {size} bytes exceeds its path's declared NAR size of {self.limit}")
         self.file_remaining = size
         self.file_pad = (-size) % 8
         self._file_parts_nonroot = bool(parts)
@@ -159,6 +171,7 @@ class NarHasher:
             raise Corrupt("file data longer than its declared size")
         self.h.update(data)
         self.size += len(data)
+        self._check()
         self.file_remaining -= len(data)
         if self.file_remaining == 0:
             self._file_end()
@@ -181,19 +194,20 @@ class NarHasher:
 
 
 def walk_nar_order(root: str) -> list[tuple[list[bytes], os.stat_result]]:
-    """Every node under `root` (itself first) in NAR order, without following symlinks."""
+    """Every node under `root` (itself first) in NAR order, without following symlinks.
+
+    Iterative (an explicit stack), so a deep tree is never a RecursionError.
+    """
     out: list[tuple[list[bytes], os.stat_result]] = []
     broot = os.fsencode(root)
-
-    def visit(parts: list[bytes]) -> None:
+    todo: list[list[bytes]] = [[]]
+    while todo:
+        parts = todo.pop()
         path = os.path.join(broot, *parts) if parts else broot
         st = os.lstat(path)
         out.append((parts, st))
         if stat.S_ISDIR(st.st_mode):
-            for name in sorted(os.listdir(path)):
-                visit([*parts, name])
-
-    visit([])
+            todo.extend([*parts, name] for name in sorted(os.listdir(path), reverse=True))
     return out
 
 
