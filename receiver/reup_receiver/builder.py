@@ -165,7 +165,7 @@ class _OpenFile:
 
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
-    out = [Codec.ZSTD_PREFIX]
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, Codec.SOLID]  # the standard library and zstandard
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:
@@ -190,12 +190,34 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink) -> None:
         from reup_receiver.format import bsdiffxz
 
         sink.write(bsdiffxz.apply(old, patch))
+    elif codec == Codec.ELF_X86:
+        from reup_receiver.format import elfx86
+
+        sink.write(bytes(elfx86.apply(old, patch, _apply_inner)))
     elif codec == Codec.ZSTD_PREFIX:
         d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         dctx = zstandard.ZstdDecompressor(dict_data=d, max_window_size=MAX_WINDOW)
         zstd_feed(dctx.decompressobj(), patch, sink)
     else:
         raise Unsupported(f"unknown codec {codec}")
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.out += data
+        return len(data)
+
+
+def _apply_inner(inner: int, old: bytes, patch: bytes) -> bytearray:
+    """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
+    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.SOLID):
+        raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
+    sink = _Collect()
+    apply_patch(Codec(inner), old, patch, sink)
+    return sink.out
 
 
 # Resolves (table index, relpath) of a base file to (host dir of its store path, label).
