@@ -42,6 +42,7 @@ from reup_receiver.format.model import (
 )
 from reup_receiver.format.nar import NarHasher, walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes, rewrite_chunks
+from reup_receiver.format.solid import MAX_PREFIX, SolidFrame
 
 READ_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -238,6 +239,7 @@ class PathBuilder:
         self.nar = NarHasher()
         self.file: _OpenFile | None = None
         self.pending: _Peek | None = None  # entries a MIRROR still has to produce
+        self.solid: SolidFrame | None = None  # the MIRROR's solid frame, if it has SOLID files
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
 
     def label(self, relpath: bytes) -> str:
@@ -261,6 +263,8 @@ class PathBuilder:
             if self.pending is not None or self.nar.started:
                 raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
             self.pending = _Peek(self._expand(e))
+            if any(spec.codec == Codec.SOLID for spec in e.mirror):
+                self.solid = SolidFrame(self._solid_prefix(e))
             return
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
@@ -321,6 +325,24 @@ class PathBuilder:
             else:
                 raise MissingBase(f"base path has a special file: {label}", label)
 
+    def _solid_prefix(self, m: Entry) -> bytes:
+        """The old versions of the mirror's SOLID files, rewritten, in NAR order (solid.py)."""
+        host, label = self.resolve(m.source, b"")
+        skip = {tuple(split_relpath(r, "mirror skip")) for r in m.skip}
+        files = [parts for parts, st in walk_nar_order(host) if stat.S_ISREG(st.st_mode)
+                 and not any(tuple(parts[:i]) in skip for i in range(1, len(parts) + 1))]
+        if len(files) != len(m.mirror):
+            raise MissingBase(f"base path differs ({len(files)} files, the mirror lists "
+                              f"{len(m.mirror)}): {label}", label)
+        prefix = bytearray()
+        for parts, spec in zip(files, m.mirror, strict=True):
+            if spec.codec == Codec.SOLID:
+                for chunk in read_base(host, parts, label):
+                    prefix += chunk
+                    if len(prefix) > MAX_PREFIX:
+                        raise Corrupt(f"{label}: solid dictionary above {MAX_PREFIX} bytes")
+        return rewrite_bytes(bytes(prefix), self.rewrites) if m.flags & F_REWRITE else bytes(prefix)
+
     def _entry(self, e: Entry) -> None:
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
@@ -365,6 +387,10 @@ class PathBuilder:
         f.received += len(chunk)
         if f.entry.method == Method.LITERAL:
             self.literal.feed(f.sink, chunk)
+        elif f.entry.codec == Codec.SOLID:
+            if self.solid is None or self.pending is None:
+                raise Corrupt(f"{f.sink.label}: solid data outside a mirror with solid files")
+            self.solid.feed(f.sink, chunk)
         else:
             f.patch.extend(chunk)
         if f.received == f.entry.data_len:
@@ -383,6 +409,9 @@ class PathBuilder:
                     chunks = rewrite_chunks(chunks, self.rewrites)
                 for chunk in chunks:
                     sink.write(chunk)
+            elif e.method == Method.PATCH and e.codec == Codec.SOLID:
+                if e.data_len == 0:
+                    raise Corrupt(f"{sink.label}: solid file without data")
             elif e.method == Method.PATCH:
                 self._patch(e, sink, patch)
             else:

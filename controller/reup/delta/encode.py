@@ -131,6 +131,9 @@ def encode(
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
                           held_local, target, codecs, allowed_codecs)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
+        for _, plan in plans:
+            if plan.mirror is not None:
+                coder.solidify(plan.mirror)
         coder.literal.plan([(d.file.host, d.file.size) for _, plan in plans for d in plan.decisions()
                             if coder.is_literal(d)])
         body = RecordWriter(body_fh, header=False)

@@ -32,7 +32,8 @@ from reup_receiver.format.model import (
 from reup_receiver.format.nar import walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes
 
-from reup.delta.codecs import DiffResult, diff_job
+from reup.delta import solid
+from reup.delta.codecs import DiffResult, diff_job, literal_estimate
 from reup.delta.literal import LiteralEncoder
 from reup.delta.pairing import (
     Graph,
@@ -86,6 +87,11 @@ class ContentIndex:
         return self.by_key.get(key)
 
 
+def _read(path: bytes) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def file_sha256(path: bytes) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -123,6 +129,7 @@ class FileCoding:
     kind: str  # "dedup", "diff" or "literal"
     source: tuple[str, bytes] | None = None
     diff: Future[DiffResult] | None = None
+    solid: bytes | None = None  # this file's part of its mirror's solid frame (solid.py)
 
 
 class FileCoder:
@@ -242,11 +249,46 @@ class FileCoder:
             return rewrite_bytes(old_target, self.rewrites) == new_target
         return True
 
+    def solidify(self, plan: MirrorPlan) -> None:
+        """Code the mirror's small patched and literal files as one solid frame when smaller.
+
+        Waits for the mirror's diffs. Their own cost: patch bytes, or the literal estimate.
+        """
+        if self.allowed is not None and Codec.SOLID not in self.allowed or self.codecs is not None:
+            return
+        chosen: list[tuple[FileCoding, bytes, int]] = []  # decision, old content, own cost
+        new_total = old_total = 0
+        for d in plan.files:
+            assert d.diff is not None
+            result = d.diff.result()
+            if result.kind == "rewrite" or d.file.size > solid.FILE_MAX:
+                continue
+            old_host = os.path.join(os.fsencode(plan.old), d.file.relpath) if d.file.relpath \
+                else os.fsencode(plan.old)
+            if os.lstat(old_host).st_size > solid.FILE_MAX:
+                continue
+            old = rewrite_bytes(_read(old_host), self.rewrites)
+            if old_total + len(old) > solid.MAX_PREFIX or new_total + d.file.size > solid.CONTENT_MAX:
+                break
+            cost = len(result.data) if result.codec is not None else literal_estimate(_read(d.file.host))
+            chosen.append((d, old, cost))
+            old_total += len(old)
+            new_total += d.file.size
+        if len(chosen) < 2 or old_total < 8:
+            return
+        parts = solid.frame_parts(b"".join(old for _, old, _ in chosen),
+                                  [_read(d.file.host) for d, _, _ in chosen])
+        if sum(map(len, parts)) < sum(cost for _, _, cost in chosen):
+            for (d, _, _), part in zip(chosen, parts, strict=True):
+                d.solid = part
+
     def mirror_spec(self, d: FileCoding) -> tuple[MirrorFile, bytes, str]:
         """A mirrored file's spec, its DATA and the stats kind (literal data made now, in order)."""
         assert d.diff is not None
-        result = d.diff.result()
         sha = d.sha[:FILE_HASH_LEN]
+        if d.solid is not None:
+            return MirrorFile(Method.PATCH, sha, d.file.size, Codec.SOLID, len(d.solid)), d.solid, "solid"
+        result = d.diff.result()
         if result.kind == "rewrite":
             return MirrorFile(Method.COPY, sha), b"", "mirror"
         if result.codec is not None:
@@ -263,7 +305,7 @@ class FileCoder:
         """Whether a planned file ends up in the literal stream (waits for its diff)."""
         if d.kind == "literal":
             return True
-        return d.diff is not None and d.diff.result().kind == "literal"
+        return d.solid is None and d.diff is not None and d.diff.result().kind == "literal"
 
     def emit(self, d: FileCoding, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
         """(entry, data, stats kind) for a planned file."""
