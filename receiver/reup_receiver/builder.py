@@ -30,6 +30,7 @@ from reup_receiver.format.literal import MAX_WINDOW, LiteralStream, Sink, zstd_f
 from reup_receiver.format.model import (
     F_EXECUTABLE,
     F_REWRITE,
+    F_SOLID_TREE,
     FILE_HASH_LEN,
     KIND_DIR,
     KIND_FILE,
@@ -263,7 +264,7 @@ class PathBuilder:
             if self.pending is not None or self.nar.started:
                 raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
             self.pending = _Peek(self._expand(e))
-            if any(spec.codec == Codec.SOLID for spec in e.mirror):
+            if e.flags & F_SOLID_TREE or any(spec.codec == Codec.SOLID for spec in e.mirror):
                 self.solid = SolidFrame(self._solid_prefix(e))
             return
         if self.file is not None:
@@ -326,21 +327,23 @@ class PathBuilder:
                 raise MissingBase(f"base path has a special file: {label}", label)
 
     def _solid_prefix(self, m: Entry) -> bytes:
-        """The old versions of the mirror's SOLID files, rewritten, in NAR order (solid.py)."""
+        """The solid dictionary, rewritten (solid.py): with F_SOLID_TREE every file of the
+        source tree, else the old versions of the mirror's SOLID files; NAR order."""
         host, label = self.resolve(m.source, b"")
         skip = {tuple(split_relpath(r, "mirror skip")) for r in m.skip}
-        files = [parts for parts, st in walk_nar_order(host) if stat.S_ISREG(st.st_mode)
-                 and not any(tuple(parts[:i]) in skip for i in range(1, len(parts) + 1))]
+        walked = [parts for parts, st in walk_nar_order(host) if stat.S_ISREG(st.st_mode)]
+        files = [parts for parts in walked if not any(tuple(parts[:i]) in skip for i in range(1, len(parts) + 1))]
         if len(files) != len(m.mirror):
             raise MissingBase(f"base path differs ({len(files)} files, the mirror lists "
                               f"{len(m.mirror)}): {label}", label)
+        wanted = walked if m.flags & F_SOLID_TREE else \
+            [parts for parts, spec in zip(files, m.mirror, strict=True) if spec.codec == Codec.SOLID]
         prefix = bytearray()
-        for parts, spec in zip(files, m.mirror, strict=True):
-            if spec.codec == Codec.SOLID:
-                for chunk in read_base(host, parts, label):
-                    prefix += chunk
-                    if len(prefix) > MAX_PREFIX:
-                        raise Corrupt(f"{label}: solid dictionary above {MAX_PREFIX} bytes")
+        for parts in wanted:
+            for chunk in read_base(host, parts, label):
+                prefix += chunk
+                if len(prefix) > MAX_PREFIX:
+                    raise Corrupt(f"{label}: solid dictionary above {MAX_PREFIX} bytes")
         return rewrite_bytes(bytes(prefix), self.rewrites) if m.flags & F_REWRITE else bytes(prefix)
 
     def _entry(self, e: Entry) -> None:
@@ -388,7 +391,7 @@ class PathBuilder:
         if f.entry.method == Method.LITERAL:
             self.literal.feed(f.sink, chunk)
         elif f.entry.codec == Codec.SOLID:
-            if self.solid is None or self.pending is None:
+            if self.solid is None:
                 raise Corrupt(f"{f.sink.label}: solid data outside a mirror with solid files")
             self.solid.feed(f.sink, chunk)
         else:

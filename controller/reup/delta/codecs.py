@@ -80,10 +80,12 @@ def elf_inners(ok: frozenset[Codec] | set[Codec], old: bytes, new: bytes) -> lis
         return []
     if not (elfx86.exec_ranges(old) or elfx86.exec_ranges(new)):
         return []
-    out = [c for c in (Codec.HDIFFPATCH,) if c in ok]
+    # One inner codec: the one that wins on executables (HDiffPatch), else bsdiff's blocks.
+    if Codec.HDIFFPATCH in ok:
+        return [Codec.HDIFFPATCH]
     if Codec.BSDIFF_LZMA in ok and max(len(old), len(new)) <= BSDIFF_MAX:
-        out.append(Codec.BSDIFF_LZMA)
-    return out
+        return [Codec.BSDIFF_LZMA]
+    return []
 
 
 def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
@@ -114,10 +116,9 @@ def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
         out.append((Codec.HDIFFPATCH, hdiff(old, new)))
     if Codec.BSDIFF_LZMA in ok and len(old) <= BSDIFF_MAX and len(new) <= BSDIFF_MAX:
         out.append((Codec.BSDIFF_LZMA, bsdiffxz.pack(old, new)))
-    # Normalising only RIP-relative operands wins when code moves with its callees (measured on
-    # zstd 1.5.5 -> 1.5.6), branches too when calls into unmoved code dominate: try both.
-    out += [(Codec.ELF_X86, elf_patch(old, new, inner, mode))
-            for inner in elf_inners(ok, old, new) for mode in elfx86.MODES]
+    # Normalising RIP-relative operands only: on zstd 1.5.5 -> 1.5.6 normalising branches too
+    # made the patch 8% larger (code moves with its callees); the format keeps both modes.
+    out += [(Codec.ELF_X86, elf_patch(old, new, inner, elfx86.RIP)) for inner in elf_inners(ok, old, new)]
     if len(old) <= SMALL and len(new) <= SMALL:
         if Codec.BSDIFF4 in ok:
             out.append((Codec.BSDIFF4, make_patch(Codec.BSDIFF4, old, new)))

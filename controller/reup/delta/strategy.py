@@ -118,6 +118,7 @@ class MirrorPlan:
     skip: list[bytes]  # its relpaths the new tree does not mirror (with subtrees)
     files: list[FileCoding]  # mirrored files, NAR order
     explicit: list[tuple[list[bytes], os.stat_result]]  # nodes sent as entries, NAR order
+    solid_tree: bool = False  # the solid frame's dictionary is the whole old tree (F_SOLID_TREE)
 
 
 @dataclass
@@ -249,38 +250,57 @@ class FileCoder:
             return rewrite_bytes(old_target, self.rewrites) == new_target
         return True
 
-    def solidify(self, plan: MirrorPlan) -> None:
-        """Code the mirror's small patched and literal files as one solid frame when smaller.
+    def solidify(self, plan: MirrorPlan, ordered: Sequence[FileCoding]) -> None:
+        """Code a mirrored path's small changed files as one solid frame when that is smaller.
 
-        Waits for the mirror's diffs. Their own cost: patch bytes, or the literal estimate.
+        `ordered`: all the path's file decisions in stream order (mirrored and explicit).
+        The dictionary is the whole old tree when it fits (F_SOLID_TREE: moved and new
+        modules find their old text), else the old versions of the mirrored solid files.
+        Waits for the path's diffs. A file's own cost: its patch, or the literal estimate.
         """
         if self.allowed is not None and Codec.SOLID not in self.allowed or self.codecs is not None:
             return
-        chosen: list[tuple[FileCoding, bytes, int]] = []  # decision, old content, own cost
-        new_total = old_total = 0
-        for d in plan.files:
-            assert d.diff is not None
-            result = d.diff.result()
-            if result.kind == "rewrite" or d.file.size > solid.FILE_MAX:
+        mirrored = {id(d) for d in plan.files}
+        chosen: list[tuple[FileCoding, int]] = []
+        new_total = 0
+        for d in ordered:
+            result = d.diff.result() if d.diff is not None else None
+            if d.kind == "dedup" or (result is not None and result.kind == "rewrite") \
+                    or d.file.size > solid.FILE_MAX:
                 continue
-            old_host = os.path.join(os.fsencode(plan.old), d.file.relpath) if d.file.relpath \
-                else os.fsencode(plan.old)
-            if os.lstat(old_host).st_size > solid.FILE_MAX:
-                continue
-            old = rewrite_bytes(_read(old_host), self.rewrites)
-            if old_total + len(old) > solid.MAX_PREFIX or new_total + d.file.size > solid.CONTENT_MAX:
+            if new_total + d.file.size > solid.CONTENT_MAX:
                 break
-            cost = len(result.data) if result.codec is not None else literal_estimate(_read(d.file.host))
-            chosen.append((d, old, cost))
-            old_total += len(old)
+            cost = len(result.data) if result is not None and result.codec is not None \
+                else literal_estimate(_read(d.file.host))
+            chosen.append((d, cost))
             new_total += d.file.size
-        if len(chosen) < 2 or old_total < 8:
+        old_tree = self.old_files[plan.old]
+        plan.solid_tree = sum(f.size for f in old_tree) <= solid.MAX_PREFIX
+        if plan.solid_tree:
+            prefix = b"".join(_read(f.host) for f in old_tree)
+        else:
+            chosen = [(d, c) for d, c in chosen if id(d) not in mirrored
+                      or self._old_size(plan.old, d) <= solid.FILE_MAX]
+            prefix = b"".join(_read(self._old_host(plan.old, d)) for d, _ in chosen if id(d) in mirrored)
+        if len(chosen) < 2 or len(prefix) < 8 or len(prefix) > solid.MAX_PREFIX or \
+                (not plan.solid_tree and not any(id(d) in mirrored for d, _ in chosen)):
+            plan.solid_tree = False
             return
-        parts = solid.frame_parts(b"".join(old for _, old, _ in chosen),
-                                  [_read(d.file.host) for d, _, _ in chosen])
-        if sum(map(len, parts)) < sum(cost for _, _, cost in chosen):
-            for (d, _, _), part in zip(chosen, parts, strict=True):
-                d.solid = part
+        parts = solid.frame_parts(rewrite_bytes(prefix, self.rewrites), [_read(d.file.host) for d, _ in chosen])
+        if sum(map(len, parts)) >= sum(cost for _, cost in chosen):
+            plan.solid_tree = False
+            return
+        for (d, _), part in zip(chosen, parts, strict=True):
+            d.solid = part
+            if id(d) not in mirrored:
+                d.source = (plan.old, d.file.relpath)  # named on the wire, never read
+
+    @staticmethod
+    def _old_host(old: str, d: FileCoding) -> bytes:
+        return os.path.join(os.fsencode(old), d.file.relpath) if d.file.relpath else os.fsencode(old)
+
+    def _old_size(self, old: str, d: FileCoding) -> int:
+        return os.lstat(self._old_host(old, d)).st_size
 
     def mirror_spec(self, d: FileCoding) -> tuple[MirrorFile, bytes, str]:
         """A mirrored file's spec, its DATA and the stats kind (literal data made now, in order)."""
@@ -303,9 +323,11 @@ class FileCoder:
     @staticmethod
     def is_literal(d: FileCoding) -> bool:
         """Whether a planned file ends up in the literal stream (waits for its diff)."""
+        if d.solid is not None:
+            return False
         if d.kind == "literal":
             return True
-        return d.solid is None and d.diff is not None and d.diff.result().kind == "literal"
+        return d.diff is not None and d.diff.result().kind == "literal"
 
     def emit(self, d: FileCoding, table: Callable[[str], int]) -> tuple[Entry, bytes, str]:
         """(entry, data, stats kind) for a planned file."""
@@ -321,6 +343,8 @@ class FileCoder:
 
         if d.kind == "dedup":
             return entry(Method.COPY, d.source), b"", "dedup"
+        if d.solid is not None:
+            return entry(Method.PATCH, d.source, Codec.SOLID, d.solid), d.solid, "solid"
         if d.diff is not None:
             result = d.diff.result()
             if result.kind != "literal":

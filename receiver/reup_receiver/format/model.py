@@ -42,6 +42,7 @@ KIND_MIRROR = 5  # the whole tree mirrors a source path; per-file specs in `mirr
 F_EXECUTABLE = 0x01
 F_REWRITE = 0x02  # apply the manifest's store-hash rewrite map to the source first
 F_SAME_RELPATH = 0x04  # on the wire only: source_relpath equals relpath and is omitted
+F_SOLID_TREE = 0x08  # MIRROR: the solid dictionary is every file of the source tree (solid.py)
 
 
 @dataclass(frozen=True)
