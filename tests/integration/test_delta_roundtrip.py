@@ -170,7 +170,9 @@ def test_each_codec_round_trips(gens: Gens, root_a: str, tmp_path: os.PathLike[s
 
 def test_renamed_soname_is_patched_against_its_predecessor(gens: Gens, root_a: str,
                                                            tmp_path: os.PathLike[str]) -> None:
-    stream, stats = run_encode(tmp_path, [gens.a], gens.b)
+    # Per-file patches (SOLID would code the library in its path's solid frame, whose
+    # dictionary is the whole predecessor tree): the pairing names the predecessor.
+    stream, stats = run_encode(tmp_path, [gens.a], gens.b, allowed_codecs=list(PATCH_CODECS))
     found = {e.relpath: e for name, e in entries(stream) if name.endswith(b"-libfoo-1.5.6")}  # type: ignore[attr-defined]
     so = found[b"lib/libfoo.so.1.5.6"]
     assert so.method == Method.PATCH and so.source_relpath == b"lib/libfoo.so.1.5.5"  # type: ignore[attr-defined]
@@ -228,7 +230,7 @@ def test_cli_stats_and_cache(gens: Gens, tmp_path: os.PathLike[str]) -> None:
             "--stats"]
     first = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
     kinds = first["bytes_by_kind"]
-    assert {"manifest", "framing"} <= set(kinds) and any(k.startswith("patch:") for k in kinds)
+    assert {"manifest", "framing"} <= set(kinds) and any(k.startswith("patch:") or k == "solid" for k in kinds)
     assert first["peak_rss_bytes"] > 0 and first["seconds"] > 0
     assert sum(first["bytes_by_kind"].values()) == first["stream_bytes"]
     cached = [*argv, "--cache", cache]
