@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from reup.io.nix import PathInfo, build_file_cmd, copy_to_cmd, export_cmd, store_verify_cmd
 
 from bench import corpus, inputs, report
@@ -104,3 +106,15 @@ def test_error_cells_and_kind_table() -> None:
     r.reup_kinds = {"literal": 7, "manifest": 3}
     md = report.render([r], {}, [])
     assert "| # | literal | manifest |" in md and "| 3 | 7 | 3 |" in md
+
+
+def test_pinned_inputs_and_vendored_sources(tmp_path: Path) -> None:
+    bad = tmp_path / "zstandard-0.23.0.tar.gz"
+    bad.write_bytes(b"not the release")
+    with pytest.raises(RuntimeError, match="pinned"):
+        inputs.check_pin(bad)
+    inputs.check_pin(tmp_path / "unpinned.whl")  # inputs without a pin are not checked
+    m = inputs.manifest_data(tmp_path, {"sdist:zstandard:0.23.0": "zstandard-0.23.0.tar.gz"})
+    assert m["vendored"] == {"zstd": {"1.5.6": "zstandard-0.23.0.tar.gz"}}
+    argv = inputs.sdist_download_cmd("zstandard", "0.23.0", tmp_path)
+    assert "--no-binary=:all:" in argv and argv[-1] == "zstandard==0.23.0"
