@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from reup.io.nix import PathInfo, build_file_cmd, copy_to_cmd, export_cmd, store_verify_cmd
 
 from bench import corpus, inputs, report
