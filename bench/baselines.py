@@ -6,8 +6,9 @@ Called by `bench.run` once per scenario with the held closure and the missing pa
 - (a) `nix-store --export` of the missing paths, compressed with `zstd -19` and `xz -9`
   (what `nix copy` moves);
 - (b) reUpNix-style file dedup + bsdiff4 + zstd -19 (`bench.baseline_files`);
-- (c) `zstd -19 --long=30 --patch-from=<tar of the held closure>` on the tar of the
-  missing paths.
+- (c) `zstd -19 --long=27 --patch-from=<tar of the held closure>` on the tar of the
+  missing paths (whole-closure patch-from, issue 13's setting);
+- (d) `xz -9e` of the missing paths' NARs (`nix-store --dump`, concatenated).
 
 Each returns a `BaselineResult` with the output size and the encode seconds (building
 the input archive included, since a sender has to do it too).
@@ -25,7 +26,7 @@ from pathlib import Path
 from bench import baseline_files
 from bench.nixcmds import export_cmd
 
-METHODS = ("export+zstd-19", "export+xz-9", "files+bsdiff4", "zstd-patch-from")
+METHODS = ("export+zstd-19", "export+xz-9", "nars+xz-9e", "files+bsdiff4", "zstd-patch-from")
 
 
 @dataclass
@@ -70,6 +71,24 @@ def baseline_export(missing: Sequence[str], tmp: Path) -> list[BaselineResult]:
     return out
 
 
+def baseline_nars_xz(missing: Sequence[str], tmp: Path) -> BaselineResult:
+    """(d): the missing paths' NARs, concatenated, through xz -9e."""
+    nars, comp = tmp / "missing.nars", tmp / "missing.nars.xz"
+    seconds = 0.0
+    with open(nars, "wb"):
+        pass
+    for path in sorted(missing):
+        t0 = time.perf_counter()
+        with open(nars, "ab") as out:
+            subprocess.run(["nix-store", "--dump", path], stdout=out, check=True)
+        seconds += time.perf_counter() - t0
+    seconds += _timed_run(["xz", "-9e", "-T1", "-c"], stdin=str(nars), stdout=str(comp))
+    result = BaselineResult("nars+xz-9e", comp.stat().st_size, seconds, {"nar_bytes": nars.stat().st_size})
+    nars.unlink()
+    comp.unlink()
+    return result
+
+
 def tar_cmd(paths: Sequence[str], dest: Path) -> list[str]:
     """A reproducible tar of store paths (relative to /, sorted, fixed owner and mtime)."""
     rel = [p.lstrip("/") for p in sorted(paths)]
@@ -79,14 +98,14 @@ def tar_cmd(paths: Sequence[str], dest: Path) -> list[str]:
 
 
 def zstd_patch_cmd(new_tar: Path, old_tar: Path | None, dest: Path) -> list[str]:
-    argv = ["zstd", "-19", "--long=30", "-q", "-f"]
+    argv = ["zstd", "-19", "--long=27", "-q", "-f"]
     if old_tar is not None:
         argv.append(f"--patch-from={old_tar}")
     return argv + [str(new_tar), "-o", str(dest)]
 
 
 def baseline_patch_from(held: Sequence[str], missing: Sequence[str], tmp: Path) -> BaselineResult:
-    """(c): zstd -19 --long=30 with the tar of the held closure as the patch base."""
+    """(c): zstd -19 --long=27 with the tar of the held closure as the patch base."""
     old_tar = tmp / "held.tar" if held else None
     new_tar, out = tmp / "missing.tar", tmp / "missing.tar.zst"
     seconds = _timed_run(tar_cmd(missing, new_tar))
@@ -123,6 +142,7 @@ def run_all(held: Sequence[str], missing: Sequence[str], tmp: Path) -> list[Base
     """Every baseline for one scenario; `held` is the held closure (all its store paths)."""
     tmp.mkdir(parents=True, exist_ok=True)
     results = baseline_export(missing, tmp)
+    results.append(baseline_nars_xz(missing, tmp))
     results.append(baseline_files_bsdiff(held, missing, tmp))
     results.append(baseline_patch_from(held, missing, tmp))
     return results

@@ -1,4 +1,4 @@
-"""The benchmark corpus: device generations built with real Nix, and the 9 scenarios.
+"""The benchmark corpus: device generations built with real Nix, and the 11 scenarios.
 
 Called by `bench.run`. `build()` fetches the inputs (`bench.inputs`), writes the generation
 table as JSON and builds `bench/nix/corpus.nix` with `nix build -f` through
@@ -32,10 +32,14 @@ _BASE_GEN: dict[str, Any] = {
     "fooPatch": "5",
     "ruff": "0.6.8",
     "baseTag": "1",
+    "urllib3": "2.2.2",
+    "zstd": "1.5.5",
 }
 _APP_BUMP = {"gridapp": "1.1", "pydanticCore": "2.23.4"}
 _LIB_BUMP = {"libfoo": "1.5.6", "fooPatch": "6"}
 _BIG_BUMP = {"ruff": "0.6.9"}
+_PY_RELEASE = {"urllib3": "2.2.3"}  # a real pure-Python patch release (issue 13)
+_C_RELEASE = {"zstd": "1.5.6"}  # a real C library patch release, built from source
 
 
 def generations() -> dict[str, dict[str, Any]]:
@@ -51,11 +55,13 @@ def generations() -> dict[str, dict[str, Any]]:
         "g4": {**g1, **_BIG_BUMP},
         "g5": g5,
         "g9": {**g5, "baseTag": "2"},  # mass rebuild: libbase's derivation changes, not its bytes
+        "g10": {**g1, **_PY_RELEASE},
+        "g11": {**g1, **_C_RELEASE},
     }
 
 
 # Which generation each one was derived from (for describing the changes).
-PARENTS = {"g1": "g0", "g2": "g1", "g3": "g1", "g4": "g1", "g5": "g1", "g9": "g5"}
+PARENTS = {"g1": "g0", "g2": "g1", "g3": "g1", "g4": "g1", "g5": "g1", "g9": "g5", "g10": "g1", "g11": "g1"}
 
 
 def describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -88,6 +94,8 @@ SCENARIOS: tuple[ScenarioSpec, ...] = (
     ScenarioSpec(7, "rollback, old generation still held", ("g1", "g5"), "g1"),
     ScenarioSpec(8, "rollback after the old generation was GC'd", ("g5",), "g1"),
     ScenarioSpec(9, "mass rebuild (base library hash only)", ("g5",), "g9"),
+    ScenarioSpec(10, "pure-Python library patch release (.py + .pyc)", ("g1",), "g10"),
+    ScenarioSpec(11, "C library patch release from source, two dependents", ("g1",), "g11"),
 )
 
 

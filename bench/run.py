@@ -79,8 +79,11 @@ def inputs_line(workdir: Path) -> str:
     m = json.loads((workdir / "inputs" / "manifest.json").read_text())
     wheels = ", ".join(f"{d} {'/'.join(sorted(v))}" for d, v in sorted(m["wheels"].items()))
     debs = ", ".join(f"{p} {d['version']}" for p, d in sorted(m["debs"].items()))
+    vendored = ", ".join(f"{lib} {'/'.join(sorted(v))} ({', '.join(sorted(v.values()))})"
+                         for lib, v in sorted(m.get("vendored", {}).items()))
     return f"PyPI wheels: {wheels}; Debian packages: {debs}; C built by gcc in the derivations: " \
-           "libbase, libfoo (versioned soname, RPATH), foo-tools, sensord"
+           "libbase, libfoo (versioned soname, RPATH), foo-tools, sensord" + \
+           (f"; C libraries built from PyPI source archives: {vendored}, zstd-tools" if vendored else "")
 
 
 def corpus_rows(c: corpus.Corpus) -> list[list[str]]:

@@ -67,6 +67,31 @@ let
     sh ${src}/patch_elves.sh $out ${rpath}
   '';
 
+  # A widely used C library built from a registry's source archive: the zstd that a
+  # python-zstandard sdist vendors as one amalgamated zstd.c (tar from PyPI, pinned).
+  libzstd = v: sh "libzstd-${v}" {} ''
+    tar xzf ${input m.vendored.zstd.${v}}
+    mkdir -p $out/lib $out/include
+    cp zstandard-*/zstd/zstd.h zstandard-*/zstd/zstd_errors.h zstandard-*/zstd/zdict.h $out/include/
+    gcc -O2 -fPIC -shared -pthread -Wl,-soname,libzstd.so.1 -o $out/lib/libzstd.so.${v} zstandard-*/zstd/zstd.c
+    ln -s libzstd.so.${v} $out/lib/libzstd.so.1
+    ln -s libzstd.so.1 $out/lib/libzstd.so
+  '';
+
+  # Two programs linked against it by RPATH (rebuilt when it changes, as in nixpkgs).
+  zstdTools = z: v: sh "zstd-tools-${v}" {} ''
+    mkdir -p $out/bin
+    for p in zpack zcheck; do
+      gcc -O2 -I${z}/include -o $out/bin/$p ${src}/$p.c -L${z}/lib -lzstd -Wl,-rpath,${z}/lib
+    done
+    $out/bin/zcheck > /dev/null
+  '';
+
+  # A pure-Python wheel (install_wheel.py byte-compiles it, as nixpkgs' Python packages are).
+  pureWheel = dist: v: sh "python3.11-${dist}-${v}" {} ''
+    python3 ${src}/install_wheel.py ${input m.wheels.${dist}.${v}} $out
+  '';
+
   system = label: g:
     let
       base = libbase g.baseTag;
@@ -107,7 +132,11 @@ let
         chmod +x $out/bin/gridapp
         python3 -m compileall -q --invalidation-mode unchecked-hash $site
       '';
-      packages = [ base foo footools sensord pydantic msgpack typingExt ruff onig libjq jq libsqlite sqlite gridapp ];
+      zstd = libzstd g.zstd;
+      ztools = zstdTools zstd g.zstd;
+      urllib3 = pureWheel "urllib3" g.urllib3;
+      packages = [ base foo footools sensord pydantic msgpack typingExt ruff onig libjq jq libsqlite sqlite gridapp
+                   zstd ztools urllib3 ];
       systemPath = sh "system-path" {} ''
         mkdir -p $out/bin $out/lib/python3.11/site-packages
         for p in ${builtins.concatStringsSep " " (map toString packages)}; do

@@ -30,6 +30,7 @@ from reup_receiver.format.literal import MAX_WINDOW, LiteralStream, Sink, zstd_f
 from reup_receiver.format.model import (
     F_EXECUTABLE,
     F_REWRITE,
+    F_SOLID_TREE,
     FILE_HASH_LEN,
     KIND_DIR,
     KIND_FILE,
@@ -42,6 +43,7 @@ from reup_receiver.format.model import (
 )
 from reup_receiver.format.nar import NarHasher, walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes, rewrite_chunks
+from reup_receiver.format.solid import MAX_PREFIX, SolidFrame
 
 READ_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -165,7 +167,7 @@ class _OpenFile:
 
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
-    out = [Codec.ZSTD_PREFIX]
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, Codec.SOLID]  # the standard library and zstandard
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:
@@ -207,6 +209,11 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
         from reup_receiver.format import bsdiffxz
 
         sink.write(bsdiffxz.apply(old, patch, size))
+    elif codec == Codec.ELF_X86:
+        from reup_receiver.format import elfx86
+
+        # The inner patch makes the normalised new file, of the new file's length.
+        sink.write(bytes(elfx86.apply(old, patch, lambda inner, o, p: _apply_inner(inner, o, p, size))))
     elif codec == Codec.ZSTD_PREFIX:
         d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         window = min(MAX_WINDOW, 1 << max(20, (len(old) + size).bit_length()))
@@ -244,6 +251,24 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
     return result
 
 
+class _Collect:
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.out += data
+        return len(data)
+
+
+def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:
+    """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
+    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.SOLID):
+        raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
+    sink = _Collect()
+    apply_patch(Codec(inner), old, patch, sink, size)
+    return sink.out
+
+
 # Resolves (table index, relpath) of a base file to (host dir of its store path, label).
 Resolver = Callable[[int, bytes], tuple[str, str]]
 
@@ -262,6 +287,7 @@ class PathBuilder:
         self.nar = NarHasher(nar_limit)  # declared nar_size: checked as every byte is written
         self.file: _OpenFile | None = None
         self.pending: _Peek | None = None  # entries a MIRROR still has to produce
+        self.solid: SolidFrame | None = None  # the MIRROR's solid frame, if it has SOLID files
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
 
     def label(self, relpath: bytes) -> str:
@@ -285,6 +311,8 @@ class PathBuilder:
             if self.pending is not None or self.nar.started:
                 raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
             self.pending = _Peek(self._expand(e))
+            if e.flags & F_SOLID_TREE or any(spec.codec == Codec.SOLID for spec in e.mirror):
+                self.solid = SolidFrame(self._solid_prefix(e))
             return
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
@@ -345,6 +373,26 @@ class PathBuilder:
             else:
                 raise MissingBase(f"base path has a special file: {label}", label)
 
+    def _solid_prefix(self, m: Entry) -> bytes:
+        """The solid dictionary, rewritten (solid.py): with F_SOLID_TREE every file of the
+        source tree, else the old versions of the mirror's SOLID files; NAR order."""
+        host, label = self.resolve(m.source, b"")
+        skip = {tuple(split_relpath(r, "mirror skip")) for r in m.skip}
+        walked = [parts for parts, st in walk_nar_order(host) if stat.S_ISREG(st.st_mode)]
+        files = [parts for parts in walked if not any(tuple(parts[:i]) in skip for i in range(1, len(parts) + 1))]
+        if len(files) != len(m.mirror):
+            raise MissingBase(f"base path differs ({len(files)} files, the mirror lists "
+                              f"{len(m.mirror)}): {label}", label)
+        wanted = walked if m.flags & F_SOLID_TREE else \
+            [parts for parts, spec in zip(files, m.mirror, strict=True) if spec.codec == Codec.SOLID]
+        prefix = bytearray()
+        for parts in wanted:
+            for chunk in read_base(host, parts, label):
+                prefix += chunk
+                if len(prefix) > MAX_PREFIX:
+                    raise Corrupt(f"{label}: solid dictionary above {MAX_PREFIX} bytes")
+        return rewrite_bytes(bytes(prefix), self.rewrites) if m.flags & F_REWRITE else bytes(prefix)
+
     def _entry(self, e: Entry) -> None:
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
@@ -393,6 +441,10 @@ class PathBuilder:
         f.received += len(chunk)
         if f.entry.method == Method.LITERAL:
             self.literal.feed(f.sink, chunk)
+        elif f.entry.codec == Codec.SOLID:
+            if self.solid is None:
+                raise Corrupt(f"{f.sink.label}: solid data outside a mirror with solid files")
+            self.solid.feed(f.sink, chunk)
         else:
             f.patch.extend(chunk)
         if f.received == f.entry.data_len:
@@ -411,6 +463,9 @@ class PathBuilder:
                     chunks = rewrite_chunks(chunks, self.rewrites)
                 for chunk in chunks:
                     sink.write(chunk)
+            elif e.method == Method.PATCH and e.codec == Codec.SOLID:
+                if e.data_len == 0:
+                    raise Corrupt(f"{sink.label}: solid file without data")
             elif e.method == Method.PATCH:
                 self._patch(e, sink, patch)
             else:

@@ -81,7 +81,7 @@ def test_patch_from_baseline_decompresses_to_the_new_tar(trees: tuple[list[str],
     subprocess.run(baselines.tar_cmd(new, new_tar), check=True)
     subprocess.run(baselines.zstd_patch_cmd(new_tar, old_tar, out), check=True)
     back = work / "back.tar"
-    subprocess.run(["zstd", "-d", "-q", "--long=30", f"--patch-from={old_tar}", str(out), "-o", str(back)], check=True)
+    subprocess.run(["zstd", "-d", "-q", "--long=27", f"--patch-from={old_tar}", str(out), "-o", str(back)], check=True)
     assert back.read_bytes() == new_tar.read_bytes()
     (tmp_path / "c2").mkdir()
     res = baselines.baseline_patch_from(held, new, tmp_path / "c2")
@@ -91,4 +91,14 @@ def test_patch_from_baseline_decompresses_to_the_new_tar(trees: tuple[list[str],
 def test_tar_of_nothing_is_valid(tmp_path: Path) -> None:
     argv = baselines.tar_cmd([], tmp_path / "empty.tar")
     assert argv[-1] == "--files-from=/dev/null"
-    assert baselines.zstd_patch_cmd(Path("n.tar"), None, Path("o")) == ["zstd", "-19", "--long=30", "-q", "-f", "n.tar", "-o", "o"]
+    assert baselines.zstd_patch_cmd(Path("n.tar"), None, Path("o")) == ["zstd", "-19", "--long=27", "-q", "-f", "n.tar", "-o", "o"]
+
+
+def test_nars_xz_baseline_is_the_compressed_nars(trees: tuple[list[str], list[str]], tmp_path: Path) -> None:
+    _, new = trees
+    res = baselines.baseline_nars_xz(new, tmp_path)
+    nars = b"".join(subprocess.run(["nix-store", "--dump", p], capture_output=True, check=True).stdout
+                    for p in sorted(new))
+    assert res.method == "nars+xz-9e" and res.detail["nar_bytes"] == len(nars)
+    assert res.bytes == len(subprocess.run(["xz", "-9e", "-T1", "-c"], input=nars, capture_output=True,
+                                           check=True).stdout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from reup.io.nix import PathInfo
 
 from bench import corpus, inputs, report
@@ -25,7 +26,7 @@ def test_generations_shape_the_scenarios() -> None:
     gens = corpus.generations()
     for spec in corpus.SCENARIOS:
         assert spec.target in gens and all(h in gens for h in spec.held)
-    assert [s.number for s in corpus.SCENARIOS] == list(range(1, 10))
+    assert [s.number for s in corpus.SCENARIOS] == list(range(1, 12))
     assert corpus.describe_changes(gens["g0"], gens["g1"]) == "config.interval 60->30"
     assert corpus.describe_changes(gens["g5"], gens["g9"]) == "baseTag 1->2"
     g1, g5 = gens["g1"], gens["g5"]
@@ -79,17 +80,22 @@ def _result(num: int, reup: int, best: int, ok: bool = True) -> report.ScenarioR
 
 
 def test_targets_and_render() -> None:
-    results = [_result(1, 900, 1000), _result(2, 900, 1000), _result(9, 692, 5000), _result(4, 10, 100, ok=False)]
+    results = [_result(1, 600, 1000), _result(2, 800, 1000), _result(9, 400, 1000), _result(4, 10, 100, ok=False),
+               _result(6, 940, 1000), _result(7, 129, 10)]
+    results[4].baselines["nars+xz-9e"] = (990, 1.0)
     checks = {c.target: c for c in report.check_targets(results)}
     assert checks["S1: reup <= 1x smallest baseline"].met is True
-    assert checks["S1: reup <= 1024 B"].met is True
-    assert checks["S2: reup <= 0.8x smallest baseline"].met is False  # 0.9x
-    assert checks["S9: <= 100 B/changed file + 64 B/changed path"].met is True  # 5*100 + 3*64 = 692
-    assert checks["S4: reup <= 0.8x smallest baseline"].met is None
-    assert checks["S4: encode faster than baseline (b)"].met is None
+    assert checks["S1: reup <= 640 B"].met is True
+    assert checks["S2: reup <= 0.75x smallest baseline"].met is False  # 0.8x
+    assert checks["S9: reup <= 0.5x smallest baseline"].met is True  # 0.4x
+    assert checks["S6: reup <= 0.95x nars+xz-9e"].met is True  # 940 <= 940.5
+    assert checks["S7: reup <= 128 B"].met is False
+    assert checks["S4: reup <= 0.75x smallest baseline"].met is None
+    assert checks["S4: encode <= 2x the time before issue 13"].met is None
     assert checks["S1: receiver peak RSS <= old+new largest file + 64 MiB"].met is True
+    results = results[:4]
     md = report.render(results, {"whole run": "1 s"}, [["g0", "base", "1", "1 B", "1", "x (1 B)"]])
-    assert "| 2 | s2 | g1 -> g5 | 3 (10000 B) | 2,000 | - | **1,000** | - | 900 | 0.900 |" in md
+    assert "| 2 | s2 | g1 -> g5 | 3 (10000 B) | 2,000 | - | - | **1,000** | - | 800 | 0.800 |" in md
     assert "failed: boom" in md
 
 
@@ -100,3 +106,15 @@ def test_error_cells_and_kind_table() -> None:
     r.reup_kinds = {"literal": 7, "manifest": 3}
     md = report.render([r], {}, [])
     assert "| # | literal | manifest |" in md and "| 3 | 7 | 3 |" in md
+
+
+def test_pinned_inputs_and_vendored_sources(tmp_path: Path) -> None:
+    bad = tmp_path / "zstandard-0.23.0.tar.gz"
+    bad.write_bytes(b"not the release")
+    with pytest.raises(RuntimeError, match="pinned"):
+        inputs.check_pin(bad)
+    inputs.check_pin(tmp_path / "unpinned.whl")  # inputs without a pin are not checked
+    m = inputs.manifest_data(tmp_path, {"sdist:zstandard:0.23.0": "zstandard-0.23.0.tar.gz"})
+    assert m["vendored"] == {"zstd": {"1.5.6": "zstandard-0.23.0.tar.gz"}}
+    argv = inputs.sdist_download_cmd("zstandard", "0.23.0", tmp_path)
+    assert "--no-binary=:all:" in argv and argv[-1] == "zstandard==0.23.0"

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta.codecs import candidates, diff_job, make_patch
 from reup_receiver.builder import apply_patch
-from reup_receiver.format.model import Codec
+from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.rewrite import rewrite_bytes
 
 ALPHABET = b"0123456789abcdfghijklmnpqrsvwxyz"
@@ -60,7 +60,7 @@ pairs = st.tuples(st.binary(min_size=0, max_size=4096), st.integers(0, 2**32), s
 def test_every_codec_round_trips(pair: tuple[bytes, int, int]) -> None:
     old, seed, edits = pair
     new = mutate(old, random.Random(seed), edits)
-    for codec in Codec:
+    for codec in PATCH_CODECS:
         if codec == Codec.ZSTD_PREFIX and len(old) < 8:
             continue  # the encoder never emits a prefix shorter than zstd's minimum
         assert applied(codec, old, make_patch(codec, old, new), len(new)) == new, codec

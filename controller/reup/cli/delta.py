@@ -23,19 +23,20 @@ def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "delta", help="write a reup stream from the --from closures to the --to closure"
     )
-    p.add_argument("--from", dest="held", nargs="*", default=[], metavar="PATH",
+    p.add_argument("--from", dest="held", nargs="*", action="extend", default=[], metavar="PATH",
                    help="store paths (or links to them) whose closures the device holds; none: fresh install")
-    p.add_argument("--staged", nargs="*", default=[], metavar="PATH",
+    p.add_argument("--staged", nargs="*", action="extend", default=[], metavar="PATH",
                    help="store paths the device has staged and verified already (not sent again)")
     p.add_argument("--to", dest="target", required=True, metavar="PATH", help="target toplevel")
     p.add_argument("-o", "--output", required=True, help="stream file to write")
-    p.add_argument("--avoid", nargs="*", default=[], metavar="PATH",
+    p.add_argument("--avoid", nargs="*", action="extend", default=[], metavar="PATH",
                    help="store paths the device reported broken: never used as bases, re-sent if needed")
     p.add_argument("--codecs", metavar="NAMES",
                    help="patch codecs the device can apply, comma-separated (its --status 'codecs')")
     p.add_argument("--cache", metavar="DIR",
                    help="delta cache: a request seen before is served from DIR without encoding")
     p.add_argument("--stats", action="store_true", help="print statistics as JSON on stdout")
+    # Repeated flags accumulate (`--from A --from B` holds both), as `--from A B` does.
     p.set_defaults(func=run)
 
 

@@ -21,8 +21,8 @@ from types import ModuleType
 import bsdiff4
 import pyzstd
 import zstandard
-from reup_receiver.format import bsdiffxz
-from reup_receiver.format.model import Codec
+from reup_receiver.format import bsdiffxz, elfx86
+from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.rewrite import rewrite_bytes
 
 SMALL = 1 << 20  # below: try all codecs and keep the smallest
@@ -59,7 +59,8 @@ try:
 except ImportError:  # optional: the Nix package of the controller goes without it
     HDIFF = None
 
-ENCODER_CODECS = frozenset(c for c in Codec if c != Codec.HDIFFPATCH or HDIFF is not None)
+ENCODER_CODECS = frozenset(c for c in PATCH_CODECS if c != Codec.HDIFFPATCH or HDIFF is not None)
+ELF_MAX = 16 << 20  # ELF_X86 costs the receiver a normalised copy of the old file; Python-speed filter
 
 
 def hdiff(old: bytes, new: bytes) -> bytes:
@@ -68,7 +69,28 @@ def hdiff(old: bytes, new: bytes) -> bytes:
     return bytes(out)
 
 
+def elf_patch(old: bytes, new: bytes, inner: Codec, mode: int = elfx86.RIP) -> bytes:
+    """ELF_X86: `inner` between the normalised files (reup_receiver.format.elfx86)."""
+    return elfx86.pack(old, new, int(inner), mode, lambda o, n: make_patch(inner, o, n))
+
+
+def elf_inners(ok: frozenset[Codec] | set[Codec], old: bytes, new: bytes) -> list[Codec]:
+    """Inner codecs worth trying for ELF_X86 on this pair (none if neither side is an x86-64 ELF)."""
+    if Codec.ELF_X86 not in ok or max(len(old), len(new)) > ELF_MAX:
+        return []
+    if not (elfx86.exec_ranges(old) or elfx86.exec_ranges(new)):
+        return []
+    # One inner codec: the one that wins on executables (HDiffPatch), else bsdiff's blocks.
+    if Codec.HDIFFPATCH in ok:
+        return [Codec.HDIFFPATCH]
+    if Codec.BSDIFF_LZMA in ok and max(len(old), len(new)) <= BSDIFF_MAX:
+        return [Codec.BSDIFF_LZMA]
+    return []
+
+
 def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
+    if codec == Codec.ELF_X86:
+        return elf_patch(old, new, Codec.HDIFFPATCH if HDIFF is not None else Codec.BSDIFF_LZMA)
     if codec == Codec.HDIFFPATCH:
         return hdiff(old, new)
     if codec == Codec.BSDIFF4:
@@ -84,7 +106,7 @@ def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
     the device can apply (its `--status`)."""
     if only is not None:
         return [(c, make_patch(c, old, new)) for c in only if c != Codec.ZSTD_PREFIX or len(old) >= 8]
-    ok = ENCODER_CODECS & (set(Codec) if allowed is None else set(allowed))
+    ok = ENCODER_CODECS & (set(PATCH_CODECS) if allowed is None else set(allowed))
     if len(old) > HDIFF_MAX or len(new) > HDIFF_MAX or not ok & {Codec.HDIFFPATCH, Codec.BSDIFF_LZMA}:
         if Codec.ZSTD_PREFIX in ok and len(old) >= 8:
             return [(Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE))]
@@ -94,6 +116,9 @@ def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
         out.append((Codec.HDIFFPATCH, hdiff(old, new)))
     if Codec.BSDIFF_LZMA in ok and len(old) <= BSDIFF_MAX and len(new) <= BSDIFF_MAX:
         out.append((Codec.BSDIFF_LZMA, bsdiffxz.pack(old, new)))
+    # Normalising RIP-relative operands only: on zstd 1.5.5 -> 1.5.6 normalising branches too
+    # made the patch 8% larger (code moves with its callees); the format keeps both modes.
+    out += [(Codec.ELF_X86, elf_patch(old, new, inner, elfx86.RIP)) for inner in elf_inners(ok, old, new)]
     if len(old) <= SMALL and len(new) <= SMALL:
         if Codec.BSDIFF4 in ok:
             out.append((Codec.BSDIFF4, make_patch(Codec.BSDIFF4, old, new)))

@@ -28,6 +28,7 @@ from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.manifest import encode_manifest
 from reup_receiver.format.model import (
     F_REWRITE,
+    F_SOLID_TREE,
     KIND_DIR,
     KIND_MIRROR,
     KIND_SYMLINK,
@@ -131,6 +132,9 @@ def encode(
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
                           held_local, target, codecs, allowed_codecs)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
+        for _, plan in plans:
+            if plan.mirror is not None:
+                coder.solidify(plan.mirror, plan.decisions())
         coder.literal.plan([(d.file.host, d.file.size) for _, plan in plans for d in plan.decisions()
                             if coder.is_literal(d)])
         body = RecordWriter(body_fh, header=False)
@@ -292,7 +296,8 @@ def _emit_path(body: RecordWriter, index: int, plan: PathPlan, coder: FileCoder,
     if plan.mirror is not None:
         before = body.size
         body.record(T_ENTRY, entries.encode(Entry(
-            KIND_MIRROR, b"", flags=F_REWRITE, source=entries.paths(plan.mirror.old),
+            KIND_MIRROR, b"", flags=F_REWRITE | (F_SOLID_TREE if plan.mirror.solid_tree else 0),
+            source=entries.paths(plan.mirror.old),
             mirror=tuple(specs), skip=tuple(plan.mirror.skip))))
         coder.stats.add("mirror", body.size - before)
     for entry, data, kind in records:

@@ -32,7 +32,8 @@ from reup_receiver.format.model import (
 from reup_receiver.format.nar import walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes
 
-from reup.delta.codecs import DiffResult, diff_job
+from reup.delta import solid
+from reup.delta.codecs import DiffResult, diff_job, literal_estimate
 from reup.delta.literal import LiteralEncoder
 from reup.delta.pairing import (
     Graph,
@@ -86,6 +87,11 @@ class ContentIndex:
         return self.by_key.get(key)
 
 
+def _read(path: bytes) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 def file_sha256(path: bytes) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -112,6 +118,7 @@ class MirrorPlan:
     skip: list[bytes]  # its relpaths the new tree does not mirror (with subtrees)
     files: list[FileCoding]  # mirrored files, NAR order
     explicit: list[tuple[list[bytes], os.stat_result]]  # nodes sent as entries, NAR order
+    solid_tree: bool = False  # the solid frame's dictionary is the whole old tree (F_SOLID_TREE)
 
 
 @dataclass
@@ -123,6 +130,7 @@ class FileCoding:
     kind: str  # "dedup", "diff" or "literal"
     source: tuple[str, bytes] | None = None
     diff: Future[DiffResult] | None = None
+    solid: bytes | None = None  # this file's part of its mirror's solid frame (solid.py)
 
 
 class FileCoder:
@@ -242,11 +250,65 @@ class FileCoder:
             return rewrite_bytes(old_target, self.rewrites) == new_target
         return True
 
+    def solidify(self, plan: MirrorPlan, ordered: Sequence[FileCoding]) -> None:
+        """Code a mirrored path's small changed files as one solid frame when that is smaller.
+
+        `ordered`: all the path's file decisions in stream order (mirrored and explicit).
+        The dictionary is the whole old tree when it fits (F_SOLID_TREE: moved and new
+        modules find their old text), else the old versions of the mirrored solid files.
+        Waits for the path's diffs. A file's own cost: its patch, or the literal estimate.
+        """
+        if self.allowed is not None and Codec.SOLID not in self.allowed or self.codecs is not None:
+            return
+        mirrored = {id(d) for d in plan.files}
+        chosen: list[tuple[FileCoding, int]] = []
+        new_total = 0
+        for d in ordered:
+            result = d.diff.result() if d.diff is not None else None
+            if d.kind == "dedup" or (result is not None and result.kind == "rewrite") \
+                    or d.file.size > solid.FILE_MAX:
+                continue
+            if new_total + d.file.size > solid.CONTENT_MAX:
+                break
+            cost = len(result.data) if result is not None and result.codec is not None \
+                else literal_estimate(_read(d.file.host))
+            chosen.append((d, cost))
+            new_total += d.file.size
+        old_tree = self.old_files[plan.old]
+        plan.solid_tree = sum(f.size for f in old_tree) <= solid.MAX_PREFIX
+        if plan.solid_tree:
+            prefix = b"".join(_read(f.host) for f in old_tree)
+        else:
+            chosen = [(d, c) for d, c in chosen if id(d) not in mirrored
+                      or self._old_size(plan.old, d) <= solid.FILE_MAX]
+            prefix = b"".join(_read(self._old_host(plan.old, d)) for d, _ in chosen if id(d) in mirrored)
+        if len(chosen) < 2 or len(prefix) < 8 or len(prefix) > solid.MAX_PREFIX or \
+                (not plan.solid_tree and not any(id(d) in mirrored for d, _ in chosen)):
+            plan.solid_tree = False
+            return
+        parts = solid.frame_parts(rewrite_bytes(prefix, self.rewrites), [_read(d.file.host) for d, _ in chosen])
+        if sum(map(len, parts)) >= sum(cost for _, cost in chosen):
+            plan.solid_tree = False
+            return
+        for (d, _), part in zip(chosen, parts, strict=True):
+            d.solid = part
+            if id(d) not in mirrored:
+                d.source = (plan.old, d.file.relpath)  # named on the wire, never read
+
+    @staticmethod
+    def _old_host(old: str, d: FileCoding) -> bytes:
+        return os.path.join(os.fsencode(old), d.file.relpath) if d.file.relpath else os.fsencode(old)
+
+    def _old_size(self, old: str, d: FileCoding) -> int:
+        return os.lstat(self._old_host(old, d)).st_size
+
     def mirror_spec(self, d: FileCoding) -> tuple[MirrorFile, bytes, str]:
         """A mirrored file's spec, its DATA and the stats kind (literal data made now, in order)."""
         assert d.diff is not None
-        result = d.diff.result()
         sha = d.sha[:FILE_HASH_LEN]
+        if d.solid is not None:
+            return MirrorFile(Method.PATCH, sha, d.file.size, Codec.SOLID, len(d.solid)), d.solid, "solid"
+        result = d.diff.result()
         if result.kind == "rewrite":
             return MirrorFile(Method.COPY, sha), b"", "mirror"
         if result.codec is not None:
@@ -261,6 +323,8 @@ class FileCoder:
     @staticmethod
     def is_literal(d: FileCoding) -> bool:
         """Whether a planned file ends up in the literal stream (waits for its diff)."""
+        if d.solid is not None:
+            return False
         if d.kind == "literal":
             return True
         return d.diff is not None and d.diff.result().kind == "literal"
@@ -279,6 +343,8 @@ class FileCoder:
 
         if d.kind == "dedup":
             return entry(Method.COPY, d.source), b"", "dedup"
+        if d.solid is not None:
+            return entry(Method.PATCH, d.source, Codec.SOLID, d.solid), d.solid, "solid"
         if d.diff is not None:
             result = d.diff.result()
             if result.kind != "literal":

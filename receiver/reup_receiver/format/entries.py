@@ -17,6 +17,7 @@ from reup_receiver.format.model import (
     F_EXECUTABLE,
     F_REWRITE,
     F_SAME_RELPATH,
+    F_SOLID_TREE,
     FILE_HASH_LEN,
     KIND_DIR,
     KIND_FILE,
@@ -207,7 +208,7 @@ class EntryCoder:
         if source >= len(self.table):
             raise Corrupt("entry: mirror source out of range")
         flags = buf.u8()
-        if flags & ~F_REWRITE:
+        if flags & ~(F_REWRITE | F_SOLID_TREE):
             raise Unsupported(f"unknown mirror flags {flags:#x}")
         skip = []
         prev = b""

@@ -29,6 +29,12 @@ class Codec(enum.IntEnum):
     HDIFFPATCH = 2
     ZSTD_PREFIX = 3  # a zstd frame compressed with the source as raw-content prefix
     BSDIFF_LZMA = 4  # bsdiff's blocks, LZMA2-compressed (bsdiffxz.py)
+    ELF_X86 = 5  # an inner patch between branch-normalised x86-64 executables (elfx86.py)
+    SOLID = 6  # not a patch: the device reads a solid literal stream (literal.py, LITERAL_SOLID)
+
+
+# The codecs an entry may name; SOLID is only a capability in --status.
+PATCH_CODECS = tuple(c for c in Codec if c != Codec.SOLID)
 
 
 KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
@@ -37,6 +43,7 @@ KIND_MIRROR = 5  # the whole tree mirrors a source path; per-file specs in `mirr
 F_EXECUTABLE = 0x01
 F_REWRITE = 0x02  # apply the manifest's store-hash rewrite map to the source first
 F_SAME_RELPATH = 0x04  # on the wire only: source_relpath equals relpath and is omitted
+F_SOLID_TREE = 0x08  # MIRROR: the solid dictionary is every file of the source tree (solid.py)
 
 
 @dataclass(frozen=True)

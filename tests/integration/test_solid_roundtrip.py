@@ -1,0 +1,143 @@
+"""SOLID end to end with real Nix and reup-receive: a Python package's patch release
+(modules and their byte-compiled .pyc changed) travels as one solid frame, applies and
+verifies; a device that does not report SOLID gets per-file patches; a device whose
+base file differs refuses the stream and keeps its generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from reup.delta.encode import encode
+from reup.delta.stats import DeltaStats
+from reup_lab.nixenv import nix_env
+from reup_receiver.format.model import PATCH_CODECS
+from support.receiverkit import (
+    copy_root,
+    device_nar_hash,
+    host_nar_hash,
+    nix_copy,
+    nix_verify,
+    receive,
+    set_generations,
+    snapshot,
+)
+
+pytestmark = pytest.mark.slow
+
+# Twelve modules, generated deterministically; the release edits half of them.
+GEN = (
+    "import random, sys\n"
+    "r = random.Random(3); edit = int(sys.argv[1]); out = sys.argv[2]\n"
+    "words = ['pool', 'timeout', 'header', 'request', 'retry', 'proxy', 'chunk', 'encode']\n"
+    "for m in range(12):\n"
+    "    lines = ['\"\"\"Module %d.\"\"\"' % m]\n"
+    "    for f in range(40):\n"
+    "        a, b = r.choice(words), r.choice(words)\n"
+    "        extra = '    %s = %s + %d\\n' % (a, b, edit) if edit and m % 2 == 0 and f % 7 == 0 else ''\n"
+    "        lines.append('def %s_%s_%d(%s, %s_=None):\\n%s    return %s or %s_\\n' % (a, b, f, a, b, extra, a, b))\n"
+    "    open('%s/mod%d.py' % (out, m), 'w').write('\\n'.join(lines))\n"
+)
+
+
+def flake(version: str, edit: int) -> str:
+    return f"""
+    pkg = derivation {{ name = "python3.11-pylib-{version}"; system = "x86_64-linux"; builder = "/bin/sh";
+      gen = ./gen.py;
+      args = ["-c" ''PATH=/usr/bin:/bin; set -e; site=$out/lib/python3.11/site-packages/pylib; mkdir -p $site
+        python3 $gen {edit} $site
+        python3 -m compileall -q $out/lib/python3.11/site-packages'']; }};
+    system = derivation {{ name = "nixos-system-s"; system = "x86_64-linux"; builder = "/bin/sh";
+      inherit pkg;
+      args = ["-c" ''PATH=/usr/bin:/bin; mkdir -p $out/bin; ln -s $pkg $out/sw
+        printf '#!/bin/sh\\necho "$1 $REUP_TOPLEVEL" >> "$REUP_ROOT/activations"\\n' > $out/bin/switch-to-configuration
+        chmod +x $out/bin/switch-to-configuration'']; }};
+    """
+
+
+@pytest.fixture(scope="module")
+def gens(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("solid-flake")
+    specs = {"a": ("1.0", 0), "b": ("1.1", 5)}
+    body = "".join(f"  nixosConfigurations.{k}.config.system.build.toplevel = let {flake(*v)} in system;\n"
+                   for k, v in specs.items())
+    (d / "gen.py").write_text(GEN)
+    (d / "flake.nix").write_text("{\n outputs = { self }: {\n" + body + " };\n}\n")
+    out = []
+    for k in specs:
+        proc = subprocess.run(
+            ["nix", "build", "--json", "--no-link", f"path:{d}#nixosConfigurations.{k}.config.system.build.toplevel"],
+            env=nix_env(), capture_output=True, text=True, check=True)
+        out.append(json.loads(proc.stdout)[0]["outputs"]["out"])
+    return out[0], out[1]
+
+
+@pytest.fixture(scope="module")
+def template_a(gens: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("solid-dev") / "root")
+    nix_copy(root, [gens[0]])
+    set_generations(root, [gens[0]])
+    return root
+
+
+@pytest.fixture
+def root_a(template_a: str, tmp_path: os.PathLike[str]) -> Iterator[str]:
+    yield copy_root(template_a, os.path.join(tmp_path, "device"))
+
+
+def _encode(tmp_path: os.PathLike[str], held: str, target: str, **kw: object) -> tuple[bytes, DeltaStats]:
+    out = os.path.join(tmp_path, "stream")
+    stats = encode([held], target, out, workers=0, **kw)  # type: ignore[arg-type]
+    with open(out, "rb") as fh:
+        return fh.read(), stats
+
+
+def _closure(path: str) -> list[str]:
+    proc = subprocess.run(["nix-store", "-qR", path], env=nix_env(), capture_output=True, text=True, check=True)
+    return proc.stdout.split()
+
+
+def test_release_travels_solid_and_verifies(gens: tuple[str, str], root_a: str, tmp_path: os.PathLike[str]) -> None:
+    a, b = gens
+    stream, stats = _encode(tmp_path, a, b)
+    assert stats.ops_by_kind.get("solid", 0) >= 6, stats.ops_by_kind  # six modules + their .pyc
+    per_file, per_stats = _encode(tmp_path, a, b, allowed_codecs=list(PATCH_CODECS))
+    assert "solid" not in per_stats.ops_by_kind
+    assert len(stream) < len(per_file)  # chosen only when smaller
+    run = receive(root_a, stream)
+    assert run.returncode == 0, run.stderr
+    assert nix_verify(root_a, b).returncode == 0
+    for p in _closure(b):
+        assert device_nar_hash(root_a, p) == host_nar_hash(p), p
+
+
+def test_device_without_solid_gets_patches(gens: tuple[str, str], root_a: str, tmp_path: os.PathLike[str]) -> None:
+    a, b = gens
+    stream, _ = _encode(tmp_path, a, b, allowed_codecs=list(PATCH_CODECS))
+    run = receive(root_a, stream)
+    assert run.returncode == 0, run.stderr
+    assert nix_verify(root_a, b).returncode == 0
+
+
+def test_changed_base_file_is_refused(gens: tuple[str, str], root_a: str, tmp_path: os.PathLike[str]) -> None:
+    """The solid dictionary is made from the device's files: a changed one never yields a wrong file."""
+    a, b = gens
+    stream, _ = _encode(tmp_path, a, b)
+    pkg = next(p for p in _closure(a) if "pylib" in p)
+    site = os.path.join(root_a, pkg.lstrip("/"), "lib/python3.11/site-packages/pylib")
+    os.chmod(site, 0o755)
+    for name in os.listdir(site):  # same sizes, other bytes: the dictionary no longer matches
+        victim = os.path.join(site, name)
+        if name.endswith(".py"):
+            size = os.path.getsize(victim)
+            os.unlink(victim)  # copy_root may share the template's inodes
+            with open(victim, "wb") as fh:
+                fh.write(b"#" * size)
+    before = snapshot(root_a)
+    run = receive(root_a, stream)
+    assert run.returncode != 0
+    assert "pylib" in run.stderr
+    assert snapshot(root_a) == before
