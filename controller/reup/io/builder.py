@@ -12,6 +12,7 @@ broken device never fails the others. `build` realises one drvPath with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -19,13 +20,12 @@ import subprocess
 from reup.core.errors import PermanentError, TemporaryError
 from reup.core.model import Fleet, Target
 from reup.io.nix import (
-    TOPLEVEL_PATHS_APPLY,
+    TOPLEVEL_OF_NAME_APPLY,
+    TOPLEVELS_OF_NAMES_APPLY,
     NixError,
     NixExecutor,
     add_root_cmd,
     parse_toplevels,
-    toplevel_installable,
-    toplevels_apply,
 )
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,10 @@ def nix_error_text(exc: NixError) -> str:
 
 
 class Builder:
-    def __init__(self, nix: NixExecutor, *, timeout: float = 3600.0, log_dir: str | None = None) -> None:
+    def __init__(self, nix: NixExecutor, *, timeout: float = 3600.0, log_dir: str | None = None,
+                 chunk: int = 2000) -> None:
         self.nix = nix
+        self.chunk = max(1, chunk)
         self.timeout = timeout
         self.log_dir = log_dir
 
@@ -53,36 +55,41 @@ class Builder:
         return path
 
     def evaluate(self, flake: str, fleet: Fleet, commit: str) -> list[Target]:
-        """One Target per device of `fleet` at `commit`: drvPath and toplevel, or the error."""
-        configs = {name: dev.config for name, dev in fleet.devices.items()}
-        results: dict[str, tuple[str, str] | None]
-        try:
-            value = self.nix.eval_json(f"{flake}#nixosConfigurations", apply=toplevels_apply(configs))
-            results = parse_toplevels(value)
-        except (NixError, ValueError) as exc:
-            log.warning("fleet evaluation failed, evaluating devices one by one: %s", exc)
-            results = dict.fromkeys(configs)
+        """One Target per device of `fleet` at `commit`: drvPath and toplevel, or the error.
+
+        Each distinct configuration is evaluated once; names go to Nix as data in a file
+        (`eval_names_json`), `chunk` configurations per `nix eval` so that memory stays bounded."""
+        configs = sorted({dev.config for dev in fleet.devices.values()})
+        results: dict[str, tuple[str, str] | str] = {}
+        for i in range(0, len(configs), self.chunk):
+            part = configs[i:i + self.chunk]
+            try:
+                value = self.nix.eval_names_json(f"{flake}#nixosConfigurations", TOPLEVELS_OF_NAMES_APPLY, part)
+                found = parse_toplevels(value)
+            except (NixError, ValueError) as exc:
+                log.warning("evaluation of %d configurations failed, evaluating them one by one: %s", len(part), exc)
+                found = {}
+            for config in part:
+                got = found.get(config)
+                results[config] = got if got is not None else self._evaluate_one(flake, config)
         targets = []
         for name, dev in sorted(fleet.devices.items()):
-            res = results.get(name)
-            if res is None:
-                res_or_error = self._evaluate_one(flake, dev.config)
-                if isinstance(res_or_error, str):
-                    targets.append(Target(name, commit, dev.wave, error=res_or_error))
-                    continue
-                res = res_or_error
-            targets.append(Target(name, commit, dev.wave, res[0], res[1]))
+            res = results[dev.config]
+            if isinstance(res, str):
+                targets.append(Target(name, commit, dev.wave, error=res))
+            else:
+                targets.append(Target(name, commit, dev.wave, res[0], res[1]))
         return targets
 
     def _evaluate_one(self, flake: str, config: str) -> tuple[str, str] | str:
         """(drvPath, outPath) of one configuration, or its evaluation error text."""
         try:
-            value = self.nix.eval_json(toplevel_installable(flake, config), apply=TOPLEVEL_PATHS_APPLY)
+            value = self.nix.eval_names_json(f"{flake}#nixosConfigurations", TOPLEVEL_OF_NAME_APPLY, [config])
         except NixError as exc:
             return "evaluation failed: " + nix_error_text(exc)
         if isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value):
             return str(value[0]), str(value[1])
-        return f"evaluation failed: nixosConfigurations.{config} has no usable toplevel"
+        return f"evaluation failed: nixosConfigurations.{json.dumps(config, ensure_ascii=False)} has no usable toplevel"
 
     def build(self, drv_path: str) -> str:
         """Build one derivation; return its output path. Build errors are permanent for the revision."""
