@@ -150,7 +150,7 @@ def test_store_round_trip_survives_reopen(tmp_path: os.PathLike[str]) -> None:
     s.reset_retry_timers()
     attempt = s.observed({}).devices["b"].attempt
     assert attempt is not None and attempt.retry_at == 0
-    assert s.needed_toplevels() == {"a-target": P1, "a-acknowledged": P1}
+    assert s.toplevels_in_use() == {P1}
     status = s.status()
     assert status["revision"] == "c1"
     a = status["devices"][0]

@@ -30,6 +30,9 @@ class SourceConfig:
 @dataclass(frozen=True)
 class StateConfig:
     dir: str
+    keep_days: float = 30.0  # events and push history older than this are pruned
+    keep_revisions: int = 100  # targets of older revisions are pruned (the current one always stays)
+    prune_interval: float = 3600.0  # seconds between retention steps
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class SshConfig:
     connect_timeout: float = 10.0
     attempts: int = 3  # tries per push (tenacity, jittered exponential backoff)
     retry_max: float = 300.0  # cap of the backoff between reconcile passes for a device
+    max_connections: int = 64  # concurrent transfers (and, separately, confirmations); not rollout.max_parallel
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,10 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
         raise ConfigError("source.require_signed needs source.allowed_signers or source.gpg_home")
 
     st = root.table("state")
-    state = StateConfig(dir=os.path.normpath(os.path.join(base_dir, os.path.expanduser(st.text("dir", "state")))))
+    state = StateConfig(dir=os.path.normpath(os.path.join(base_dir, os.path.expanduser(st.text("dir", "state")))),
+                        keep_days=st.number("keep_days", 30.0, minimum=0.0),
+                        keep_revisions=st.integer("keep_revisions", 100, minimum=1),
+                        prune_interval=st.number("prune_interval", 3600.0, minimum=1.0))
     st.reject_unknown()
 
     b = root.table("build")
@@ -119,6 +126,7 @@ def parse_config(text: str, *, base_dir: str = ".", path: str | None = None) -> 
         connect_timeout=s.number("connect_timeout", 10.0, minimum=0.1),
         attempts=s.integer("attempts", 3, minimum=1),
         retry_max=s.number("retry_max", 300.0, minimum=0.0),
+        max_connections=s.integer("max_connections", 64, minimum=1),
     )
     s.reject_unknown()
 

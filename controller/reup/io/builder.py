@@ -6,8 +6,8 @@ fleet (drvPath and outPath of each device's toplevel); if that fails or a device
 throws, each failing device is evaluated alone to get its own error text, so one
 broken device never fails the others. `build` realises one drvPath with
 `nix build --json --no-link`, keeping a failed build's output in
-`<state>/logs`. `GcRoots` keeps an indirect root in
-`<state>/gcroots` for each needed toplevel and drops the others.
+`<state>/logs`. `GcRoots` keeps one indirect root in `<state>/gcroots` per distinct
+needed system (batched `nix-store --add-root` calls, only when the set changes).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 
 from reup.core.errors import PermanentError, TemporaryError
@@ -24,7 +25,7 @@ from reup.io.nix import (
     TOPLEVELS_OF_NAMES_APPLY,
     NixError,
     NixExecutor,
-    add_root_cmd,
+    add_roots_cmd,
     parse_toplevels,
 )
 
@@ -108,35 +109,52 @@ class Builder:
 
 
 class GcRoots:
-    """Indirect GC roots `<state>/gcroots/<name>` for the toplevels the controller needs."""
+    """Indirect GC roots for the distinct systems the controller needs, one per store path.
 
-    def __init__(self, nix: NixExecutor, root_dir: str) -> None:
+    `sync(paths)` makes a fresh directory `<root_dir>/<n>/` whose links `r`, `r-2`, ... are made by one
+    `nix-store --add-root <dir>/r --indirect --realise P...` per `batch` paths (so N devices sharing
+    3 systems cost 3 roots and one call), records the set in `<n>/paths.json`, then drops the older
+    directories (Nix forgets indirect roots whose link is gone). Nothing is done while the set is unchanged.
+    """
+
+    def __init__(self, nix: NixExecutor, root_dir: str, *, batch: int = 500) -> None:
         self.nix = nix
         self.dir = root_dir
+        self.batch = max(1, batch)
         os.makedirs(root_dir, exist_ok=True)
 
-    def current(self) -> dict[str, str]:
-        out = {}
-        for name in os.listdir(self.dir):
-            link = os.path.join(self.dir, name)
-            if os.path.islink(link):
-                out[name] = os.readlink(link)
-        return out
+    def _generations(self) -> list[int]:
+        return sorted(int(n) for n in os.listdir(self.dir) if n.isdigit())
 
-    def sync(self, needed: dict[str, str]) -> tuple[list[str], list[str]]:
-        """Make the roots exactly `needed` ({name: store path}); returns (added, dropped)."""
-        have = self.current()
-        added, dropped = [], []
-        buildable = {name: path for name, path in needed.items() if os.path.exists(path)}  # unbuilt: nothing to keep
-        for name, path in sorted(buildable.items()):
-            if have.get(name) == path:
+    def current(self) -> set[str]:
+        """The store paths the newest complete root directory keeps."""
+        for gen in reversed(self._generations()):
+            try:
+                with open(os.path.join(self.dir, str(gen), "paths.json"), encoding="utf-8") as f:
+                    return set(json.load(f))
+            except (OSError, ValueError):
                 continue
-            link = os.path.join(self.dir, name)
-            if os.path.islink(link):
-                os.unlink(link)
-            self.nix.run(add_root_cmd(path, link))
-            added.append(name)
-        for name in sorted(set(have) - set(buildable)):
-            os.unlink(os.path.join(self.dir, name))
-            dropped.append(name)
-        return added, dropped
+        return set()
+
+    def sync(self, needed: set[str]) -> tuple[list[str], list[str]]:
+        """Keep exactly the existing paths of `needed` alive; returns (added, dropped) store paths."""
+        have = self.current()
+        keep = {p for p in needed if os.path.exists(p)}  # unbuilt: nothing to keep
+        if keep == have:
+            return [], []
+        gens = self._generations()
+        new = os.path.join(self.dir, str((gens[-1] if gens else 0) + 1))
+        os.makedirs(new)
+        ordered = sorted(keep)
+        for i in range(0, len(ordered), self.batch):
+            part = ordered[i:i + self.batch]
+            self.nix.run(add_roots_cmd(part, os.path.join(new, f"r{i // self.batch}")))
+        with open(os.path.join(new, "paths.json.tmp"), "w", encoding="utf-8") as f:
+            json.dump(ordered, f)
+        os.replace(os.path.join(new, "paths.json.tmp"), os.path.join(new, "paths.json"))
+        for gen in gens:  # the new set is rooted: the old links can go
+            shutil.rmtree(os.path.join(self.dir, str(gen)), ignore_errors=True)
+        for name in os.listdir(self.dir):  # roots of the first controller version: one link per device
+            if os.path.islink(os.path.join(self.dir, name)):
+                os.unlink(os.path.join(self.dir, name))
+        return sorted(keep - have), sorted(have - keep)

@@ -285,6 +285,12 @@ def add_root_cmd(path: str, link: str) -> list[str]:
     return ["nix-store", "--add-root", link, "--realise", path]
 
 
+def add_roots_cmd(paths: Sequence[str], link: str) -> list[str]:
+    """One call for many roots: `nix-store --add-root LINK --indirect --realise P1 P2 ...` makes the links
+    LINK, LINK-2, LINK-3, ... (Nix numbers them), each an indirect GC root keeping one path alive."""
+    return ["nix-store", "--add-root", link, "--indirect", "--realise", *paths]
+
+
 def init_store_cmd(root: str) -> list[str]:
     """`nix-store --store ROOT --init`: an empty Nix store and database under ROOT (a simulated device)."""
     return ["nix-store", "--store", root, "--init"]

@@ -164,21 +164,50 @@ class SshPusher:
         connect_timeout: float = 10.0,
         attempts: int = 3,
         have_path: Callable[[str], bool] = os.path.exists,
+        max_connections: int = 64,
     ) -> None:
         self.deltas = deltas
         self.key = key
         self.connect_timeout = connect_timeout
         self.attempts = attempts
         self.have_path = have_path
+        # Transfers (status + receive) wait for one of `max_connections` slots; confirmations and status
+        # probes have their own slots, so a confirmation never queues behind other devices' transfers.
+        self.max_connections = max(1, max_connections)
+        self._slot_loop: asyncio.AbstractEventLoop | None = None
+        self._transfer_slots = self._confirm_slots = asyncio.Semaphore(1)
+        self._client_keys: list[asyncssh.SSHKey] | None = None  # the key file, read once
+        self._host_keys: dict[str, asyncssh.SSHKey] = {}  # fleet.toml's host keys, parsed once each
+
+    def _slots(self, confirm: bool = False) -> asyncio.Semaphore:
+        # Made inside the running loop (and again for another loop: tests run several).
+        if self._slot_loop is not asyncio.get_running_loop():
+            self._slot_loop = asyncio.get_running_loop()
+            self._transfer_slots = asyncio.Semaphore(self.max_connections)
+            self._confirm_slots = asyncio.Semaphore(self.max_connections)
+        return self._confirm_slots if confirm else self._transfer_slots
+
+    def _keys(self) -> list[asyncssh.SSHKey] | None:
+        if not self.key:
+            return None
+        if self._client_keys is None:
+            self._client_keys = [asyncssh.read_private_key(self.key)]
+        return self._client_keys
+
+    def _host_key(self, text: str) -> asyncssh.SSHKey:
+        key = self._host_keys.get(text)
+        if key is None:
+            key = self._host_keys[text] = asyncssh.import_public_key(text)
+        return key
 
     async def _connect(self, dev: Device, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         try:
-            trusted = [asyncssh.import_public_key(dev.host_key)]
+            trusted = [self._host_key(dev.host_key)]
             return await asyncssh.connect(
                 dev.host,
                 dev.port,
                 username=dev.user,
-                client_keys=[self.key] if self.key else None,
+                client_keys=self._keys(),
                 known_hosts=(trusted, [], []),
                 agent_path=None,
                 config=[],
@@ -202,11 +231,12 @@ class SshPusher:
 
     async def status(self, dev: Device, attempts: int | None = None) -> StatusAnswer:
         async def once() -> StatusAnswer:
-            conn = await self._connect(dev)
-            try:
-                return parse_status(await self._run(conn, STATUS_COMMAND))
-            finally:
-                conn.close()
+            async with self._slots(confirm=True):
+                conn = await self._connect(dev)
+                try:
+                    return parse_status(await self._run(conn, STATUS_COMMAND))
+                finally:
+                    conn.close()
 
         return await retrying(once, attempts=attempts or self.attempts)
 
@@ -224,7 +254,8 @@ class SshPusher:
         """Bring `dev` to `toplevel`; `on_sent(stream bytes, NAR bytes, seconds)` after each whole stream
         sent, whatever the device then makes of it (so failed updates count on the wire too)."""
         async def once() -> PushOutcome:
-            return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout, on_sent)
+            async with self._slots():
+                return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout, on_sent)
 
         outcome = await retrying(once, attempts=self.attempts)
         if outcome.generation is not None and outcome.confirm_deadline is not None:
@@ -242,7 +273,8 @@ class SshPusher:
                     f"confirmation of generation {generation} not delivered before the deadline; "
                     "the device rolls back by itself", generation)
             try:
-                async with await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
+                async with self._slots(confirm=True), \
+                        await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
                     res = await conn.run(confirm_command(generation, check), check=False,
                                          timeout=max(left + 5.0, self.connect_timeout))
                     if res.exit_status == 0:

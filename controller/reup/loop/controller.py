@@ -74,7 +74,7 @@ class Controller(UpdateExecutor):
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
         self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
         self.pusher = SshPusher(self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout,
-                                attempts=cfg.ssh.attempts)
+                                attempts=cfg.ssh.attempts, max_connections=cfg.ssh.max_connections)
         self.bus = EventBus()
         self.metrics = Metrics(device_info=cfg.http.device_info, poll_interval=cfg.source.poll_interval,
                                shard=(self.shard.index, self.shard.count))
@@ -94,6 +94,10 @@ class Controller(UpdateExecutor):
         self._fetch_requested = True
         self._next_poll = 0.0
         self._build_slots = asyncio.Semaphore(cfg.build.max_parallel)
+        self._snapshot_due = False
+        self._chores: set[str] = set()  # background steps running (gcroots, prune)
+        self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
+        self._next_prune = 0.0
 
     # --- triggers ---------------------------------------------------------------
 
@@ -234,8 +238,8 @@ class Controller(UpdateExecutor):
                 self.busy[push.device] = DeviceState.PENDING
                 self._spawn(self._push(push, desired.seen_at))
         self._next_probe = self._probe_timeouts(desired, now)
-        await self._sync_gcroots()
-        self._snapshot()
+        self._background(now)
+        self._emit_snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
@@ -251,9 +255,40 @@ class Controller(UpdateExecutor):
             self.bus.emit(RolloutChanged(now, r.revision, r.wave, r.wave_index, r.halted, r.progress, doc))
 
     def _snapshot(self) -> None:
-        """Every device's state as an event (the reup_devices gauge follows it)."""
-        self.bus.emit(DevicesSnapshot(self.clock(), tuple(
-            (d["name"], d["state"], d["wave"], str(d["generation"] or "")) for d in self.store.status()["devices"])))
+        """A device changed (executors call this per outcome): the next pass emits one snapshot."""
+        self._snapshot_due = True
+        self.wake()
+
+    def _emit_snapshot(self) -> None:
+        """Every device's state as one event per pass (the reup_devices gauge follows it); one query."""
+        self._snapshot_due = False
+        self.bus.emit(DevicesSnapshot(self.clock(), self.store.device_rows()))
+
+    def _background(self, now: float) -> None:
+        """Work kept out of the pass, at most one of each at a time: GC roots when the set of distinct
+        systems changed, and retention (pruning events, history and old revisions) now and then."""
+        if "gcroots" not in self._chores:
+            needed = self.store.toplevels_in_use()
+            if needed != self._rooted:
+                self._chore("gcroots", self._sync_gcroots(needed))
+        if "prune" not in self._chores and now >= self._next_prune:
+            self._next_prune = now + self.cfg.state.prune_interval
+            self._chore("prune", self._prune(now))
+
+    def _chore(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._chores.add(name)
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda _: self._chores.discard(name))
+
+    async def _prune(self, now: float) -> None:
+        st = self.cfg.state
+        try:
+            counts = await asyncio.to_thread(self.store.prune, now, keep_days=st.keep_days,
+                                             keep_revisions=st.keep_revisions)
+            if any(counts.values()):
+                log.info("retention: pruned %s", counts)
+        except Exception as exc:  # retention is housekeeping: report, carry on
+            self.bus.emit(ReconcileError(self.clock(), "retention", str(exc)))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -266,10 +301,11 @@ class Controller(UpdateExecutor):
             log.error("executor task failed", exc_info=task.exception())
         self.wake()
 
-    async def _sync_gcroots(self) -> None:
+    async def _sync_gcroots(self, needed: set[str]) -> None:
         try:
-            await asyncio.to_thread(self.gcroots.sync, self.store.needed_toplevels())
-        except Exception as exc:  # roots are a safety net: report, carry on
+            await asyncio.to_thread(self.gcroots.sync, needed)
+            self._rooted = needed
+        except Exception as exc:  # roots are a safety net: report, carry on (tried again next pass)
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
 
     # --- executors ------------------------------------------------------------------
@@ -317,7 +353,14 @@ class Controller(UpdateExecutor):
         try:
             while not stopping.is_set():
                 self._wake.clear()
+                started = time.monotonic()
                 plan = await self.step()
+                # A pass costs O(fleet); outcomes arrive O(fleet) times. Spacing passes by their own
+                # duration keeps the total pass work linear in the fleet (a fetch is never delayed).
+                spent = time.monotonic() - started
+                if spent > 0.02 and not self._fetch_requested:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), timeout=min(spent, 2.0))
                 if once and not self.tasks and plan.settled() and not self._fetch_requested:
                     break
                 wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
