@@ -54,7 +54,7 @@ class FakeBuilder:
 
 
 class FakeRoots:
-    def sync(self, needed: dict[str, str]) -> tuple[list[str], list[str]]:
+    def sync(self, needed: set[str]) -> tuple[list[str], list[str]]:
         return [], []
 
 

@@ -94,7 +94,8 @@ class Controller(UpdateExecutor):
         self._fetch_requested = True
         self._next_poll = 0.0
         self._build_slots = asyncio.Semaphore(cfg.build.max_parallel)
-        self._snapshot_due = False
+        self._snapshot_due = True  # the first pass reports every device, and syncs the GC roots
+        self._roots_due = True
         self._chores: set[str] = set()  # background steps running (gcroots, prune)
         self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
         self._next_prune = 0.0
@@ -187,6 +188,7 @@ class Controller(UpdateExecutor):
             targets = list(self.store.desired(head).targets.values())
         seen = now  # when the fetch that found it started
         self.store.record_revision(head, seen, targets, fleet_error)
+        self._roots_due = True
         if fleet is not None:
             self.fleet = fleet
             self.store.set_meta("fleet_commit", head)
@@ -227,6 +229,7 @@ class Controller(UpdateExecutor):
         desired = self.store.desired()
         plan = planner.plan(desired, self.observe(), self.policy, now)
         for device, old, new in self.store.set_states(plan.decisions.values(), now):
+            self._snapshot_due = True
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
         for drv in plan.builds:
@@ -239,7 +242,8 @@ class Controller(UpdateExecutor):
                 self._spawn(self._push(push, desired.seen_at))
         self._next_probe = self._probe_timeouts(desired, now)
         self._background(now)
-        self._emit_snapshot()
+        if self._snapshot_due:
+            self._emit_snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
@@ -260,15 +264,17 @@ class Controller(UpdateExecutor):
         self.wake()
 
     def _emit_snapshot(self) -> None:
-        """Every device's state as one event per pass (the reup_devices gauge follows it); one query."""
+        """Every device's state as one event per pass that changed some (the reup_devices gauge follows it)."""
         self._snapshot_due = False
+        self._roots_due = True
         self.bus.emit(DevicesSnapshot(self.clock(), self.store.device_rows()))
 
     def _background(self, now: float) -> None:
         """Work kept out of the pass, at most one of each at a time: GC roots when the set of distinct
         systems changed, and retention (pruning events, history and old revisions) now and then."""
-        if "gcroots" not in self._chores:
-            needed = self.store.toplevels_in_use()
+        if "gcroots" not in self._chores and self._roots_due:
+            self._roots_due = False
+            needed = {p for p in self.store.toplevels_in_use() if os.path.exists(p)}  # built ones: per system
             if needed != self._rooted:
                 self._chore("gcroots", self._sync_gcroots(needed))
         if "prune" not in self._chores and now >= self._next_prune:
@@ -306,6 +312,7 @@ class Controller(UpdateExecutor):
             await asyncio.to_thread(self.gcroots.sync, needed)
             self._rooted = needed
         except Exception as exc:  # roots are a safety net: report, carry on (tried again next pass)
+            self._roots_due = True
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
 
     # --- executors ------------------------------------------------------------------

@@ -74,6 +74,11 @@ class StateDB:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._desired: Desired | None = None  # the current revision's targets: they change only in record_revision
+        self._observed_states: dict[str, tuple[str, str | None]] | None = None  # from observed(), for set_states
+        # Rows of devices and builds as observed() last read them, valid while `_version` (bumped by every
+        # write to those tables) is unchanged: a pass reads each table once, however often it asks.
+        self._version = 0
+        self._rows: tuple[int, list[sqlite3.Row], list[sqlite3.Row]] | None = None
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(devices)")}
         for column in ("attempt_since", "attempt_at"):  # databases of the first controller version
             if column not in columns:
@@ -87,8 +92,16 @@ class StateDB:
         with self._lock:
             return self.db.execute(sql, tuple(args)).fetchall()
 
+    def _write(self, sql: str, args: Iterable[Any] = ()) -> None:
+        """A write to `devices` or `builds` (what `observed` caches)."""
+        with self._lock:
+            self._version += 1
+            self.db.execute(sql, tuple(args))
+
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self._lock:
+            self._version += 1
+            self._observed_states = None  # every write of a state or error goes through here
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
@@ -176,7 +189,14 @@ class StateDB:
 
     def observed(self, busy: Mapping[str, DeviceState], building: Iterable[str] = ()) -> Observed:
         devices = {}
-        for r in self._exec("SELECT * FROM devices WHERE active=1"):
+        states = {}
+        with self._lock:
+            if self._rows is None or self._rows[0] != self._version:
+                self._rows = (self._version, self._exec("SELECT * FROM devices WHERE active=1"),
+                              self._exec("SELECT * FROM builds"))
+            device_rows, build_rows = self._rows[1], self._rows[2]
+        for r in device_rows:
+            states[r["name"]] = (r["state"], r["last_error"])
             attempt = None
             if r["attempt_kind"]:
                 attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], r["attempt_kind"], r["attempt_error"] or "",
@@ -185,8 +205,10 @@ class StateDB:
                                                    attempt, r["acked_at"])
         builds = {
             r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
-            for r in self._exec("SELECT * FROM builds")
+            for r in build_rows
         }
+        with self._lock:
+            self._observed_states = states  # the pass's set_states compares with these, unless a write came between
         return Observed(devices=devices, builds=builds, building=frozenset(building), control=self.rollout_control())
 
     def rollout_control(self) -> RolloutControl:
@@ -203,13 +225,13 @@ class StateDB:
     # --- executor outcomes ----------------------------------------------------
 
     def record_build(self, result: BuildResult, seconds: float, at: float) -> None:
-        self._exec(
+        self._write(
             "INSERT OR REPLACE INTO builds(drv_path, commit_id, ok, toplevel, error, seconds, finished_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
             (result.drv_path, result.commit, int(result.ok), result.toplevel, result.error, seconds, at),
         )
 
     def forget_build(self, drv_path: str) -> None:
-        self._exec("DELETE FROM builds WHERE drv_path=?", (drv_path,))
+        self._write("DELETE FROM builds WHERE drv_path=?", (drv_path,))
 
     def record_ack(self, device: str, commit: str, toplevel: str, generation: int | None, at: float,
                    stream_bytes: int = 0, nar_bytes: int = 0, result: str = "committed") -> None:
@@ -247,7 +269,7 @@ class StateDB:
         return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
 
     def set_retry(self, device: str, at: float) -> None:
-        self._exec("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
+        self._write("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
 
     def device_state(self, device: str) -> str | None:
         rows = self._exec("SELECT state FROM devices WHERE name=?", (device,))
@@ -255,12 +277,16 @@ class StateDB:
 
     def reset_retry_timers(self) -> None:
         """On start-up every device gets one immediate attempt (permanent failures stay)."""
-        self._exec("UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ('permanent', 'rolled_back', 'timed_out')")
+        self._write("UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ('permanent', 'rolled_back', 'timed_out')")
 
     def set_states(self, decisions: Iterable[Decision], at: float) -> list[tuple[str, str, str]]:
         """Persist each device's planned state; returns (device, old, new) for those that changed."""
         changed = []
-        current = {r["name"]: (r["state"], r["last_error"]) for r in self._exec("SELECT name, state, last_error FROM devices")}
+        with self._lock:
+            current = self._observed_states
+            self._observed_states = None
+        if current is None:
+            current = {r["name"]: (r["state"], r["last_error"]) for r in self._exec("SELECT name, state, last_error FROM devices")}
         stmts: list[tuple[str, tuple[Any, ...]]] = []
         for d in decisions:
             old, old_err = current.get(d.device, ("", None))
