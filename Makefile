@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast lint bench demo clean
+.PHONY: setup test test-fast lint bench bench-fleet demo clean
 
 setup: $(VENV)/.stamp
 
@@ -26,6 +26,10 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench.run --out bench/results.md
+
+# One controller against N simulated devices in one process (bench/fleet.py); long: run it alone.
+bench-fleet: setup
+	$(PY) -m bench.fleet --sizes 100,1000,3000 --unique-sizes 100,1000 --out bench/fleet-results.md
 
 demo: setup
 	$(VENV)/bin/reup demo
