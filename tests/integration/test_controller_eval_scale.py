@@ -65,3 +65,18 @@ def test_missing_nix_is_an_error_not_a_crash(tmp_path: os.PathLike[str]) -> None
     nix = NixExecutor(env={"PATH": os.path.join(str(tmp_path), "empty")})
     targets = Builder(nix).evaluate(flake, _fleet({"d": "a"}), "c1")
     assert targets[0].toplevel is None and "cannot run nix" in (targets[0].error or "")
+
+
+def test_build_many_in_one_call_and_errors_one_by_one(tmp_path: os.PathLike[str]) -> None:
+    names = [f"host-{i}" for i in range(6)]
+    flake = _flake(os.path.join(tmp_path, "flake"), names)
+    builder = Builder(NixExecutor(options={"sandbox": "false", "substituters": ""}))
+    targets = builder.evaluate(flake, _fleet({n: n for n in names}), "c1")
+    drvs = [t.drv_path or "" for t in targets]
+    built = builder.build_many(drvs)
+    assert {d: built[d] for d in drvs} == {t.drv_path: t.toplevel for t in targets}
+    assert all(os.path.exists(t.toplevel or "") for t in targets)
+    missing = "/nix/store/00000000000000000000000000000000-missing.drv"
+    again = builder.build_many([*drvs[:2], missing])  # one broken: the batch fails, each gets its own answer
+    assert again[drvs[0]] == targets[0].toplevel and again[drvs[1]] == targets[1].toplevel
+    assert "build failed" in str(again[missing])

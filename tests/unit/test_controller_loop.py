@@ -52,6 +52,9 @@ class FakeBuilder:
         self.built.append(out)
         return out
 
+    def build_many(self, drvs: list[str]) -> dict[str, str | Exception]:
+        return {drv: self.build(drv) for drv in drvs}
+
 
 class FakeRoots:
     def sync(self, needed: set[str]) -> tuple[list[str], list[str]]:

@@ -92,6 +92,33 @@ class Builder:
             return str(value[0]), str(value[1])
         return f"evaluation failed: nixosConfigurations.{json.dumps(config, ensure_ascii=False)} has no usable toplevel"
 
+    def build_many(self, drv_paths: list[str]) -> dict[str, str | PermanentError]:
+        """Build many derivations with one `nix build --keep-going` (Nix schedules them: `max-jobs`,
+        remote builders); {drv: output or its error}. If the batch fails, each unbuilt one is built
+        alone for its own error (the others are then already valid: those builds are no-ops)."""
+        if len(drv_paths) == 1:
+            try:
+                return {drv_paths[0]: self.build(drv_paths[0])}
+            except PermanentError as exc:
+                return {drv_paths[0]: exc}
+        try:
+            outputs = self.nix.build_drvs(drv_paths)
+        except NixError as exc:
+            log.warning("batch build of %d systems failed, building them one by one: %s", len(drv_paths),
+                        nix_error_text(exc).splitlines()[-1:])
+            out: dict[str, str | PermanentError] = {}
+            for drv in drv_paths:
+                try:
+                    out[drv] = self.build(drv)
+                except PermanentError as err:
+                    out[drv] = err
+            return out
+        result: dict[str, str | PermanentError] = {}
+        for drv in drv_paths:
+            path = outputs.get(drv, {}).get("out")
+            result[drv] = path if path else PermanentError(f"build of {drv} returned no 'out' output")
+        return result
+
     def build(self, drv_path: str) -> str:
         """Build one derivation; return its output path. Build errors are permanent for the revision."""
         try:

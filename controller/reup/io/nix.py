@@ -116,6 +116,11 @@ def _abs_store_path(sibling: str, ref: str) -> str:
     return ref if ref.startswith("/") else os.path.join(os.path.dirname(sibling), ref)
 
 
+def parse_build_json_by_drv(stdout: str) -> dict[str, dict[str, str]]:
+    """Parse `nix build --json` of many derivations: {drvPath: {output name: path}}."""
+    return {str(item["drvPath"]): dict(item["outputs"]) for item in json.loads(stdout) if "drvPath" in item}
+
+
 def parse_build_json(stdout: str) -> list[dict[str, str]]:
     """Parse `nix build --json`: per installable, its outputs {name: path}."""
     return [dict(item["outputs"]) for item in json.loads(stdout)]
@@ -161,6 +166,12 @@ class NixExecutor:
 
     def build(self, installables: Sequence[str]) -> list[dict[str, str]]:
         return parse_build_json(self.run(build_cmd(installables, options=self.options)))
+
+    def build_drvs(self, drv_paths: Sequence[str]) -> dict[str, dict[str, str]]:
+        """One `nix build --keep-going` of many derivations (Nix's scheduler); {drvPath: outputs}."""
+        argv = build_cmd(drv_paths, options=self.options)
+        argv.insert(argv.index("--no-link") + 1, "--keep-going")
+        return parse_build_json_by_drv(self.run(argv))
 
     def eval_json(self, installable: str, *, apply: str | None = None) -> object:
         return json.loads(self.run(eval_json_cmd(installable, apply=apply, options=self.options)))

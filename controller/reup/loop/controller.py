@@ -58,6 +58,7 @@ from reup.loop.metrics import Metrics
 from reup.loop.state import StateDB
 
 log = logging.getLogger(__name__)
+BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
 
 
 class Controller(UpdateExecutor):
@@ -232,10 +233,14 @@ class Controller(UpdateExecutor):
             self._snapshot_due = True
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
-        for drv in plan.builds:
-            if drv not in self.building and desired.commit:
-                self.building.add(drv)
-                self._spawn(self._build(drv, desired.commit))
+        due = [drv for drv in plan.builds if drv not in self.building] if desired.commit else []
+        self.building.update(due)
+        if len(due) <= self.cfg.build.max_parallel:
+            for drv in due:
+                self._spawn(self._build(drv, desired.commit or ""))
+        else:  # many systems (one per device): one `nix build` of many installables per batch
+            for i in range(0, len(due), BUILD_BATCH):
+                self._spawn(self._build_batch(due[i:i + BUILD_BATCH], desired.commit or ""))
         for push in plan.pushes():
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
@@ -337,6 +342,29 @@ class Controller(UpdateExecutor):
                                             result.toplevel, result.error))
         finally:
             self.building.discard(drv)
+
+    async def _build_batch(self, drvs: list[str], commit: str) -> None:
+        try:
+            async with self._build_slots:
+                start = time.monotonic()
+                try:
+                    results = await asyncio.to_thread(self.builder.build_many, drvs)
+                except TemporaryError as exc:
+                    self.bus.emit(ReconcileError(self.clock(), "build", str(exc)))
+                    await asyncio.sleep(5)
+                    return
+                seconds = time.monotonic() - start
+                for drv, out in results.items():
+                    if isinstance(out, str):
+                        result = BuildResult(drv, commit, True, out)
+                    else:
+                        result = BuildResult(drv, commit, False, None, str(out))
+                        self.bus.emit(ReconcileError(self.clock(), "build", str(out)))
+                    self.store.record_build(result, seconds, self.clock())
+                    self.bus.emit(BuildFinished(self.clock(), drv, "success" if result.ok else "failure", seconds,
+                                                result.toplevel, result.error))
+        finally:
+            self.building.difference_update(drvs)
 
     # --- the loop -----------------------------------------------------------------------
 
