@@ -126,3 +126,31 @@ def test_retention_prunes_old_events_history_and_revisions(tmp_path: os.PathLike
         ctrl.close()
 
 
+
+
+def test_ssh_transfers_are_bounded_and_confirmations_do_not_queue_behind_them() -> None:
+    from reup.core.model import Device
+    from reup.io.ssh import PushOutcome, SshPusher
+
+    pusher = SshPusher(deltas=None, key=None, max_connections=3)  # type: ignore[arg-type]
+    running, peak, confirmed = [0], [0], []
+
+    async def transfer(dev: Device, toplevel: str, *args: Any) -> PushOutcome:
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        await asyncio.sleep(0.05)
+        running[0] -= 1
+        return PushOutcome(toplevel, 1)
+
+    async def scenario() -> None:
+        pusher._push_once = transfer  # type: ignore[method-assign,assignment]
+        devices = [Device(f"d{i}", "h", KEY) for i in range(12)]
+        pushes = [asyncio.create_task(pusher.push(d, "/nix/store/x")) for d in devices]
+        await asyncio.sleep(0.01)
+        # With every transfer slot taken, a confirmation slot is still free at once.
+        async with pusher._slots(confirm=True):
+            confirmed.append(running[0])
+        await asyncio.gather(*pushes)
+
+    asyncio.run(scenario())
+    assert peak[0] == 3 and confirmed == [3]
