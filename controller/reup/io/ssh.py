@@ -17,6 +17,7 @@ after which the device rolls back by itself). Failures are classified into `Unre
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -178,6 +179,8 @@ class SshPusher:
         self._transfer_slots = self._confirm_slots = asyncio.Semaphore(1)
         self._client_keys: list[asyncssh.SSHKey] | None = None  # the key file, read once
         self._host_keys: dict[str, asyncssh.SSHKey] = {}  # fleet.toml's host keys, parsed once each
+        self._encoders = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                                               thread_name_prefix="reup-encode")
 
     def _slots(self, confirm: bool = False) -> asyncio.Semaphore:
         # Made inside the running loop (and again for another loop: tests run several).
@@ -337,7 +340,10 @@ class SshPusher:
                     codecs: tuple[str, ...] | None = None,
                     on_sent: SentHook = _unreported,
                     ) -> tuple[ReceiveAnswer, Stream]:
-        entry = await asyncio.to_thread(self.deltas.get, held, toplevel, staged, avoid, codecs)
+        # Encodes get their own threads: long encodes must not take the default executor's threads,
+        # which asyncssh needs (name resolution) to open the confirmations that beat the deadlines.
+        entry = await asyncio.get_running_loop().run_in_executor(
+            self._encoders, self.deltas.get, held, toplevel, staged, avoid, codecs)
         start = time.monotonic()
         try:
             proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
