@@ -188,7 +188,9 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
             st = json.loads(get(base + "/api/status?state=in_sync&limit=0"))
         except OSError:
             continue
-        if st.get("revision") == commit and st.get("total") == n:
+        # In sync on the commit, and every device acknowledged in this phase (right after the commit is
+        # recorded, devices still show in_sync on the previous one until the next pass plans them).
+        if st.get("revision") == commit and st.get("total") == n and acks_since(events, ev0, start) >= n:
             settled = time.time() - start
             break
     cpu1, child1 = proc_cpu(pid)
@@ -210,6 +212,12 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
                  child1 - child0, delta("reup_reconcile_passes_total"), encodes_in_log(work) - log0,
                  delta('reup_device_updates_total{result="committed"}'), rollbacks,
                  delta('reup_device_updates_total{result="timed_out"}'), {"acks": len(acks), "fake_cpu": fake1 - fake0})
+
+
+def acks_since(events: str, offset: int, start: float) -> int:
+    with open(events, encoding="utf-8") as f:
+        f.seek(offset)
+        return sum(1 for line in f if '"ack"' in line and json.loads(line)["at"] >= start)
 
 
 def scrape_or_empty(base: str) -> dict[str, float]:
