@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-fast lint bench demo clean chaos
+.PHONY: setup test test-fast lint bench bench-fleet demo clean chaos
 
 setup: $(VENV)/.stamp
 
@@ -32,6 +32,10 @@ chaos: setup
 
 bench: setup
 	$(PY) -m bench.run --out bench/results.md
+
+# One controller against N simulated devices in one process (bench/fleet.py); long: run it alone.
+bench-fleet: setup
+	$(PY) -m bench.fleet --sizes 100,1000,3000 --unique-sizes 100,1000 --out bench/fleet-results.md
 
 demo: setup
 	$(VENV)/bin/reup demo

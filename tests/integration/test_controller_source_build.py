@@ -79,13 +79,20 @@ def test_evaluate_isolates_errors_and_build_and_roots(tmp_path: os.PathLike[str]
     log_file = os.path.join(tmp_path, "logs", "00000000000000000000000000000000-missing.drv.log")
     assert f"full log: {log_file}" in str(failed.value) and os.path.getsize(log_file) > 0
 
-    roots = GcRoots(nix, os.path.join(tmp_path, "gcroots"))
-    assert roots.sync({"a-target": out, "b-target": "/nix/store/00000000000000000000000000000000-unbuilt"}) == (["a-target"], [])
-    assert os.readlink(os.path.join(tmp_path, "gcroots", "a-target")) == out
+    roots_dir = os.path.join(tmp_path, "gcroots")
+    roots = GcRoots(nix, roots_dir, batch=1)
+    unbuilt = "/nix/store/00000000000000000000000000000000-unbuilt"
+    assert roots.sync({out, unbuilt}) == ([out], [])
+    assert roots.sync({out, unbuilt}) == ([], [])  # unchanged: no Nix call, no new directory
+    links = [os.path.join(roots_dir, "1", n) for n in sorted(os.listdir(os.path.join(roots_dir, "1"))) if n != "paths.json"]
+    assert [os.readlink(link) for link in links] == [out]
     auto = nix.run(["nix-store", "--gc", "--print-roots"])
-    assert os.path.join(str(tmp_path), "gcroots", "a-target") in auto
-    # A root whose name now needs an unbuilt path no longer keeps the old one.
-    assert roots.sync({"a-target": "/nix/store/00000000000000000000000000000000-unbuilt"}) == ([], ["a-target"])
-    roots.sync({"a-target": out})
-    assert roots.sync({}) == ([], ["a-target"])
-    assert os.listdir(os.path.join(tmp_path, "gcroots")) == []
+    assert links[0] in auto
+    # Two systems, one root each, in batches of one path: links r0 and r1 of the new directory.
+    other = builder.build(targets["b"].drv_path or "")
+    assert roots.sync({out, other}) == ([other], [])
+    assert sorted(os.listdir(roots_dir)) == ["2"]
+    kept = {os.readlink(os.path.join(roots_dir, "2", n)) for n in os.listdir(os.path.join(roots_dir, "2")) if n != "paths.json"}
+    assert kept == {out, other}
+    assert roots.sync(set()) == ([], sorted([out, other]))
+    assert roots.current() == set()

@@ -64,9 +64,12 @@ class FakeBuilder:
         self.built.append(out)
         return out
 
+    def build_many(self, drv_paths: list[str]) -> dict[str, str | PermanentError]:
+        return {drv: self.build(drv) for drv in drv_paths}
+
 
 class FakeRoots:
-    def sync(self, needed: dict[str, str]) -> tuple[list[str], list[str]]:
+    def sync(self, needed: set[str]) -> tuple[list[str], list[str]]:
         return [], []
 
 

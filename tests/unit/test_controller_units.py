@@ -15,7 +15,13 @@ from reup.cli.status import format_status
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import AttemptKind, BuildResult, Decision, DeviceState, Target
 from reup.delta.cache import DeltaCache
-from reup.io.nix import add_root_cmd, parse_toplevels, toplevel_drv_installable, toplevels_apply
+from reup.io.nix import (
+    TOPLEVELS_OF_NAMES_APPLY,
+    add_root_cmd,
+    eval_json_cmd,
+    parse_toplevels,
+    toplevel_drv_installable,
+)
 from reup.io.ssh import (
     BrokenBaseError,
     classify_exit,
@@ -101,9 +107,10 @@ def test_ordered_bases_current_and_newest_generations_first() -> None:
 
 
 def test_toplevels_apply_and_parse() -> None:
-    expr = toplevels_apply({"dev-1": "sensor", "dev-2": "gw"})
-    assert expr.startswith("cs: ") and '{ name = "dev-1"; value = f "sensor"; }' in expr
+    expr = TOPLEVELS_OF_NAMES_APPLY  # constant: configuration names come as data (REUP_NAMES_FILE)
+    assert expr.startswith("cs: ") and 'builtins.getEnv "REUP_NAMES_FILE"' in expr
     assert "builtins.tryEval" in expr and "deepSeq" in expr
+    assert "--impure" in eval_json_cmd("f#x", apply=expr, impure=True)
     assert parse_toplevels({"a": ["/nix/store/x.drv", "/nix/store/x"], "b": None}) == {
         "a": ("/nix/store/x.drv", "/nix/store/x"), "b": None}
     with pytest.raises(ValueError):
@@ -143,7 +150,7 @@ def test_store_round_trip_survives_reopen(tmp_path: os.PathLike[str]) -> None:
     s.reset_retry_timers()
     attempt = s.observed({}).devices["b"].attempt
     assert attempt is not None and attempt.retry_at == 0
-    assert s.needed_toplevels() == {"a-target": P1, "a-acknowledged": P1}
+    assert s.toplevels_in_use() == {P1}
     status = s.status()
     assert status["revision"] == "c1"
     a = status["devices"][0]

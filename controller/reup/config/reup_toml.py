@@ -57,6 +57,9 @@ class SourceConfig(Section):
 
 class StateConfig(Section):
     dir: str = "state"
+    keep_days: Seconds = Field(30.0, ge=0.0)  # events and push history older than this (days) are pruned
+    keep_revisions: int = Field(100, ge=1)  # targets of older revisions are pruned (the current one stays)
+    prune_interval: Seconds = Field(3600.0, ge=1.0)  # seconds between retention steps
 
 
 class BuildConfig(Section):
@@ -78,6 +81,7 @@ class SshConfig(Section):
     connect_timeout: Seconds = Field(10.0, ge=0.1)
     attempts: int = Field(3, ge=1)  # tries per push (tenacity, jittered exponential backoff)
     retry_max: Seconds = Field(300.0, ge=0.0)  # cap of the backoff between reconcile passes for a device
+    max_connections: int = Field(64, ge=1)  # concurrent transfers (and, separately, confirmations)
 
 
 class HttpConfig(Section):

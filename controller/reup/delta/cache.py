@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from reup_receiver.format.wire import VERSION as STREAM_VERSION
 
 from reup import __version__
 from reup.io.nix import NixExecutor
+
+log = logging.getLogger(__name__)
 
 # encoder(held, target, out, staged, avoid, codecs) -> stats with .stream_bytes and .nar_bytes;
 # codecs: the patch codecs the device can apply (None: all).
@@ -90,6 +93,7 @@ class DeltaCache:
             stream_bytes = int(getattr(stats, "stream_bytes", size) or size)
             nar_bytes = int(getattr(stats, "nar_bytes", 0) or 0)
             os.replace(tmp, stream)
+            log.info("delta encoded: %s (%d bytes)", target, stream_bytes)  # the fleet benchmark counts these
             with open(meta, "w", encoding="utf-8") as f:
                 json.dump({"stream_bytes": stream_bytes, "nar_bytes": nar_bytes, "target": target}, f)
             self._prune()

@@ -62,9 +62,11 @@ def build_cmd(installables: Iterable[str], *, options: Mapping[str, str] | None 
 
 
 def eval_json_cmd(
-    installable: str, *, apply: str | None = None, options: Mapping[str, str] | None = None
+    installable: str, *, apply: str | None = None, options: Mapping[str, str] | None = None, impure: bool = False
 ) -> list[str]:
     argv = ["nix", *FEATURES, "eval", "--json"]
+    if impure:  # to read the data file named in the environment (`eval_names_json`)
+        argv.append("--impure")
     argv += option_args(options)
     argv.append(installable)
     if apply is not None:
@@ -121,6 +123,11 @@ def _abs_store_path(sibling: str, ref: str) -> str:
     return ref if ref.startswith("/") else os.path.join(os.path.dirname(sibling), ref)
 
 
+def parse_build_json_by_drv(stdout: str) -> dict[str, dict[str, str]]:
+    """Parse `nix build --json` of many derivations: {drvPath: {output name: path}}."""
+    return {str(item["drvPath"]): dict(item["outputs"]) for item in json.loads(stdout) if "drvPath" in item}
+
+
 def parse_build_json(stdout: str) -> list[dict[str, str]]:
     """Parse `nix build --json`: per installable, its outputs {name: path}."""
     return [dict(item["outputs"]) for item in json.loads(stdout)]
@@ -137,16 +144,20 @@ class NixExecutor:
     env: Mapping[str, str] | None = None
     cwd: str | None = None
 
-    def run(self, argv: Sequence[str], *, timeout: float | None = None) -> str:
-        proc = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            env=None if self.env is None else {**os.environ, **self.env},
-            cwd=self.cwd,
-            timeout=timeout,
-            check=False,
-        )
+    def run(self, argv: Sequence[str], *, timeout: float | None = None, env: Mapping[str, str] | None = None) -> str:
+        extra = {**(self.env or {}), **(env or {})}
+        try:
+            proc = subprocess.run(
+                list(argv),
+                capture_output=True,
+                text=True,
+                env={**os.environ, **extra} if extra else None,
+                cwd=self.cwd,
+                timeout=timeout,
+                check=False,
+            )
+        except OSError as exc:  # E2BIG, ENOENT, EMFILE...: a reported error, never an uncaught crash
+            raise NixError(argv, -1, f"cannot run {argv[0]}: {exc}") from exc
         if proc.returncode != 0:
             raise NixError(argv, proc.returncode, proc.stderr)
         return proc.stdout
@@ -163,8 +174,25 @@ class NixExecutor:
     def build(self, installables: Sequence[str]) -> list[dict[str, str]]:
         return parse_build_json(self.run(build_cmd(installables, options=self.options)))
 
+    def build_drvs(self, drv_paths: Sequence[str]) -> dict[str, dict[str, str]]:
+        """One `nix build --keep-going` of many derivations (Nix's scheduler); {drvPath: outputs}."""
+        argv = build_cmd(drv_paths, options=self.options)
+        argv.insert(argv.index("--no-link") + 1, "--keep-going")
+        return parse_build_json_by_drv(self.run(argv))
+
     def eval_json(self, installable: str, *, apply: str | None = None) -> object:
         return json.loads(self.run(eval_json_cmd(installable, apply=apply, options=self.options)))
+
+    def eval_names_json(self, installable: str, apply: str, names: Sequence[str], *, workdir: str | None = None) -> object:
+        """`nix eval --json --impure INSTALLABLE --apply APPLY` where APPLY reads `names` (any strings) as
+        JSON data from a file named by $REUP_NAMES_FILE: values never become Nix source or one huge argument."""
+        import tempfile  # noqa: PLC0415 - only here
+
+        with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".json", dir=workdir, delete=True) as f:
+            json.dump(list(names), f, ensure_ascii=False)
+            f.flush()
+            argv = eval_json_cmd(installable, apply=apply, options=self.options, impure=True)
+            return json.loads(self.run(argv, env={NAMES_ENV: f.name}))
 
     def current_system(self) -> str:
         """The platform this Nix builds for by default, e.g. "x86_64-linux"."""
@@ -186,20 +214,22 @@ def resolve_store_path(path: str, store_dir: str = "/nix/store") -> str:
 # --- builders used by the controller (reup run/plan) --------------------------
 
 
-def toplevels_apply(configs: Mapping[str, str]) -> str:
-    """A `--apply` function over `nixosConfigurations`: {device: [drvPath, outPath] or null}.
+NAMES_ENV = "REUP_NAMES_FILE"
+_NAMES = f'(builtins.fromJSON (builtins.readFile (builtins.getEnv "{NAMES_ENV}")))'
 
-    One evaluation for the whole fleet; a device whose configuration is missing or
-    throws gets null (its error text then comes from `toplevel_drv_installable` alone).
-    """
-    items = " ".join(
-        f"{{ name = {json.dumps(dev)}; value = f {json.dumps(cfg)}; }}" for dev, cfg in sorted(configs.items())
-    )
-    return (
-        "cs: let f = n: if cs ? ${n} then (let t = cs.${n}.config.system.build.toplevel;"
-        " r = builtins.tryEval (builtins.deepSeq [t.drvPath t.outPath] [t.drvPath t.outPath]);"
-        f" in if r.success then r.value else null) else null; in builtins.listToAttrs [ {items} ]"
-    )
+# With `eval_names_json`: {config: [drvPath, outPath] or null} for each configuration name in the data file.
+# A constant expression: names are data, so `${...}`, quotes or non-ASCII in a name are just characters.
+TOPLEVELS_OF_NAMES_APPLY = (
+    "cs: let f = n: if cs ? ${n} then (let t = cs.${n}.config.system.build.toplevel;"
+    " r = builtins.tryEval (builtins.deepSeq [t.drvPath t.outPath] [t.drvPath t.outPath]);"
+    " in if r.success then r.value else null) else null;"
+    f" in builtins.listToAttrs (map (n: {{ name = n; value = f n; }}) {_NAMES})"
+)
+
+# With `eval_names_json` and one name: that configuration's [drvPath, outPath], or Nix's own error.
+TOPLEVEL_OF_NAME_APPLY = (
+    f"cs: let n = builtins.head {_NAMES}; t = cs.${{n}}.config.system.build.toplevel; in [ t.drvPath t.outPath ]"
+)
 
 
 def toplevel_installable(flake: str, config: str) -> str:
@@ -210,11 +240,8 @@ def toplevel_drv_installable(flake: str, config: str) -> str:
     return toplevel_installable(flake, config) + ".drvPath"
 
 
-TOPLEVEL_PATHS_APPLY = "t: [ t.drvPath t.outPath ]"  # with toplevel_installable: one device's [drvPath, outPath]
-
-
 def parse_toplevels(value: object) -> dict[str, tuple[str, str] | None]:
-    """Parse the result of `toplevels_apply`: {device: (drvPath, outPath) or None}."""
+    """Parse the result of `TOPLEVELS_OF_NAMES_APPLY`: {configuration: (drvPath, outPath) or None}."""
     if not isinstance(value, dict):
         raise ValueError(f"expected an object, got {type(value).__name__}")
     out: dict[str, tuple[str, str] | None] = {}
@@ -231,6 +258,12 @@ def parse_toplevels(value: object) -> dict[str, tuple[str, str] | None]:
 def add_root_cmd(path: str, link: str) -> list[str]:
     """`nix-store --add-root LINK --realise PATH`: an indirect GC root at LINK keeping PATH alive."""
     return ["nix-store", "--add-root", link, "--realise", path]
+
+
+def add_roots_cmd(paths: Sequence[str], link: str) -> list[str]:
+    """One call for many roots: `nix-store --add-root LINK --indirect --realise P1 P2 ...` makes the links
+    LINK, LINK-2, LINK-3, ... (Nix numbers them), each an indirect GC root keeping one path alive."""
+    return ["nix-store", "--add-root", link, "--indirect", "--realise", *paths]
 
 
 # --- a simulated device's store (the lab's devices, bench/) -------------------

@@ -19,6 +19,7 @@ backoff) and `PermanentError`; the parsers here are pure and unit-tested.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import os
@@ -177,6 +178,7 @@ class SshPusher:
         transfers: dict[str, TransferProgress] | None = None,
         rate_limits: Callable[[Device], Sequence[TokenBucket]] = lambda dev: (),
         may_transfer: Callable[[Device], bool] = lambda dev: True,
+        max_connections: int = 64,
     ) -> None:
         self.deltas = deltas
         self.key = key
@@ -188,15 +190,45 @@ class SshPusher:
         self.transfers = {} if transfers is None else transfers
         self.rate_limits = rate_limits
         self.may_transfer = may_transfer
+        # Transfers (status + receive) wait for one of `max_connections` slots; confirmations and status
+        # probes have their own slots, so a confirmation never queues behind other devices' transfers.
+        self.max_connections = max(1, max_connections)
+        self._slot_loop: asyncio.AbstractEventLoop | None = None
+        self._transfer_slots = self._confirm_slots = asyncio.Semaphore(1)
+        self._client_keys: list[asyncssh.SSHKey] | None = None  # the key file, read once
+        self._host_keys: dict[str, asyncssh.SSHKey] = {}  # fleet.toml's host keys, parsed once each
+        self._encoders = concurrent.futures.ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2),
+                                                               thread_name_prefix="reup-encode")
+
+    def _slots(self, confirm: bool = False) -> asyncio.Semaphore:
+        # Made inside the running loop (and again for another loop: tests run several).
+        if self._slot_loop is not asyncio.get_running_loop():
+            self._slot_loop = asyncio.get_running_loop()
+            self._transfer_slots = asyncio.Semaphore(self.max_connections)
+            self._confirm_slots = asyncio.Semaphore(self.max_connections)
+        return self._confirm_slots if confirm else self._transfer_slots
+
+    def _keys(self) -> list[asyncssh.SSHKey] | None:
+        if not self.key:
+            return None
+        if self._client_keys is None:
+            self._client_keys = [asyncssh.read_private_key(self.key)]
+        return self._client_keys
+
+    def _host_key(self, text: str) -> asyncssh.SSHKey:
+        key = self._host_keys.get(text)
+        if key is None:
+            key = self._host_keys[text] = asyncssh.import_public_key(text)
+        return key
 
     async def _connect(self, dev: Device, timeout: float | None = None) -> asyncssh.SSHClientConnection:
         try:
-            trusted = [asyncssh.import_public_key(dev.host_key)]
+            trusted = [self._host_key(dev.host_key)]
             return await asyncssh.connect(
                 dev.host,
                 dev.port,
                 username=dev.user,
-                client_keys=[self.key] if self.key else None,
+                client_keys=self._keys(),
                 known_hosts=(trusted, [], []),
                 agent_path=None,
                 config=[],
@@ -225,11 +257,12 @@ class SshPusher:
 
     async def status(self, dev: Device, attempts: int | None = None) -> StatusAnswer:
         async def once() -> StatusAnswer:
-            conn = await self._connect(dev)
-            try:
-                return await self._status_on(dev, conn)
-            finally:
-                conn.close()
+            async with self._slots(confirm=True):
+                conn = await self._connect(dev)
+                try:
+                    return await self._status_on(dev, conn)
+                finally:
+                    conn.close()
 
         return await retrying(once, attempts=attempts or self.attempts)
 
@@ -248,7 +281,8 @@ class SshPusher:
         updates count on the wire too). With `confirm_timeout` the generation is left pending
         (`PushOutcome.confirm_deadline`): `confirm` commits it."""
         async def once() -> PushOutcome:
-            return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout, on_sent)
+            async with self._slots():
+                return await self._push_once(dev, toplevel, activation, on_phase, confirm_timeout, on_sent)
 
         return await retrying(once, attempts=self.attempts)
 
@@ -264,7 +298,8 @@ class SshPusher:
                     f"confirmation of generation {generation} not delivered before the deadline; "
                     "the device rolls back by itself", generation)
             try:
-                async with await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
+                async with self._slots(confirm=True), \
+                        await self._connect(dev, timeout=min(self.connect_timeout, left)) as conn:
                     proc = await conn.create_process(confirm_command(generation, check), encoding=None)
                     proc.stdin.write_eof()
                     exit_status, _out, err = await asyncio.wait_for(
@@ -331,8 +366,10 @@ class SshPusher:
                     *, status: StatusAnswer | None = None, dev: Device | None = None,
                     ) -> tuple[ReceiveAnswer, Stream]:
         kept = self._kept_stream(status, toplevel)
-        entry: Stream = kept if kept is not None else await asyncio.to_thread(
-            self.deltas.get, held, toplevel, staged, avoid, codecs)
+        # Encodes get their own threads: long encodes must not take the default executor's threads,
+        # which asyncssh needs (name resolution) to open the confirmations that beat the deadlines.
+        entry: Stream = kept if kept is not None else await asyncio.get_running_loop().run_in_executor(
+            self._encoders, self.deltas.get, held, toplevel, staged, avoid, codecs)
         start = time.monotonic()
         if status is not None and status.resumable and dev is not None:
             return await self._send_resumable(conn, dev, entry, status.resume if kept else None, held, activation,

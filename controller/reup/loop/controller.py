@@ -34,6 +34,7 @@ from reup.core import planner
 from reup.core.errors import ConfigError, ReupError, TemporaryError
 from reup.core.model import (
     AttemptKind,
+    BuildResult,
     Desired,
     DeviceState,
     Fleet,
@@ -45,6 +46,7 @@ from reup.core.model import (
 )
 from reup.core.outcomes import (
     BuildDeferred,
+    Built,
     Undecided,
     UpdateOutcome,
 )
@@ -87,6 +89,7 @@ from reup.loop.transfers import TransferLimits, register_gauges, transfer_status
 from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
+BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
 
 
 class Controller:
@@ -109,7 +112,8 @@ class Controller:
         self.transfers: dict[str, TransferProgress] = {}
         self.pusher: DeviceExecutor = executor or SshPusher(
             self.deltas, key=cfg.ssh.key, connect_timeout=cfg.ssh.connect_timeout, attempts=cfg.ssh.attempts,
-            transfers=self.transfers, rate_limits=self.limits.buckets_for, may_transfer=self.limits.may_transfer)
+            transfers=self.transfers, rate_limits=self.limits.buckets_for, may_transfer=self.limits.may_transfer,
+            max_connections=cfg.ssh.max_connections)
         self.bus = EventBus()
         self.metrics = Metrics(device_info=cfg.http.device_info, poll_interval=cfg.source.poll_interval,
                                shard=(self.shard.index, self.shard.count))
@@ -135,6 +139,11 @@ class Controller:
         self._build_slots = asyncio.Semaphore(cfg.build.max_parallel)
         self._page: FleetPage | None = None
         self._summaries: dict[str, tuple[str, str]] = {}
+        self._snapshot_due = True  # the first pass reports every device, and syncs the GC roots
+        self._roots_due = True
+        self._chores: set[str] = set()  # background steps running (gcroots, prune)
+        self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
+        self._next_prune = 0.0
 
     # --- triggers ---------------------------------------------------------------
 
@@ -256,6 +265,7 @@ class Controller:
             targets = list(self.store.desired(head).targets.values())
         seen = now  # when the fetch that found it started
         self.store.record_revision(head, seen, targets, fleet_error)
+        self._roots_due = True
         if fleet is not None:
             self.fleet = fleet
             self.store.set_meta("fleet_commit", head)
@@ -299,19 +309,25 @@ class Controller:
         self.waiting.clear()
         self.waiting.update(waiting_for_window(plan))
         for device, old, new in self.store.set_states(plan.decisions.values(), now):
+            self._snapshot_due = True
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
-        for drv in plan.builds:
-            if drv not in self.building and desired.commit:
-                self.building.add(drv)
-                self._spawn(self._build(drv, desired.commit))
+        due = [drv for drv in plan.builds if drv not in self.building] if desired.commit else []
+        self.building.update(due)
+        if len(due) <= self.cfg.build.max_parallel:
+            for drv in due:
+                self._spawn(self._build(drv, desired.commit or ""))
+        else:  # many systems (one per device): one `nix build` of many installables per batch
+            for i in range(0, len(due), BUILD_BATCH):
+                self._spawn(self._build_batch(due[i:i + BUILD_BATCH], desired.commit or ""))
         for push in plan.pushes():
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
                 self._spawn(self._push(push, desired.seen_at))
         self._next_probe = self._start_probes(desired, observed, now)
-        await self._sync_gcroots()
-        self._snapshot()
+        self._background(now)
+        if self._snapshot_due:
+            self._emit_snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
@@ -330,9 +346,42 @@ class Controller:
             self.bus.emit(RolloutChanged(now, r.revision, r.wave, r.wave_index, r.halted, r.progress, doc))
 
     def _snapshot(self) -> None:
-        """Every device's state as an event (the reup_devices gauge follows it)."""
-        self.bus.emit(DevicesSnapshot(self.clock(), tuple(
-            (d["name"], d["state"], d["wave"], str(d["generation"] or "")) for d in self.store.status()["devices"])))
+        """A device changed (executors call this per outcome): the next pass emits one snapshot."""
+        self._snapshot_due = True
+        self.wake()
+
+    def _emit_snapshot(self) -> None:
+        """Every device's state as one event per pass that changed some (the reup_devices gauge follows it)."""
+        self._snapshot_due = False
+        self._roots_due = True
+        self.bus.emit(DevicesSnapshot(self.clock(), self.store.device_rows()))
+
+    def _background(self, now: float) -> None:
+        """Work kept out of the pass, at most one of each at a time: GC roots when the set of distinct
+        systems changed, and retention (pruning events, history and old revisions) now and then."""
+        if "gcroots" not in self._chores and self._roots_due:
+            self._roots_due = False
+            needed = {p for p in self.store.toplevels_in_use() if os.path.exists(p)}  # built ones: per system
+            if needed != self._rooted:
+                self._chore("gcroots", self._sync_gcroots(needed))
+        if "prune" not in self._chores and now >= self._next_prune:
+            self._next_prune = now + self.cfg.state.prune_interval
+            self._chore("prune", self._prune(now))
+
+    def _chore(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        self._chores.add(name)
+        task = asyncio.ensure_future(coro)
+        task.add_done_callback(lambda _: self._chores.discard(name))
+
+    async def _prune(self, now: float) -> None:
+        st = self.cfg.state
+        try:
+            counts = await asyncio.to_thread(self.store.prune, now, keep_days=st.keep_days,
+                                             keep_revisions=st.keep_revisions)
+            if any(counts.values()):
+                log.info("retention: pruned %s", counts)
+        except Exception as exc:  # retention is housekeeping: report, carry on
+            self.bus.emit(ReconcileError(self.clock(), "retention", str(exc)))
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -345,10 +394,12 @@ class Controller:
             log.error("executor task failed", exc_info=task.exception())
         self.wake()
 
-    async def _sync_gcroots(self) -> None:
+    async def _sync_gcroots(self, needed: set[str]) -> None:
         try:
-            await asyncio.to_thread(self.gcroots.sync, self.store.needed_toplevels())
-        except Exception as exc:  # roots are a safety net: report, carry on
+            await asyncio.to_thread(self.gcroots.sync, needed)
+            self._rooted = needed
+        except Exception as exc:  # roots are a safety net: report, carry on (tried again next pass)
+            self._roots_due = True
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
 
     # --- executors -------------------------------------------------------------------------
@@ -410,6 +461,24 @@ class Controller:
                 self.recorder.probe_failures.pop(name, None)
             self.wake()
 
+    async def _build_batch(self, drvs: list[str], commit: str) -> None:
+        try:
+            async with self._build_slots:
+                start = time.monotonic()
+                try:
+                    results = await asyncio.to_thread(self.builder.build_many, drvs)
+                except TemporaryError as exc:
+                    self.bus.emit(ReconcileError(self.clock(), "build", str(exc)))
+                    await asyncio.sleep(5)
+                    return
+                seconds = time.monotonic() - start
+                for drv, out in results.items():
+                    result = (BuildResult(drv, commit, True, out) if isinstance(out, str)
+                              else BuildResult(drv, commit, False, None, str(out)))
+                    self.recorder.build(Built(result, seconds))
+        finally:
+            self.building.difference_update(drvs)
+
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self, *, once: bool = False, on_start: Callable[[], None] | None = None) -> int:
@@ -432,7 +501,14 @@ class Controller:
         try:
             while not stopping.is_set():
                 self._wake.clear()
+                started = time.monotonic()
                 plan = await self.step()
+                # A pass costs O(fleet); outcomes arrive O(fleet) times. Spacing passes by their own
+                # duration keeps the total pass work linear in the fleet (a fetch is never delayed).
+                spent = time.monotonic() - started
+                if spent > 0.02 and not self._fetch_requested:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stopping.wait(), timeout=min(spent, 2.0))
                 if once and not self.tasks and plan.quiescent() and not self._fetch_requested:
                     self.blocked = plan.blocked()
                     break

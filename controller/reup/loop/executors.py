@@ -79,6 +79,8 @@ class SystemBuilder(Protocol):
 
     def build(self, drv: str) -> str: ...
 
+    def build_many(self, drv_paths: list[str]) -> dict[str, str | PermanentError]: ...
+
 
 def attempt_kind(exc: ReupError) -> AttemptKind:
     """The failure kind of an error a device executor raised."""

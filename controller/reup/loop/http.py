@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -91,7 +92,7 @@ class HttpServer:
         port: int,
         *,
         registry: CollectorRegistry,
-        status: Callable[[], dict[str, Any]],
+        status: Callable[..., dict[str, Any]],
         webhook: Callable[[], None],
         healthy: Callable[[], bool] = lambda: True,
         web: FleetPage | None = None,
@@ -125,7 +126,12 @@ class HttpServer:
                     ok = outer.healthy()
                     self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", "text/plain")
                 elif path == "/api/status":
-                    body = json.dumps(outer.status(), indent=1).encode()
+                    try:
+                        page = status_page(self.path)
+                    except ValueError as exc:
+                        self._send(400, f"{exc}\n".encode(), "text/plain")
+                        return
+                    body = json.dumps(outer.status(**page), indent=1).encode()
                     self._send(200, body, "application/json")
                 else:
                     self._send(404, b"not found\n", "text/plain")
@@ -172,3 +178,19 @@ class HttpServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def status_page(url: str) -> dict[str, Any]:
+    """`/api/status?offset=&limit=&state=&wave=` -> keyword arguments of `StateDB.status`."""
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)
+    out: dict[str, Any] = {}
+    for key in ("offset", "limit"):
+        if key in query:
+            value = int(query[key][-1])
+            if value < 0:
+                raise ValueError(f"{key}: must be >= 0")
+            out[key] = value
+    for key in ("state", "wave"):
+        if key in query:
+            out[key] = query[key][-1]
+    return out

@@ -58,6 +58,7 @@ class Metrics:
         self.update_duration = Histogram("reup_update_duration_seconds", "Commit seen to device acknowledged",
                                          buckets=DURATION_BUCKETS, registry=r)
         self.reconcile_errors = Counter("reup_reconcile_errors", "Errors by reconcile stage", ["stage"], registry=r)
+        self.passes = Counter("reup_reconcile_passes", "Reconcile passes run", registry=r)
         self.last_reconcile = Gauge("reup_last_reconcile_timestamp_seconds", "End of the last reconcile pass",
                                     registry=r)
         self.rollout_wave = Gauge("reup_rollout_wave", "Index of the wave being rolled out", registry=r)
@@ -115,6 +116,7 @@ class Metrics:
             self._snapshot(event)
         elif isinstance(event, ReconcileDone):
             self.last_reconcile.set(event.at)
+            self.passes.inc()
 
     def _snapshot(self, event: DevicesSnapshot) -> None:
         counts: dict[tuple[str, str], int] = {}

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 from reup.core.errors import bounded
@@ -56,6 +57,11 @@ CREATE TABLE IF NOT EXISTS history(
   result TEXT NOT NULL, error TEXT, stream_bytes INTEGER, nar_bytes INTEGER, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS events(
   id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, device TEXT, data TEXT);
+CREATE INDEX IF NOT EXISTS history_device ON history(device, commit_id);
+CREATE INDEX IF NOT EXISTS history_at ON history(at);
+CREATE INDEX IF NOT EXISTS events_device ON events(device);
+CREATE INDEX IF NOT EXISTS events_at ON events(at);
+CREATE INDEX IF NOT EXISTS devices_active ON devices(active, name);
 """
 
 
@@ -69,6 +75,12 @@ class StateDB:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._desired: Desired | None = None  # the current revision's targets: they change only in record_revision
+        self._observed_states: dict[str, tuple[str, str | None]] | None = None  # from observed(), for set_states
+        # Rows of devices and builds as observed() last read them, valid while `_version` (bumped by every
+        # write to those tables) is unchanged: a pass reads each table once, however often it asks.
+        self._version = 0
+        self._rows: tuple[int, list[sqlite3.Row], list[sqlite3.Row]] | None = None
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(devices)")}
         for column in ("attempt_since", "attempt_at"):  # databases of the first controller version
             if column not in columns:
@@ -82,8 +94,16 @@ class StateDB:
         with self._lock:
             return self.db.execute(sql, tuple(args)).fetchall()
 
+    def _write(self, sql: str, args: Iterable[Any] = ()) -> None:
+        """A write to `devices` or `builds` (what `observed` caches)."""
+        with self._lock:
+            self._version += 1
+            self.db.execute(sql, tuple(args))
+
     def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
         with self._lock:
+            self._version += 1
+            self._observed_states = None  # every write of a state or error goes through here
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 for sql, args in statements:
@@ -134,6 +154,7 @@ class StateDB:
         marks = ",".join("?" * len(names))
         stmts.append((f"UPDATE devices SET active=0 WHERE name NOT IN ({marks})", tuple(names)))
         stmts.append(("INSERT INTO meta(key, value) VALUES('revision', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (commit,)))
+        self._desired = None
         self._tx(stmts)
 
     def complete_revision(self, commit: str, at: float) -> bool:
@@ -147,8 +168,11 @@ class StateDB:
     # --- planner inputs -------------------------------------------------------
 
     def desired(self, commit: str | None = None) -> Desired:
-        """The targets of `commit` (default: the current revision)."""
+        """The targets of `commit` (default: the current revision, read from SQLite once per revision)."""
         if commit is None:
+            cached = self._desired
+            if cached is not None and cached.commit == self.get_meta("revision"):
+                return cached
             rev = self.revision()
             if rev is None:
                 return Desired(commit=None)
@@ -160,11 +184,21 @@ class StateDB:
         targets = {
             r["device"]: Target(r["device"], commit, r["wave"], r["drv_path"], r["toplevel"], r["error"]) for r in rows
         }
-        return Desired(commit=commit, seen_at=seen_at, targets=targets)
+        desired = Desired(commit=commit, seen_at=seen_at, targets=MappingProxyType(targets))
+        if commit == self.get_meta("revision"):
+            self._desired = desired
+        return desired
 
     def observed(self, busy: Mapping[str, DeviceState], building: Iterable[str] = ()) -> Observed:
         devices = {}
-        for r in self._exec("SELECT * FROM devices WHERE active=1"):
+        states = {}
+        with self._lock:
+            if self._rows is None or self._rows[0] != self._version:
+                self._rows = (self._version, self._exec("SELECT * FROM devices WHERE active=1"),
+                              self._exec("SELECT * FROM builds"))
+            device_rows, build_rows = self._rows[1], self._rows[2]
+        for r in device_rows:
+            states[r["name"]] = (r["state"], r["last_error"])
             attempt = None
             if r["attempt_kind"]:
                 attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], AttemptKind(r["attempt_kind"]),
@@ -174,8 +208,10 @@ class StateDB:
                                                    attempt, r["acked_at"])
         builds = {
             r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
-            for r in self._exec("SELECT * FROM builds")
+            for r in build_rows
         }
+        with self._lock:
+            self._observed_states = states  # the pass's set_states compares with these, unless a write came between
         return Observed(devices=devices, builds=builds, building=frozenset(building), control=self.rollout_control())
 
     def rollout_control(self) -> RolloutControl:
@@ -192,13 +228,13 @@ class StateDB:
     # --- executor outcomes ----------------------------------------------------
 
     def record_build(self, result: BuildResult, seconds: float, at: float) -> None:
-        self._exec(
+        self._write(
             "INSERT OR REPLACE INTO builds(drv_path, commit_id, ok, toplevel, error, seconds, finished_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
             (result.drv_path, result.commit, int(result.ok), result.toplevel, result.error, seconds, at),
         )
 
     def forget_build(self, drv_path: str) -> None:
-        self._exec("DELETE FROM builds WHERE drv_path=?", (drv_path,))
+        self._write("DELETE FROM builds WHERE drv_path=?", (drv_path,))
 
     def record_ack(self, device: str, commit: str, toplevel: str, generation: int | None, at: float,
                    stream_bytes: int = 0, nar_bytes: int = 0, result: str = "committed") -> None:
@@ -236,7 +272,7 @@ class StateDB:
         return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
 
     def set_retry(self, device: str, at: float) -> None:
-        self._exec("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
+        self._write("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
 
     def device_state(self, device: str) -> str | None:
         rows = self._exec("SELECT state FROM devices WHERE name=?", (device,))
@@ -245,12 +281,16 @@ class StateDB:
     def reset_retry_timers(self) -> None:
         """On start-up every device gets one immediate attempt (quarantined revisions stay)."""
         kept = [str(k) for k in AttemptKind if k.quarantines]
-        self._exec(f"UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ({','.join('?' * len(kept))})", kept)
+        self._write(f"UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ({','.join('?' * len(kept))})", kept)
 
     def set_states(self, decisions: Iterable[Decision], at: float) -> list[tuple[str, str, str]]:
         """Persist each device's planned state; returns (device, old, new) for those that changed."""
         changed = []
-        current = {r["name"]: (r["state"], r["last_error"]) for r in self._exec("SELECT name, state, last_error FROM devices")}
+        with self._lock:
+            current = self._observed_states
+            self._observed_states = None
+        if current is None:
+            current = {r["name"]: (r["state"], r["last_error"]) for r in self._exec("SELECT name, state, last_error FROM devices")}
         stmts: list[tuple[str, tuple[Any, ...]]] = []
         for d in decisions:
             old, old_err = current.get(d.device, ("", None))
@@ -271,16 +311,6 @@ class StateDB:
 
     # --- read side --------------------------------------------------------------
 
-    def needed_toplevels(self) -> dict[str, str]:
-        """GC roots to keep: {root name: store path} for each device's target and acknowledged toplevel."""
-        out = {}
-        for r in self._exec("SELECT name, target_toplevel, acked_toplevel FROM devices WHERE active=1"):
-            if r["target_toplevel"]:
-                out[f"{r['name']}-target"] = r["target_toplevel"]
-            if r["acked_toplevel"]:
-                out[f"{r['name']}-acknowledged"] = r["acked_toplevel"]
-        return out
-
     def history(self, device: str | None = None) -> list[dict[str, Any]]:
         if device is None:
             rows = self._exec("SELECT * FROM history ORDER BY id")
@@ -297,13 +327,23 @@ class StateDB:
         rows = self._exec("SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id", (kind,) if kind else ())
         return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, offset: int = 0, limit: int | None = None, state: str | None = None,
+               wave: str | None = None) -> dict[str, Any]:
+        """The fleet's state for `reup status` and `/api/status`: a page of devices (by name; `offset`,
+        `limit`), optionally only those in `state` and/or `wave`; `total` counts the matching devices."""
         rev = self.revision()
         paused = self.get_meta("rollout_paused") == "1"
         fleet_error = None
         if rev is not None:
             rows = self._exec("SELECT fleet_error FROM revisions WHERE commit_id=?", (rev[0],))
             fleet_error = rows[0]["fleet_error"] if rows else None
+        where, args = "active=1", list[str]()
+        if state is not None:
+            where, args = where + " AND state=?", [*args, state]
+        if wave is not None:
+            where, args = where + " AND wave=?", [*args, wave]
+        page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else (
+            f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
         devices = [
             {
                 "name": r["name"],
@@ -317,8 +357,10 @@ class StateDB:
                 "last_error": r["last_error"],
                 "updated_at": r["updated_at"],
             }
-            for r in self._exec("SELECT * FROM devices WHERE active=1 ORDER BY name")
+            for r in self._exec(f"SELECT * FROM devices WHERE {where} ORDER BY name{page}", args)
         ]
+        total = len(devices) if limit is None and not offset else int(
+            self._exec(f"SELECT COUNT(*) AS n FROM devices WHERE {where}", args)[0]["n"])
         return {
             "revision": rev[0] if rev else None,
             "revision_seen_at": rev[1] if rev else None,
@@ -327,9 +369,53 @@ class StateDB:
             "rollout": _with_pause(json.loads(self.get_meta("rollout") or "null"), paused),
             "paused": paused,
             "refused": json.loads(self.get_meta("refused") or "null"),
+            "total": total,
+            "offset": offset,
             "devices": devices,
         }
 
+    # --- fleet scale: aggregates and retention ---------------------------------------
+
+    def device_rows(self) -> tuple[tuple[str, str, str, str], ...]:
+        """(name, state, wave, acknowledged generation) of each active device, by name."""
+        rows = self._exec("SELECT name, state, wave, acked_generation FROM devices WHERE active=1 ORDER BY name")
+        return tuple((r[0], r[1], r[2], str(r[3] or "")) for r in rows)
+
+    def state_counts(self) -> dict[tuple[str, str], int]:
+        """{(state, wave): devices} of the active devices, counted by SQLite (the reup_devices gauge)."""
+        rows = self._exec("SELECT state, wave, COUNT(*) AS n FROM devices WHERE active=1 GROUP BY state, wave")
+        return {(str(r["state"]), str(r["wave"])): int(r["n"]) for r in rows}
+
+    def toplevels_in_use(self) -> set[str]:
+        """Each distinct system some active device targets or acknowledged (what GC roots keep)."""
+        rows = self._exec("SELECT target_toplevel AS p FROM devices WHERE active=1 AND target_toplevel IS NOT NULL "
+                          "UNION SELECT acked_toplevel FROM devices WHERE active=1 AND acked_toplevel IS NOT NULL")
+        return {str(r["p"]) for r in rows}
+
+    def prune(self, now: float, *, keep_days: float = 30.0, keep_revisions: int = 100) -> dict[str, int]:
+        """Drop events and history older than `keep_days`, and the targets (and builds) of revisions beyond
+        the newest `keep_revisions`; the current revision and what devices acknowledged stay. Returns counts."""
+        cutoff = now - keep_days * 86400.0
+        current = self.get_meta("revision") or ""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                events = self.db.execute("DELETE FROM events WHERE at < ?", (cutoff,)).rowcount
+                history = self.db.execute("DELETE FROM history WHERE at < ?", (cutoff,)).rowcount
+                old = [r["commit_id"] for r in self.db.execute(
+                    "SELECT commit_id FROM revisions WHERE commit_id != ? ORDER BY seen_at DESC LIMIT -1 OFFSET ?",
+                    (current, max(0, keep_revisions - 1)))]
+                targets = 0
+                for commit in old:
+                    targets += self.db.execute("DELETE FROM targets WHERE commit_id=?", (commit,)).rowcount
+                    self.db.execute("DELETE FROM builds WHERE commit_id=? AND drv_path NOT IN "
+                                    "(SELECT drv_path FROM targets WHERE drv_path IS NOT NULL)", (commit,))
+                    self.db.execute("DELETE FROM revisions WHERE commit_id=?", (commit,))
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+        return {"events": events, "history": history, "revisions": len(old), "targets": targets}
 
     # --- the fleet page (loop/web.py) -------------------------------------------
 
@@ -344,6 +430,7 @@ class StateDB:
         rows = self._exec("SELECT * FROM (SELECT * FROM events WHERE device=? ORDER BY id DESC LIMIT ?) ORDER BY id",
                           (device, limit))
         return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
+
 
 
 def _with_pause(rollout: dict[str, Any] | None, paused: bool) -> dict[str, Any] | None:

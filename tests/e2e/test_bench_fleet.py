@@ -1,0 +1,28 @@
+"""The fleet-scale benchmark, reduced (bench/fleet.py, `make bench-fleet`): a real `reup run` against 40
+devices of one fakefleet process, fresh state then an update commit, in both fleet shapes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench import fleet
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["shared", "unique"])
+def test_bench_fleet_reduced(tmp_path: os.PathLike[str], shape: str) -> None:
+    n = 40
+    r = fleet.run_size(os.path.join(tmp_path, shape), n, shape, timeout=240, max_connections=8)
+    fresh, update = r["phases"]
+    for p in (fresh, update):
+        assert p.seconds_settled is not None, p
+        assert p.extra["acks"] == n and p.pushes == n and p.rollbacks == 0 and p.timed_out == 0, p
+        assert p.seconds_first is not None and p.seconds_last is not None and p.seconds_first <= p.seconds_last
+        assert p.passes >= 1 and p.cpu > 0
+        # Shared configurations: one encode per configuration; unique systems: one per device.
+        assert p.encodes == (3 if shape == "shared" else n), p
+    assert 0 < r["sqlite_mib"] < 10 and r["series"] > 20
+    text = fleet.table([r])
+    assert f"| {shape} | {n} | fresh |" in text and f"| {shape} | {n} | update |" in text
