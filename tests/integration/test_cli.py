@@ -73,6 +73,20 @@ def test_operator_errors_are_one_line_and_exit_2(tmp_path: str, args: tuple[str,
     assert r.returncode in (1, 2), r  # `run --once` ends with the fleet not in sync: 1
 
 
+def test_a_missing_branch_is_named(tmp_path: str) -> None:
+    repo = os.path.join(str(tmp_path), "fleet")
+    demofleet.init_repo(repo)
+    demofleet.commit(repo, "one", configs={"alpha": "1"}, fleet="")
+    cfg = config(str(tmp_path))
+    with open(cfg, encoding="utf-8") as f:
+        text = f.read().replace('url = "fleet"\n', 'url = "fleet"\nbranch = "prod"\n')
+    with open(cfg, "w", encoding="utf-8") as f:
+        f.write(text)
+    r = reup("run", "--once", "--config", cfg)
+    no_traceback(r)
+    assert "no branch 'prod' in " in r.stderr, r.stderr
+
+
 def test_init_into_an_unwritable_place_is_one_line(tmp_path: str) -> None:
     r = reup("init", "/proc/reup-fleet")
     no_traceback(r)

@@ -129,15 +129,16 @@ def render_table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, strea
 
     stream = stream or sys.stdout
     tty = is_terminal(stream)
+    styled = tty and "NO_COLOR" not in os.environ
     width = shutil.get_terminal_size((100, 24)).columns if tty else 100_000
-    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold" if tty else "")
+    table = Table(box=None, show_edge=False, pad_edge=False, header_style="bold" if styled else "")
     for i, h in enumerate(headers):
         last = i == len(headers) - 1
         table.add_column(h, no_wrap=not (last and wrap_last and tty), overflow="fold" if last else "ellipsis")
     for row in rows:
         table.add_row(*row)
     buf = io.StringIO()
-    console = Console(file=buf, width=width, force_terminal=tty, no_color=not tty or "NO_COLOR" in os.environ,
+    console = Console(file=buf, width=width, force_terminal=styled, no_color=not styled,
                       highlight=False, soft_wrap=False)
     console.print(table)
     return "\n".join(line.rstrip() for line in buf.getvalue().splitlines())

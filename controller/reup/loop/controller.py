@@ -333,8 +333,9 @@ class Controller:
         self.bus.emit(ReconcileDone(self.clock(), desired.commit, plan.settled() and not self.tasks))
         return plan
 
-    def status_with_transfers(self) -> dict[str, Any]:
-        return {**self.store.status(), "transfers": transfer_status(self.transfers, self.waiting)}
+    def status_with_transfers(self, **page: Any) -> dict[str, Any]:
+        """`/api/status` (`page`: offset, limit, state, wave) with the transfers in flight or waiting."""
+        return {**self.store.status(**page), "transfers": transfer_status(self.transfers, self.waiting)}
 
     def _rollout_changed(self, plan: Plan, now: float) -> None:
         r = plan.rollout
