@@ -21,8 +21,8 @@ import time
 import urllib.request
 from typing import TextIO
 
-from reup.cli.progress import human_size
 from reup.cli.status import format_status
+from reup.core.preview import human as human_size
 from reup.io.template import git, init_fleet_repo
 from reup.loop.controller import Controller
 from reup.loop.events import (

@@ -1,8 +1,7 @@
 """Progress display for long work: one redrawn line on a terminal, sized to it; plain logs otherwise.
 
 Subscribed to the event bus by `reup run` (cli/run.py) when stderr is a terminal; without a terminal
-the log subscriber (loop/events.py) already writes one line per event. `human_size` is shared with
-the demo.
+the log subscriber (loop/events.py) already writes one line per event. Sizes read as `core.preview.human` writes them.
 """
 
 from __future__ import annotations
@@ -11,6 +10,7 @@ import shutil
 import sys
 from typing import TextIO
 
+from reup.core.preview import human as human_size
 from reup.loop.events import DevicesSnapshot, Event, TransferFinished
 
 
@@ -40,12 +40,3 @@ class TerminalProgress:
             if done == total:
                 self.stream.write("\n")
             self.stream.flush()
-
-
-def human_size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
