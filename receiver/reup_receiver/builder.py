@@ -26,7 +26,7 @@ from reup_receiver.errors import (
     UnsafeWrite,
     Unsupported,
 )
-from reup_receiver.format.literal import MAX_WINDOW, LiteralStream, Sink, zstd_feed
+from reup_receiver.format.literal import MAX_WINDOW, LiteralStream, MemorySink, Sink, zstd_feed
 from reup_receiver.format.model import (
     F_EXECUTABLE,
     F_REWRITE,
@@ -251,20 +251,11 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
     return result
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
-
-
 def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:
     """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
     if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.SOLID):
         raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
-    sink = _Collect()
+    sink = MemorySink()
     apply_patch(Codec(inner), old, patch, sink, size)
     return sink.out
 

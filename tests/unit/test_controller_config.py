@@ -189,3 +189,8 @@ def test_confirm_timeout_within_the_receivers_range(value: str) -> None:
     text = f'[rollout]\nconfirm_timeout = {value}\n[devices.dev-1]\nhost = "10.0.0.1"\nhost_key = "{KEY} root@dev"\n'
     with pytest.raises(ConfigError, match="confirm_timeout"):
         parse_fleet(text)
+
+
+def test_webhook_secret_and_its_file_are_exclusive(tmp_path: object) -> None:
+    with pytest.raises(ConfigError, match="http: webhook_secret and webhook_secret_file are exclusive"):
+        parse_config('[source]\nurl = "x"\n[http]\nwebhook_secret = "s"\nwebhook_secret_file = "f"\n')

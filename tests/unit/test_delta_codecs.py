@@ -15,24 +15,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta.codecs import candidates, diff_job, make_patch
 from reup_receiver.builder import apply_patch
+from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.rewrite import rewrite_bytes
 
 ALPHABET = b"0123456789abcdfghijklmnpqrsvwxyz"
 
 
-class Buf:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
-
-
 def applied(codec: Codec, old: bytes, patch: bytes, size: int) -> bytes:
     """The patch applied as the receiver does, with the output size the stream's entry declares."""
-    sink = Buf()
+    sink = MemorySink()
     apply_patch(codec, old, patch, sink, size)
     return bytes(sink.out)
 

@@ -17,21 +17,13 @@ from reup.delta.codecs import candidates, elf_patch
 from reup_receiver.builder import apply_patch
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfx86
+from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import Codec
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
 
 
 def applied(old: bytes, patch: bytes, size: int | None = None) -> bytes:
     """As the receiver applies it, with the output size the stream's entry declares."""
-    sink = Sink()
+    sink = MemorySink()
     apply_patch(Codec.ELF_X86, old, patch, sink, size)
     return bytes(sink.out)
 
@@ -149,7 +141,7 @@ def test_apply_memory_is_bounded(elves: tuple[bytes, bytes], tmp_path: Path) -> 
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        sink = Sink()
+        sink = MemorySink()
         apply_patch(Codec.ELF_X86, old, patch, sink, len(new))
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:

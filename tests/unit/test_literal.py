@@ -11,16 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta.literal import LiteralEncoder
 from reup_receiver.errors import Corrupt, Unsupported
-from reup_receiver.format.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, LiteralStream
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
+from reup_receiver.format.literal import LITERAL_LZMA_X86, LITERAL_ZSTD, LiteralStream, MemorySink
 
 
 def contents(rnd: random.Random, n: int) -> list[bytes]:
@@ -51,7 +42,7 @@ def round_trip(tmp: str, files: list[bytes]) -> tuple[int, int]:
     for path, data in zip(paths, files, strict=True):
         chunk = enc.data(path)
         wire += len(chunk)
-        sink = Sink()
+        sink = MemorySink()
         for off in range(0, len(chunk), 4096):
             dec.feed(sink, chunk[off : off + 4096])
         dec.complete(sink, len(data), len(chunk))
@@ -86,8 +77,8 @@ def test_group_with_extra_data_is_rejected(tmp_path: os.PathLike[str]) -> None:
     enc.plan([(os.fsencode(p), 300_000)])
     chunk = enc.data(os.fsencode(p))
     dec = LiteralStream(enc.codec)
-    dec.feed(Sink(), chunk)
-    dec.complete(Sink(), 299_999, len(chunk))  # one byte short of the group
+    dec.feed(MemorySink(), chunk)
+    dec.complete(MemorySink(), 299_999, len(chunk))  # one byte short of the group
     with pytest.raises(Corrupt):
         dec.finish()
 

@@ -10,15 +10,7 @@ import pyzstd
 from reup.delta import solid as enc
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import solid
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.out = bytearray()
-
-    def write(self, data: bytes) -> int:
-        self.out += data
-        return len(data)
+from reup_receiver.format.literal import MemorySink
 
 
 def _module(rnd: random.Random, n: int) -> bytes:
@@ -37,7 +29,7 @@ def _decode(prefix: bytes, parts: list[bytes]) -> list[bytes]:
     frame = solid.SolidFrame(prefix)
     out = []
     for part in parts:
-        sink = Sink()
+        sink = MemorySink()
         frame.feed(sink, part)
         out.append(bytes(sink.out))
     return out

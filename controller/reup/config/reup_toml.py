@@ -242,8 +242,7 @@ def _read(path: str) -> str:
 
 
 def _secret(value: str | None, path: str | None) -> str | None:
-    if value and path:
-        raise ConfigError("http: webhook_secret and webhook_secret_file are exclusive")
+    """The webhook secret from reup.toml or its file (HttpConfig refuses both at once)."""
     if path:
         try:
             with open(path, encoding="utf-8") as fh:

@@ -128,6 +128,17 @@ def classify_exit(exit_status: int | None, stderr: str) -> Exception:
     return PermanentError(message)
 
 
+def receive_refused(exit_status: int | None, stderr: str, held: Sequence[str]) -> Exception:
+    """A failed `receive`: its exit code's error, or a BrokenBaseError when a corrupt or mismatching
+    result names a base the device holds (the encoder then avoids it)."""
+    err = classify_exit(exit_status, stderr)
+    if exit_status in BLAMES_BASE:
+        blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
+        if blamed:
+            return BrokenBaseError(str(err), blamed[0])
+    return err
+
+
 def ordered_bases(status: StatusAnswer, have_path: Callable[[str], bool]) -> tuple[str, ...]:
     """The delta base: what the device holds and the controller still has, its current and newest
     generations first (the encoder pairs against those first)."""
@@ -388,12 +399,7 @@ class SshPusher:
             raise UnreachableError(f"transfer interrupted: {exc}") from exc
         stderr = err_bytes.decode("utf-8", "replace")
         if exit_status != 0:
-            err = classify_exit(exit_status, stderr)
-            if exit_status in BLAMES_BASE:  # corrupt or mismatching, but blaming a base the device holds
-                blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
-                if blamed:
-                    raise BrokenBaseError(str(err), blamed[0])
-            raise err
+            raise receive_refused(exit_status, stderr, held)
         return _answer(dev.name if dev else "device", parse_receive, out.decode("utf-8", "replace")), entry
 
     # --- byte-level resume, rates and windows (transfer.py) ---
@@ -439,12 +445,7 @@ class SshPusher:
             raise UnreachableError(f"transfer interrupted at byte {progress.position}: {exc}") from exc
         stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
         if res.exit_status != 0:
-            err = classify_exit(res.exit_status, stderr)
-            if res.exit_status in BLAMES_BASE:
-                blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
-                if blamed:
-                    raise BrokenBaseError(str(err), blamed[0])
-            raise err
+            raise receive_refused(res.exit_status, stderr, held)
         if isinstance(res.stdout, bytes) and res.stdout and not answer:
             answer = res.stdout.splitlines()[-1]
         return _answer(dev, parse_receive, answer.decode("utf-8", "replace")), entry

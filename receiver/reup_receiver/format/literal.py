@@ -44,6 +44,17 @@ class Sink(Protocol):
     def write(self, data: bytes) -> int: ...
 
 
+class MemorySink:
+    """A Sink into memory: for outputs the caller already bounded (an inner patch), and tests."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> int:
+        self.out += data
+        return len(data)
+
+
 def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> None:
     """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
     so this bounds each step's output (and memory) to about 3 MiB."""
