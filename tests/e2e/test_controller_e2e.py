@@ -16,14 +16,13 @@ from reup_lab import demofleet
 from support.sshd import (
     Lab,
     api_status,
-    controller_log,
+    controller_session,
     metric,
     nix_verify,
     parse_metrics,
     post,
     reup_bin,
     run_once,
-    start_controller,
     states,
     store_history,
     store_status,
@@ -55,10 +54,9 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
     lab = Lab(str(tmp_path), ["d1", "d2", "d3", "d4"], poll_interval=10,
               device_configs={"d1": "d1", "d2": "d2", "d3": "shared", "d4": "shared"})
     lab.start()
-    proc = None
-    try:
+    with controller_session(lab) as ctl:
         c1 = lab.commit("first", {"d1": "1", "d2": "1", "shared": "1"})
-        proc = start_controller(lab)
+        ctl.start()
 
         # 1. First commit: every device installs from scratch and reaches in_sync; nix store verify passes.
         st1 = wait_for(lambda: converged(lab, c1), 120, "first rollout")
@@ -177,21 +175,12 @@ def test_rollout_changes_metrics_revert_and_eval_error(tmp_path: os.PathLike[str
         # One root per distinct system (d2's unbuilt target has none); nothing else is kept.
         wait_for(lambda: gc_roots(lab.state_dir) == {d["acknowledged"] for d in final.values()}, 5, "GC roots")
         assert by_name["d2"]["acknowledged"] in gc_roots(lab.state_dir)
-    except BaseException:
-        print(controller_log(lab))
-        raise
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
-        lab.stop()
 
 
 def test_unreachable_device_and_kill_9_restart(tmp_path: os.PathLike[str]) -> None:
     lab = Lab(str(tmp_path), ["d1", "d2", "d3", "d4"])
     lab.start()
-    proc = None
-    try:
+    with controller_session(lab) as ctl:
         # 1. One device's sshd is down: the others converge, it shows unreachable, `run --once` exits 1.
         c1 = lab.commit("first", {"d1": "1", "d2": "1", "d3": "1", "d4": "1"})
         lab.devices["d4"].stop()
@@ -213,16 +202,14 @@ def test_unreachable_device_and_kill_9_restart(tmp_path: os.PathLike[str]) -> No
         # 2. kill -9 mid-rollout (d4 activates slowly), restart: it completes without re-sending to
         #    devices that acknowledged.
         c2 = lab.commit("all to 2", {"d1": "2", "d2": "2", "d3": "2", "d4": "2!slow"})
-        proc = start_controller(lab)
+        ctl.start()
 
         def mid_rollout() -> bool:
             pushed = pushes_at(lab, c2)
             return sorted(pushed) == ["d1", "d2", "d3"] and lab.activations("d4")[-1:] == ["switch d4 2"]
 
         wait_for(mid_rollout, 60, "d1-d3 acknowledged while d4 activates")
-        proc.kill()
-        proc.wait()
-        proc = None
+        ctl.kill()
         assert "d4" not in pushes_at(lab, c2)
         r = run_once(lab)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -261,14 +248,6 @@ def test_unreachable_device_and_kill_9_restart(tmp_path: os.PathLike[str]) -> No
         assert r.returncode == 0, r.stderr[-3000:]
         assert "re-encoding without " + d1_current in r.stderr
         assert lab.activations("d1")[-1] == "switch d1 3"
-    except BaseException:
-        print(controller_log(lab))
-        raise
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        lab.stop()
 
 
 def gc_roots(state_dir: str) -> set[str]:

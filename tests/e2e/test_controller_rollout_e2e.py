@@ -18,12 +18,11 @@ from reup_lab import demofleet
 from support.sshd import (
     Lab,
     api_status,
-    controller_log,
+    controller_session,
     metric,
     parse_metrics,
     reup_bin,
     run_once,
-    start_controller,
     states,
     store_history,
     store_status,
@@ -151,8 +150,7 @@ def test_failing_activation_halts_then_revert_and_offline_device(tmp_path: os.Pa
 def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.PathLike[str]) -> None:
     lab = Lab(str(tmp_path), ["d1", "d2"])
     lab.start()
-    proc = None
-    try:
+    with controller_session(lab) as ctl:
         check = 'test \\"$(cat \\"$REUP_ROOT$REUP_TOPLEVEL/version\\")\\" != 2'
         text = fleet(lab, f'confirm_timeout = 6\nhealth_check = "{check}"')
         with open(lab.config_path, encoding="utf-8") as f:
@@ -160,7 +158,7 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         with open(lab.config_path, "w", encoding="utf-8") as f:  # probe a device that is back within seconds
             f.write(config.replace("retry_max = 30", "retry_max = 2"))
         lab.commit("first", {"d1": "1", "d2": "1"}, fleet=text)
-        proc = start_controller(lab)
+        ctl.start()
         st1 = wait_for(lambda: (s := api_status(lab)) and states(s) == {"d1": "in_sync", "d2": "in_sync"} and s,
                        60, "first rollout")
         acked = {d["name"]: d["acknowledged"] for d in st1["devices"]}
@@ -223,14 +221,6 @@ def test_health_check_and_lost_network_roll_back_on_the_device(tmp_path: os.Path
         assert sorted(results) == ["rolled_back", "rolled_back", "timed_out"]  # quarantined: each tried once
         assert lab.activations("d2") == ["switch d2 1", "switch d2 3", "switch d2 1"]
         assert states(api_status(lab)) == {"d1": "in_sync", "d2": "rolled_back"}
-    except BaseException:
-        print(controller_log(lab))
-        raise
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
-        lab.stop()
 
 
 def _pending_generation(lab: Lab, name: str) -> int | None:
@@ -248,10 +238,10 @@ def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.Pat
         config = f.read()
     with open(lab.config_path, "w", encoding="utf-8") as f:  # probe a device that is back within seconds
         f.write(config.replace("retry_max = 30", "retry_max = 2"))
-    dev, proc = lab.devices["d1"], None
-    try:
+    dev = lab.devices["d1"]
+    with controller_session(lab) as ctl:
         lab.commit("first", {"d1": "1"}, fleet=fleet(lab, "confirm_timeout = 20"))
-        proc = start_controller(lab)
+        ctl.start()
         wait_for(lambda: states(api_status(lab)) == {"d1": "in_sync"}, 60, "first rollout")
 
         # 1. The controller is killed (-9) while generation 2 awaits confirmation and cannot be confirmed
@@ -260,11 +250,10 @@ def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.Pat
         wait_for(lambda: lab.activations("d1")[-1:] == ["switch d1 2"], 30, "d1 activating 2")
         dev.stop()
         gen2 = wait_for(lambda: _pending_generation(lab, "d1"), 15, "generation 2 pending")
-        proc.kill()
-        proc.wait(timeout=10)
+        ctl.kill()
         assert _pending_generation(lab, "d1") == gen2 and states(store_status(lab)) != {"d1": "in_sync"}
         dev.start()
-        proc = start_controller(lab)
+        ctl.start()
         st = wait_for(lambda: (s := api_status(lab)) and states(s) == {"d1": "in_sync"} and s, 30, "confirmed")
         assert st["revision"] == c2 and st["devices"][0]["generation"] == gen2
         assert _pending_generation(lab, "d1") is None
@@ -301,14 +290,6 @@ def test_restart_confirms_pending_and_late_confirmation_commits(tmp_path: os.Pat
         assert metric(m, "reup_device_updates_total", result="committed") == 2  # c2 (adopted), c3
         assert metric(m, "reup_device_updates_total", result="rolled_back") == 0
         assert not api_status(lab)["rollout"]["halted"]
-    except BaseException:
-        print(controller_log(lab))
-        raise
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=10)
-        lab.stop()
 
 
 def _signed_commit(lab: Lab, message: str, version: str, key: str | None) -> str:

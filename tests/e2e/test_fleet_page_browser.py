@@ -26,10 +26,9 @@ from reup_lab import demofleet
 from support.browser import browser, have_browser, seed_fleet
 from support.sshd import (
     Lab,
-    controller_log,
+    controller_session,
     free_port,
     run_once,
-    start_controller,
     states,
     store_status,
     wait_for,
@@ -67,14 +66,13 @@ def row_states(page: Any) -> dict[str, str]:
 def test_rollout_live_in_the_browser(tmp_path: os.PathLike[str]) -> None:
     lab = Lab(str(tmp_path), list(WAVES), poll_interval=30)
     lab.start()
-    proc = None
-    try:
+    with controller_session(lab) as ctl:
         policy = 'waves = ["canary", "rest"]\nbake_time = 3\nconfirm_timeout = 20\nfailure_threshold = 0.5'
         text = fleet(lab, policy)
         lab.commit("all at 1", dict.fromkeys(WAVES, "1"), fleet=text)
         r = run_once(lab)
         assert r.returncode == 0, r.stderr[-3000:]
-        proc = start_controller(lab)
+        ctl.start()
         url = f"http://127.0.0.1:{lab.http_port}/"
         with browser() as b:
             page = b.new_page(viewport={"width": 1280, "height": 800})
@@ -139,14 +137,6 @@ def test_rollout_live_in_the_browser(tmp_path: os.PathLike[str]) -> None:
             page.keyboard.press("Escape")
             assert not page.is_visible("#detail")
             assert page.evaluate("window.__loadedOnce") is True
-    except BaseException:
-        print(controller_log(lab))
-        raise
-    finally:
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-        lab.stop()
 
 
 def get(url: str, auth: str | None = None) -> tuple[int, bytes, Any]:

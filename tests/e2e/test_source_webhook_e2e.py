@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from reup_lab.simdevice import generate_key
 from support.gitservers import HttpsGitServer, SshGitServer, run_git
-from support.sshd import Lab, api_status, controller_log, post, start_controller, states, wait_for
+from support.sshd import Lab, api_status, controller_session, post, states, wait_for
 
 TOKEN = "github_pat_e2e_0123456789"
 
@@ -47,8 +47,7 @@ def point_source_at(lab: Lab, url: str, creds: str) -> None:
 def rollout_through_webhook(lab: Lab, publish: Callable[[], object]) -> None:
     c1 = lab.commit("first", {"d1": "1"})
     publish()
-    proc = start_controller(lab)
-    try:
+    with controller_session(lab, start=True, stop_lab=False):
         wait_for(lambda: api_status(lab)["revision"] == c1 and states(api_status(lab)) == {"d1": "in_sync"},
                  120, "first commit on d1")
         c2 = lab.commit("second", {"d1": "2"})
@@ -57,12 +56,6 @@ def rollout_through_webhook(lab: Lab, publish: Callable[[], object]) -> None:
         wait_for(lambda: api_status(lab)["revision"] == c2 and states(api_status(lab)) == {"d1": "in_sync"},
                  60, "webhook-triggered update of d1")
         assert [line.split()[-1] for line in lab.activations("d1")][-1] == "2"
-    except BaseException:
-        print(controller_log(lab))
-        raise
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_ssh_deploy_key_webhook_to_device(tmp_path: os.PathLike[str]) -> None:

@@ -8,13 +8,14 @@ with `reup demo`; this module adds what tests need around it: running
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from reup.loop.state import StateDB
@@ -42,6 +43,52 @@ def start_controller(lab: Lab) -> subprocess.Popen[bytes]:
     wait_for(lambda: _http_up(lab) or proc.poll() is not None, 30, "controller HTTP up")
     assert proc.poll() is None, controller_log(lab)
     return proc
+
+
+class Controller:
+    """The lab's `reup run` process, which a test may start, kill -9 and restart."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.proc = start_controller(self.lab)
+        return self.proc
+
+    def kill(self) -> None:
+        """kill -9, as a crash or an OOM killer would."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.proc = None
+
+
+@contextlib.contextmanager
+def controller_session(lab: Lab, *, start: bool = False, stop_lab: bool = True) -> Iterator[Controller]:
+    """Runs a test's body around the lab's controller: on failure the controller's log is printed;
+    in any case the controller is stopped and (unless `stop_lab` is false) the lab too."""
+    ctl = Controller(lab)
+    try:
+        if start:
+            ctl.start()
+        yield ctl
+    except BaseException:
+        print(controller_log(lab))
+        raise
+    finally:
+        ctl.stop()
+        if stop_lab:
+            lab.stop()
 
 
 def controller_log(lab: Lab) -> str:
