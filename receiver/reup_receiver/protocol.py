@@ -149,6 +149,9 @@ def confirm_command(generation: int, check: str | None = None) -> str:
 
 
 STATUS_COMMAND = "status"
+# In status `codecs`: the receiver reads stream version 2 (compact manifest, short ids,
+# format/manifest2.py). The controller sends version 1 to a receiver that does not list it.
+STREAM_V2 = "stream_v2"
 
 
 def resume_args(stream_id: str, offset: int = 0, prefix_sha256: str | None = None) -> str:

@@ -31,6 +31,7 @@ from reup_receiver.errors import (
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.literal import LiteralStream
 from reup_receiver.format.manifest import decode_manifest
+from reup_receiver.format.manifest2 import decode_manifest_v2, names_block
 from reup_receiver.format.model import Manifest
 from reup_receiver.format.nar import nar_hash_tree
 from reup_receiver.format.wire import (
@@ -122,7 +123,16 @@ def _read_manifest(reader: RecordReader, device: Device) -> Manifest:
     tag, payload = reader.next()
     if tag != T_MANIFEST:
         raise Corrupt("stream does not start with a manifest")
-    m = decode_manifest(payload)
+    if reader.version >= 2:
+        def holdings() -> list[bytes]:
+            return [os.fsencode(os.path.basename(p)) for p in device.valid_paths()]
+
+        m = decode_manifest_v2(payload, holdings)
+        # The full names the short ids resolved to are part of the digest: a stream meant
+        # for other paths never gets past its trailer (manifest2.py).
+        reader.digest.update(names_block(m))
+    else:
+        m = decode_manifest(payload)
     if m.stream_bytes < reader.bytes_read:
         raise Corrupt("manifest declares a stream shorter than its own header")
     reader.limit = m.stream_bytes
@@ -162,7 +172,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
             raise Corrupt(f"stream carries path #{index} the manifest does not expect")
         entry = m.paths[index]
         builder = PathBuilder(device.work, entry.name, resolve, rewrites, literal, entry.nar_size)
-        entries = EntryCoder(table, m.store_dir)
+        entries = EntryCoder(table, m.store_dir, reader.version)
         try:
             while True:
                 tag, payload = reader.next()
@@ -178,6 +188,11 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
         finally:
             builder.close()
         if nar_hash != entry.nar_hash or nar_size != entry.nar_size:
+            if reader.version >= 2 and builder.mirror_source is not None:
+                # Mirrored copies carry no file hash in version 2: blame the base, as a file
+                # mismatch inside a mirror does, so the controller re-encodes without it.
+                label = resolve(builder.mirror_source, b"")[1]
+                raise MissingBase(f"base path differs (NAR hash of its mirror): {label}", label)
             raise HashMismatch(f"NAR hash mismatch: {device.store_path(os.fsdecode(entry.name))}")
         _stage_done(device, _record(m, index, device, table))
         built.add(index)

@@ -68,8 +68,9 @@ class EntryCoder:
     entry, and symlinks into the store name their target by table index.
     """
 
-    def __init__(self, table: Sequence[bytes] = (), store_dir: bytes = b"/nix/store") -> None:
+    def __init__(self, table: Sequence[bytes] = (), store_dir: bytes = b"/nix/store", version: int = 1) -> None:
         self.table = table
+        self.version = version  # 2: a MIRROR has no relpath, its COPY specs come as runs without hashes
         self.store_prefix = store_dir + b"/"
         self.index = {name: i for i, name in enumerate(table)}
         self.prev = b""
@@ -94,6 +95,9 @@ class EntryCoder:
     def encode(self, e: Entry) -> bytes:
         store_target = self._store_target(e.target) if e.kind == KIND_SYMLINK else None
         out = bytearray([KIND_STORE_SYMLINK if store_target else e.kind])
+        if e.kind == KIND_MIRROR and self.version >= 2:
+            self._put_mirror_v2(out, e)
+            return bytes(out)
         self._put_relpath(out, e.relpath)
         if store_target:
             put_varint(out, store_target[0])
@@ -112,15 +116,7 @@ class EntryCoder:
                 prev = rel
             put_varint(out, len(e.mirror))
             for f in e.mirror:
-                out.append(int(f.method))
-                assert len(f.sha256) == FILE_HASH_LEN
-                out += f.sha256
-                if f.method == Method.PATCH:
-                    assert f.codec is not None
-                    out.append(int(f.codec))
-                if f.method in (Method.PATCH, Method.LITERAL):
-                    put_varint(out, f.size)
-                    put_varint(out, f.data_len)
+                _put_spec(out, f)
         elif e.kind == KIND_SYMLINK:
             put_bytes(out, e.target)
         elif e.kind == KIND_FILE:
@@ -142,9 +138,31 @@ class EntryCoder:
                 put_varint(out, e.data_len)
         return bytes(out)
 
+    def _put_mirror_v2(self, out: bytearray, e: Entry) -> None:
+        put_varint(out, e.source)
+        out.append(e.flags)
+        put_varint(out, len(e.skip))
+        prev = b""
+        for rel in e.skip:
+            _put_shared(out, prev, rel)
+            prev = rel
+        put_varint(out, len(e.mirror))
+        run = 0
+        for f in e.mirror:  # a run of COPYs, then one other spec; the path's NAR hash checks copies
+            if f.method == Method.COPY:
+                run += 1
+                continue
+            put_varint(out, run)
+            run = 0
+            _put_spec(out, f)
+        if run:
+            put_varint(out, run)
+
     def decode(self, payload: bytes) -> Entry:
         buf = Buf(payload, "entry")
         kind = buf.u8()
+        if kind == KIND_MIRROR and self.version >= 2:
+            return self._decode_mirror(buf, b"")
         relpath = self._get_relpath(buf)
         if kind == KIND_DIR:
             buf.end()
@@ -216,20 +234,55 @@ class EntryCoder:
             prev = _get_shared(buf, prev)
             split_relpath(prev, "mirror skip")
             skip.append(prev)
-        files = []
-        for _ in range(buf.varint()):
-            method = _get_enum(buf, Method, "file method")
-            sha = buf.raw(FILE_HASH_LEN)
-            codec, size, data_len = None, 0, 0
-            if method == Method.PATCH:
-                codec = _get_enum(buf, Codec, "patch codec")
-            if method in (Method.PATCH, Method.LITERAL):
-                size = buf.varint()
-                data_len = buf.varint()
-            files.append(MirrorFile(method, sha, size, codec, data_len))
+        files: list[MirrorFile] = []
+        n = buf.varint()
+        if n > MAX_MIRROR_FILES:  # runs cost a byte for any number of files: bound them here
+            raise Corrupt(f"entry: mirror of {n} files (limit {MAX_MIRROR_FILES})")
+        if self.version < 2:
+            files = [_get_spec(buf) for _ in range(n)]
+        while len(files) < n:
+            run = buf.varint()
+            if run > n - len(files):
+                raise Corrupt("entry: mirror run longer than its file count")
+            if run:
+                files += [UNCHECKED_COPY] * run
+            if len(files) < n:
+                spec = _get_spec(buf)
+                if spec.method == Method.COPY:
+                    raise Corrupt("entry: a mirrored COPY outside a run")
+                files.append(spec)
         buf.end()
         return Entry(KIND_MIRROR, b"", flags=flags, source=source, mirror=tuple(files),
                      skip=tuple(skip))
+
+
+MAX_MIRROR_FILES = 1 << 20  # regular files of one mirrored store path
+# A mirrored COPY of a version-2 stream: no per-file hash (the path's NAR hash checks it).
+UNCHECKED_COPY = MirrorFile(Method.COPY, b"")
+
+
+def _put_spec(out: bytearray, f: MirrorFile) -> None:
+    out.append(int(f.method))
+    assert len(f.sha256) == FILE_HASH_LEN
+    out += f.sha256
+    if f.method == Method.PATCH:
+        assert f.codec is not None
+        out.append(int(f.codec))
+    if f.method in (Method.PATCH, Method.LITERAL):
+        put_varint(out, f.size)
+        put_varint(out, f.data_len)
+
+
+def _get_spec(buf: Buf) -> MirrorFile:
+    method = _get_enum(buf, Method, "file method")
+    sha = buf.raw(FILE_HASH_LEN)
+    codec, size, data_len = None, 0, 0
+    if method == Method.PATCH:
+        codec = _get_enum(buf, Codec, "patch codec")
+    if method in (Method.PATCH, Method.LITERAL):
+        size = buf.varint()
+        data_len = buf.varint()
+    return MirrorFile(method, sha, size, codec, data_len)
 
 
 def encode_entry(e: Entry) -> bytes:
