@@ -24,8 +24,8 @@ from reup.delta.stats import DeltaStats
 from reup_lab.nixenv import nix_env
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.manifest import decode_manifest
-from reup_receiver.format.model import PATCH_CODECS, Codec, Method
 from reup_receiver.format.manifest2 import decode_manifest_v2
+from reup_receiver.format.model import PATCH_CODECS, Codec, Method
 from reup_receiver.format.wire import T_ENTRY, T_MANIFEST, T_PATH, T_TRAILER, RecordReader
 from reup_receiver.protocol import STREAM_V2
 from support.receiverkit import (

@@ -70,7 +70,7 @@ class EntryCoder:
 
     def __init__(self, table: Sequence[bytes] = (), store_dir: bytes = b"/nix/store", version: int = 1) -> None:
         self.table = table
-        self.version = version  # 2: a MIRROR has no relpath, its COPY specs come as runs without hashes
+        self.version = version  # 2: a MIRROR has no relpath, its specs no hashes, its COPYs come as runs
         self.store_prefix = store_dir + b"/"
         self.index = {name: i for i, name in enumerate(table)}
         self.prev = b""
@@ -148,13 +148,13 @@ class EntryCoder:
             prev = rel
         put_varint(out, len(e.mirror))
         run = 0
-        for f in e.mirror:  # a run of COPYs, then one other spec; the path's NAR hash checks copies
+        for f in e.mirror:  # a run of COPYs, then one other spec; the path's NAR hash checks them all
             if f.method == Method.COPY:
                 run += 1
                 continue
             put_varint(out, run)
             run = 0
-            _put_spec(out, f)
+            _put_spec(out, f, with_hash=False)
         if run:
             put_varint(out, run)
 
@@ -247,7 +247,7 @@ class EntryCoder:
             if run:
                 files += [UNCHECKED_COPY] * run
             if len(files) < n:
-                spec = _get_spec(buf)
+                spec = _get_spec(buf, with_hash=False)
                 if spec.method == Method.COPY:
                     raise Corrupt("entry: a mirrored COPY outside a run")
                 files.append(spec)
@@ -257,14 +257,16 @@ class EntryCoder:
 
 
 MAX_MIRROR_FILES = 1 << 20  # regular files of one mirrored store path
-# A mirrored COPY of a version-2 stream: no per-file hash (the path's NAR hash checks it).
+# A mirrored COPY of a version-2 stream. Version-2 mirror specs carry no per-file hash: the
+# path's NAR hash checks them, and a mismatch blames the mirror's source (receive.py).
 UNCHECKED_COPY = MirrorFile(Method.COPY, b"")
 
 
-def _put_spec(out: bytearray, f: MirrorFile) -> None:
+def _put_spec(out: bytearray, f: MirrorFile, with_hash: bool = True) -> None:
     out.append(int(f.method))
-    assert len(f.sha256) == FILE_HASH_LEN
-    out += f.sha256
+    if with_hash:
+        assert len(f.sha256) == FILE_HASH_LEN
+        out += f.sha256
     if f.method == Method.PATCH:
         assert f.codec is not None
         out.append(int(f.codec))
@@ -273,9 +275,9 @@ def _put_spec(out: bytearray, f: MirrorFile) -> None:
         put_varint(out, f.data_len)
 
 
-def _get_spec(buf: Buf) -> MirrorFile:
+def _get_spec(buf: Buf, with_hash: bool = True) -> MirrorFile:
     method = _get_enum(buf, Method, "file method")
-    sha = buf.raw(FILE_HASH_LEN)
+    sha = buf.raw(FILE_HASH_LEN) if with_hash else b""
     codec, size, data_len = None, 0, 0
     if method == Method.PATCH:
         codec = _get_enum(buf, Codec, "patch codec")
