@@ -243,3 +243,22 @@ def test_damaged_manifests_fail_only_as_refusals(case: tuple[Manifest, set[bytes
         del payload[at:]
     with contextlib.suppress(ReceiveError):
         decode_manifest_v2(bytes(payload), lambda: sorted(holdings))
+
+
+def test_controller_maps_a_refused_short_id_back_to_the_held_path() -> None:
+    """The receiver cannot name a path it lacks; the controller finds it by its short id among
+    what it believed the device held, and re-encodes without it (not a whole stream)."""
+    from reup.io.ssh import BrokenBaseError, receive_refused
+
+    payload = manifest_payload(0, encode_body(known_only([NAME]), {NAME}))
+    with pytest.raises(MissingBase) as refused:
+        decode_manifest_v2(payload, lambda: [])
+    stderr = f"reup-receive: {refused.value.kind}: {refused.value}\n"
+    held = [f"/nix/store/{n.decode()}" for n in (NAME, b"0" * 32 + b"-other")]
+    err = receive_refused(refused.value.exit_code, stderr, held)
+    assert isinstance(err, BrokenBaseError) and err.path == held[0]
+    with pytest.raises(MissingBase) as ambiguous:
+        decode_manifest_v2(payload, lambda: [NAME, CLASH])
+    stderr = f"reup-receive: {ambiguous.value.kind}: {ambiguous.value}\n"
+    err = receive_refused(ambiguous.value.exit_code, stderr, [*held, f"/nix/store/{CLASH.decode()}"])
+    assert isinstance(err, BrokenBaseError) and err.path is None  # two held paths have that id

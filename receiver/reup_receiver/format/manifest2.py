@@ -31,6 +31,7 @@ from reup_receiver.format.manifest import (
 from reup_receiver.format.model import HASH_LEN, Manifest, PathEntry, check_store_name
 from reup_receiver.format.nar import from_nix32, to_nix32
 from reup_receiver.format.wire import Buf, put_bytes, put_varint, stream_size
+from reup_receiver.protocol import short_id_text
 
 DEFAULT_STORE = b"/nix/store"
 F_STORE_DIR = 0x01  # manifest flags: the store dir follows (else DEFAULT_STORE)
@@ -234,11 +235,12 @@ def _decode_body(buf: Buf, stream_bytes: int, holdings: Holdings) -> Manifest:
         if index is None:
             index = _index(holdings, chars)
         if prefix not in index:
-            raise MissingBase(f"no valid store path has the short id {prefix.decode()} (the device "
-                              f"no longer holds a path the stream needs)", prefix.decode())
+            raise MissingBase(f"no valid store path has the {short_id_text(prefix.decode())} (the "
+                              f"device no longer holds a path the stream needs)", prefix.decode())
         name = index[prefix]
         if name is None:
-            raise MissingBase(f"short id {prefix.decode()} is ambiguous on this device", prefix.decode())
+            raise MissingBase(f"{short_id_text(prefix.decode())} is ambiguous on this device",
+                              prefix.decode())
         known.append(unique(name))
     n_paths = buf.varint()
     paths: list[PathEntry] = []
