@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from reup_receiver import confirm
@@ -159,6 +160,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
                 return os.path.join(base, name), label
         raise MissingBase(f"base file missing: {label}", label)
 
+    order = iter(sorted(carried))  # version 2: PATH records are empty, in manifest order
     while True:
         tag, payload = reader.next()
         if tag == T_TRAILER:
@@ -167,7 +169,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
             break
         if tag != T_PATH:
             raise Corrupt(f"unexpected record {tag:#x} between store paths")
-        index = _index(payload)
+        index = _index(payload) if reader.version == 1 else _next(payload, order)
         if index not in carried or index in built:
             raise Corrupt(f"stream carries path #{index} the manifest does not expect")
         entry = m.paths[index]
@@ -180,7 +182,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
                     builder.entry(entries.decode(payload))
                 elif tag == T_DATA:
                     builder.data(payload)
-                elif tag == T_PATH_END and _index(payload) == index:
+                elif tag == T_PATH_END and (_index(payload) == index if reader.version == 1 else not payload):
                     break
                 else:
                     raise Corrupt(f"unexpected record {tag:#x} inside {entry.name!r}")
@@ -199,6 +201,13 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
     missing = carried - built
     if missing:
         raise Corrupt(f"stream ended without {len(missing)} path(s) its manifest announced")
+
+
+def _next(payload: bytes, order: Iterator[int]) -> int:
+    """Version 2: the next carried path of the manifest (-1 past the last)."""
+    if payload:
+        raise Corrupt("a version-2 PATH record names no index")
+    return next(order, -1)
 
 
 def _index(payload: bytes) -> int:

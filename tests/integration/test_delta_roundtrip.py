@@ -146,10 +146,11 @@ def entries(stream: bytes) -> list[tuple[bytes, object]]:
         if tag == T_MANIFEST:  # short ids resolve against this host's store
             manifest = decode_manifest(payload) if reader.version == 1 else decode_manifest_v2(
                 payload, lambda: [os.fsencode(n) for n in os.listdir("/nix/store")])
+            carried = iter([i for i, p in enumerate(manifest.paths) if p.carried])
         elif tag == T_PATH:
             assert manifest is not None
             coder = EntryCoder(manifest.table, manifest.store_dir, reader.version)
-            current = manifest.table[payload[0]]
+            current = manifest.table[payload[0] if reader.version == 1 else next(carried)]  # v2: manifest order
         elif tag == T_ENTRY:
             assert coder is not None
             out.append((current, coder.decode(payload)))

@@ -18,7 +18,7 @@ import dataclasses
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reup_receiver.errors import Corrupt, MissingBase, Oversized, ReceiveError
+from reup_receiver.errors import Corrupt, MissingBase, Oversized, ReceiveError, Unsupported
 from reup_receiver.format.entries import MAX_MIRROR_FILES, UNCHECKED_COPY, EntryCoder
 from reup_receiver.format.manifest2 import (
     MIN_ID_CHARS,
@@ -203,7 +203,7 @@ def test_v2_mirror_round_trip_and_copy_runs() -> None:
     decoded = EntryCoder(table, version=2).decode(payload)
     want = [UNCHECKED_COPY if s.method == Method.COPY else dataclasses.replace(s, sha256=b"") for s in specs]
     assert decoded == dataclasses.replace(mirror(specs), mirror=tuple(want))
-    assert len(payload) < 30  # two specs of a few bytes, the COPYs three runs
+    assert len(payload) < 25  # two specs of three bytes, the COPYs three runs of a byte each
     assert len(EntryCoder(table).encode(mirror(specs))) > 17 * len(specs)  # version 1: a hash each
 
 
@@ -219,14 +219,19 @@ def test_hostile_v2_mirrors_are_bounded() -> None:
         coder.decode(bytes(huge))
     long_run = bytearray(head)
     put_varint(long_run, 3)
-    put_varint(long_run, 4)
+    long_run.append(0x80 | 3)  # a run of 4 COPYs
     with pytest.raises(Corrupt, match="run"):
         coder.decode(bytes(long_run))
-    stray_copy = bytearray(head)
-    put_varint(stray_copy, 2)
-    stray_copy += b"\x00" + bytes([Method.COPY])
-    with pytest.raises(Corrupt, match="outside a run"):
-        coder.decode(bytes(stray_copy))
+    unknown = bytearray(head)
+    put_varint(unknown, 1)
+    unknown += b"\x7f\x01\x01"  # codec 127
+    with pytest.raises(Unsupported):
+        coder.decode(bytes(unknown))
+    cut = bytearray(head)
+    put_varint(cut, 1)
+    cut += bytes([Codec.ZSTD_PREFIX])  # its size and data length are missing
+    with pytest.raises(Corrupt):
+        coder.decode(bytes(cut))
 
 
 @SETTINGS

@@ -281,7 +281,8 @@ def _emit_path(body: RecordWriter, index: int, plan: PathPlan, coder: FileCoder,
                entries: _Entries) -> None:
     """PATH, then (a MIRROR and) the entries and DATA in NAR order, then PATH_END."""
     head = bytearray()
-    put_varint(head, index)
+    if entries.version == 1:  # version 2: PATH and PATH_END are empty, paths in manifest order
+        put_varint(head, index)
     body.record(T_PATH, head)
     entries.prev = b""
     top = os.fsencode(entries.paths.paths[index])

@@ -148,15 +148,22 @@ class EntryCoder:
             prev = rel
         put_varint(out, len(e.mirror))
         run = 0
-        for f in e.mirror:  # a run of COPYs, then one other spec; the path's NAR hash checks them all
-            if f.method == Method.COPY:
+        for f in [*e.mirror, None]:  # one tag byte per spec, or per run of up to 128 COPYs
+            if f is not None and f.method == Method.COPY:
                 run += 1
                 continue
-            put_varint(out, run)
-            run = 0
-            _put_spec(out, f, with_hash=False)
-        if run:
-            put_varint(out, run)
+            while run:
+                out.append(TAG_COPY_RUN | (min(run, 128) - 1))
+                run -= min(run, 128)
+            if f is None:
+                break
+            if f.method == Method.LITERAL:
+                out.append(TAG_LITERAL)
+            else:
+                assert f.codec is not None and 0 < f.codec < TAG_COPY_RUN
+                out.append(int(f.codec))
+            put_varint(out, f.size)
+            put_varint(out, f.data_len)
 
     def decode(self, payload: bytes) -> Entry:
         buf = Buf(payload, "entry")
@@ -236,37 +243,43 @@ class EntryCoder:
             skip.append(prev)
         files: list[MirrorFile] = []
         n = buf.varint()
-        if n > MAX_MIRROR_FILES:  # runs cost a byte for any number of files: bound them here
+        if n > MAX_MIRROR_FILES:  # a tag byte makes up to 128 files: bound them here
             raise Corrupt(f"entry: mirror of {n} files (limit {MAX_MIRROR_FILES})")
         if self.version < 2:
             files = [_get_spec(buf) for _ in range(n)]
         while len(files) < n:
-            run = buf.varint()
-            if run > n - len(files):
-                raise Corrupt("entry: mirror run longer than its file count")
-            if run:
+            tag = buf.u8()
+            if tag & TAG_COPY_RUN:
+                run = (tag & ~TAG_COPY_RUN) + 1
+                if run > n - len(files):
+                    raise Corrupt("entry: mirror run longer than its file count")
                 files += [UNCHECKED_COPY] * run
-            if len(files) < n:
-                spec = _get_spec(buf, with_hash=False)
-                if spec.method == Method.COPY:
-                    raise Corrupt("entry: a mirrored COPY outside a run")
-                files.append(spec)
+                continue
+            method, codec = Method.LITERAL, None
+            if tag != TAG_LITERAL:
+                method = Method.PATCH
+                try:
+                    codec = Codec(tag)
+                except ValueError as exc:
+                    raise Unsupported(f"unknown patch codec: {exc}") from exc
+            files.append(MirrorFile(method, b"", buf.varint(), codec, buf.varint()))
         buf.end()
         return Entry(KIND_MIRROR, b"", flags=flags, source=source, mirror=tuple(files),
                      skip=tuple(skip))
 
 
 MAX_MIRROR_FILES = 1 << 20  # regular files of one mirrored store path
+# Version-2 mirror spec tags: LITERAL, a patch codec's number (PATCH), or a run of 1..128 COPYs.
+TAG_LITERAL, TAG_COPY_RUN = 0x00, 0x80
 # A mirrored COPY of a version-2 stream. Version-2 mirror specs carry no per-file hash: the
 # path's NAR hash checks them, and a mismatch blames the mirror's source (receive.py).
 UNCHECKED_COPY = MirrorFile(Method.COPY, b"")
 
 
-def _put_spec(out: bytearray, f: MirrorFile, with_hash: bool = True) -> None:
+def _put_spec(out: bytearray, f: MirrorFile) -> None:
     out.append(int(f.method))
-    if with_hash:
-        assert len(f.sha256) == FILE_HASH_LEN
-        out += f.sha256
+    assert len(f.sha256) == FILE_HASH_LEN
+    out += f.sha256
     if f.method == Method.PATCH:
         assert f.codec is not None
         out.append(int(f.codec))
@@ -275,9 +288,9 @@ def _put_spec(out: bytearray, f: MirrorFile, with_hash: bool = True) -> None:
         put_varint(out, f.data_len)
 
 
-def _get_spec(buf: Buf, with_hash: bool = True) -> MirrorFile:
+def _get_spec(buf: Buf) -> MirrorFile:
     method = _get_enum(buf, Method, "file method")
-    sha = buf.raw(FILE_HASH_LEN) if with_hash else b""
+    sha = buf.raw(FILE_HASH_LEN)
     codec, size, data_len = None, 0, 0
     if method == Method.PATCH:
         codec = _get_enum(buf, Codec, "patch codec")
