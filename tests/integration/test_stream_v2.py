@@ -7,10 +7,12 @@
   (by the trailer digest, which covers the resolved names), leaving the device as it was.
 - A damaged base file behind a mirrored COPY (no per-file hash in version 2) is blamed on the
   base path by the path's NAR hash, so the controller can re-encode without it.
+- Version-2 PATH records carry no index: one with an index, or a path sent twice, is refused.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sqlite3
@@ -18,18 +20,30 @@ import subprocess
 
 import pytest
 from reup.delta.cache import nix_encoder
-from reup_receiver.format.manifest2 import MIN_ID_CHARS
+from reup_receiver.format.manifest2 import MIN_ID_CHARS, decode_manifest_v2, names_block
 from reup_receiver.format.model import Codec
-from reup_receiver.format.wire import HEADER
+from reup_receiver.format.wire import (
+    DIGEST_SIZE,
+    HEADER,
+    T_MANIFEST,
+    T_PATH,
+    T_TRAILER,
+    Buf,
+    RecordWriter,
+    put_varint,
+    record_head,
+)
 from reup_receiver.protocol import STREAM_V2
 from support.receiverkit import (
     REUP,
     assert_one_line_error,
+    copy_root,
     nix_copy,
     receive,
     set_generations,
     snapshot,
 )
+from support.streams import parse_records
 from test_delta_roundtrip import (
     Gens,
     apply_and_verify,
@@ -115,3 +129,51 @@ def test_damaged_mirrored_copy_blames_its_base(gens: Gens, tmp_path: os.PathLike
     assert_one_line_error(run, 14, base)
     assert snapshot(root) == before
     shutil.rmtree(root, ignore_errors=True)
+
+
+def rebuild_v2(records: list[tuple[int, bytes]]) -> bytes:
+    """A version-2 stream of these records with a correct size and trailer digest (what an
+    attacker who can write streams can do: only the receiver's own checks stand)."""
+    body = [(t, p) for t, p in records if t != T_TRAILER]
+    buf = Buf(body[0][1], "manifest")
+    buf.varint()
+    rest = body[0][1][buf.pos:]
+    m = decode_manifest_v2(bytes(body[0][1]), lambda: [os.fsencode(n) for n in os.listdir("/nix/store")])
+    size = 0
+    while True:
+        head = bytearray()
+        put_varint(head, size)
+        payload = bytes(head) + rest
+        total = (HEADER.size + len(record_head(T_MANIFEST, len(payload))) + len(payload)
+                 + sum(len(record_head(t, len(p))) + len(p) for t, p in body[1:])
+                 + len(record_head(T_TRAILER, DIGEST_SIZE)) + DIGEST_SIZE)
+        if total == size:
+            break
+        size = total
+    out = io.BytesIO()
+    w = RecordWriter(out, version=2)
+    w.record(T_MANIFEST, payload)
+    w.digest.update(names_block(m))
+    for tag, p in body[1:]:
+        w.record(tag, p)
+    w.trailer()
+    return out.getvalue()
+
+
+def test_v2_path_framing_is_checked(gens: Gens, root_a: str, tmp_path: os.PathLike[str]) -> None:
+    stream, _ = run_encode(tmp_path, [gens.a], gens.b)
+    records = parse_records(stream)
+    run = receive(copy_root(root_a, os.path.join(tmp_path, "same")), rebuild_v2(records))
+    assert run.returncode == 0, run.stderr  # the rebuilt stream itself is fine
+    first_path = next(i for i, (t, _) in enumerate(records) if t == T_PATH)
+    named = [*records[:first_path], (T_PATH, b"\x00"), *records[first_path + 1:]]
+    refused(root_a, rebuild_v2(named), 12, "names no index")
+    last = max(i for i, (t, _) in enumerate(records) if t == T_PATH)
+    extra = [*records[:-1], *records[last:-1], records[-1]]  # the last path twice: one too many
+    refused(root_a, rebuild_v2(extra), 12, "does not expect")
+
+
+def refused(root: str, stream: bytes, code: int, needle: str) -> None:
+    before = snapshot(root)
+    assert_one_line_error(receive(root, stream), code, needle)
+    assert snapshot(root) == before
