@@ -23,10 +23,10 @@ from reup_receiver.format.manifest import (
     MANIFEST_RAW,
     MANIFEST_ZSTD,
     MAX_MANIFEST_BODY,
-    _decompress_bounded,
-    _validate_manifest,
+    decompress_bounded,
     get_store_name,
     put_store_name,
+    validate_manifest,
 )
 from reup_receiver.format.model import HASH_LEN, Manifest, PathEntry, check_store_name
 from reup_receiver.format.nar import from_nix32, to_nix32
@@ -186,7 +186,7 @@ def decode_manifest_v2(payload: bytes, holdings: Holdings) -> Manifest:
             raise Oversized(f"manifest body larger than {MAX_MANIFEST_BODY} bytes")
         body = rest
     elif compression == MANIFEST_ZSTD:
-        body = _decompress_bounded(rest)
+        body = decompress_bounded(rest)
     else:
         raise Unsupported(f"unknown manifest compression {compression}")
     return _decode_body(Buf(body, "manifest"), stream_bytes, holdings)
@@ -278,6 +278,6 @@ def _decode_body(buf: Buf, stream_bytes: int, holdings: Holdings) -> Manifest:
     literal = buf.u8()
     buf.end()
     m = Manifest(store_dir, known, paths, toplevel, rewrites, stream_bytes, literal)
-    _validate_manifest(m)
+    validate_manifest(m)
     return m
 
