@@ -133,7 +133,8 @@ class FileSink:
         self.fh.close()
         if self.written != self.entry.size:
             raise Corrupt(f"{self.label}: {self.written} bytes, declared {self.entry.size}")
-        if self.sha.digest()[:FILE_HASH_LEN] != self.entry.sha256:
+        # An empty hash: a version-2 mirrored COPY, checked by the path's NAR hash (entries.py).
+        if self.entry.sha256 and self.sha.digest()[:FILE_HASH_LEN] != self.entry.sha256:
             raise HashMismatch(f"content hash mismatch: {self.label}")
 
 
@@ -280,6 +281,7 @@ class PathBuilder:
         self.pending: _Peek | None = None  # entries a MIRROR still has to produce
         self.solid: SolidFrame | None = None  # the MIRROR's solid frame, if it has SOLID files
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
+        self.mirror_source: int | None = None  # table index of the MIRROR's source path
 
     def label(self, relpath: bytes) -> str:
         return os.fsdecode(self.name + (b"/" + relpath if relpath else b""))
@@ -302,6 +304,7 @@ class PathBuilder:
             if self.pending is not None or self.nar.started:
                 raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
             self.pending = _Peek(self._expand(e))
+            self.mirror_source = e.source
             if e.flags & F_SOLID_TREE or any(spec.codec == Codec.SOLID for spec in e.mirror):
                 self.solid = SolidFrame(self._solid_prefix(e))
             return

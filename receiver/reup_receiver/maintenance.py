@@ -17,6 +17,7 @@ from reup_receiver.device import Device
 from reup_receiver.errors import NoGeneration
 from reup_receiver.format.wire import VERSION
 from reup_receiver.generations import switch_generation
+from reup_receiver.protocol import STREAM_V2
 
 _HASH_RE = re.compile(rb"[0-9a-df-np-sv-z]{32}")
 
@@ -32,7 +33,7 @@ def status(device: Device) -> dict[str, object]:
         "pending": confirm.pending(device),
         "last_rollback": confirm.last_rollback(device),
         "format": VERSION,
-        "codecs": [c.name.lower() for c in available_codecs()],
+        "codecs": [*(c.name.lower() for c in available_codecs()), STREAM_V2],
         "resume": resume.status_field(device),
     }
 

@@ -149,6 +149,17 @@ def confirm_command(generation: int, check: str | None = None) -> str:
 
 
 STATUS_COMMAND = "status"
+# In status `codecs`: the receiver reads stream version 2 (compact manifest, short ids,
+# format/manifest2.py). The controller sends version 1 to a receiver that does not list it.
+STREAM_V2 = "stream_v2"
+# A version-2 stream names known paths by a prefix of their store hash; a `missing-base` refusal
+# for one that does not resolve says "short id <prefix>", and the controller maps it back to
+# the held path with that prefix, to re-encode without it.
+SHORT_ID = re.compile(r"short id ([0-9a-df-np-sv-z]{8,32})\b")
+
+
+def short_id_text(prefix: str) -> str:
+    return f"short id {prefix}"
 
 
 def resume_args(stream_id: str, offset: int = 0, prefix_sha256: str | None = None) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import BinaryIO
 
 from reup_receiver import confirm
@@ -31,6 +32,7 @@ from reup_receiver.errors import (
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.literal import LiteralStream
 from reup_receiver.format.manifest import decode_manifest
+from reup_receiver.format.manifest2 import decode_manifest_v2, names_block
 from reup_receiver.format.model import Manifest
 from reup_receiver.format.nar import nar_hash_tree
 from reup_receiver.format.wire import (
@@ -122,7 +124,16 @@ def _read_manifest(reader: RecordReader, device: Device) -> Manifest:
     tag, payload = reader.next()
     if tag != T_MANIFEST:
         raise Corrupt("stream does not start with a manifest")
-    m = decode_manifest(payload)
+    if reader.version >= 2:
+        def holdings() -> list[bytes]:
+            return [os.fsencode(os.path.basename(p)) for p in device.valid_paths()]
+
+        m = decode_manifest_v2(payload, holdings)
+        # The full names the short ids resolved to are part of the digest: a stream meant
+        # for other paths never gets past its trailer (manifest2.py).
+        reader.digest.update(names_block(m))
+    else:
+        m = decode_manifest(payload)
     if m.stream_bytes < reader.bytes_read:
         raise Corrupt("manifest declares a stream shorter than its own header")
     reader.limit = m.stream_bytes
@@ -149,6 +160,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
                 return os.path.join(base, name), label
         raise MissingBase(f"base file missing: {label}", label)
 
+    order = iter(sorted(carried))  # version 2: PATH records are empty, in manifest order
     while True:
         tag, payload = reader.next()
         if tag == T_TRAILER:
@@ -157,12 +169,12 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
             break
         if tag != T_PATH:
             raise Corrupt(f"unexpected record {tag:#x} between store paths")
-        index = _index(payload)
+        index = _index(payload) if reader.version == 1 else _next(payload, order)
         if index not in carried or index in built:
             raise Corrupt(f"stream carries path #{index} the manifest does not expect")
         entry = m.paths[index]
         builder = PathBuilder(device.work, entry.name, resolve, rewrites, literal, entry.nar_size)
-        entries = EntryCoder(table, m.store_dir)
+        entries = EntryCoder(table, m.store_dir, reader.version)
         try:
             while True:
                 tag, payload = reader.next()
@@ -170,7 +182,7 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
                     builder.entry(entries.decode(payload))
                 elif tag == T_DATA:
                     builder.data(payload)
-                elif tag == T_PATH_END and _index(payload) == index:
+                elif tag == T_PATH_END and (_index(payload) == index if reader.version == 1 else not payload):
                     break
                 else:
                     raise Corrupt(f"unexpected record {tag:#x} inside {entry.name!r}")
@@ -178,12 +190,24 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
         finally:
             builder.close()
         if nar_hash != entry.nar_hash or nar_size != entry.nar_size:
+            if reader.version >= 2 and builder.mirror_source is not None:
+                # Mirrored copies carry no file hash in version 2: blame the base, as a file
+                # mismatch inside a mirror does, so the controller re-encodes without it.
+                label = resolve(builder.mirror_source, b"")[1]
+                raise MissingBase(f"base path differs (NAR hash of its mirror): {label}", label)
             raise HashMismatch(f"NAR hash mismatch: {device.store_path(os.fsdecode(entry.name))}")
         _stage_done(device, _record(m, index, device, table))
         built.add(index)
     missing = carried - built
     if missing:
         raise Corrupt(f"stream ended without {len(missing)} path(s) its manifest announced")
+
+
+def _next(payload: bytes, order: Iterator[int]) -> int:
+    """Version 2: the next carried path of the manifest (-1 past the last)."""
+    if payload:
+        raise Corrupt("a version-2 PATH record names no index")
+    return next(order, -1)
 
 
 def _index(payload: bytes) -> int:

@@ -24,8 +24,10 @@ from reup.delta.stats import DeltaStats
 from reup_lab.nixenv import nix_env
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.manifest import decode_manifest
+from reup_receiver.format.manifest2 import decode_manifest_v2
 from reup_receiver.format.model import PATCH_CODECS, Codec, Method
 from reup_receiver.format.wire import T_ENTRY, T_MANIFEST, T_PATH, T_TRAILER, RecordReader
+from reup_receiver.protocol import STREAM_V2
 from support.receiverkit import (
     REUP,
     assert_one_line_error,
@@ -141,12 +143,14 @@ def entries(stream: bytes) -> list[tuple[bytes, object]]:
     current = b""
     while True:
         tag, payload = reader.next()
-        if tag == T_MANIFEST:
-            manifest = decode_manifest(payload)
+        if tag == T_MANIFEST:  # short ids resolve against this host's store
+            manifest = decode_manifest(payload) if reader.version == 1 else decode_manifest_v2(
+                payload, lambda: [os.fsencode(n) for n in os.listdir("/nix/store")])
+            carried = iter([i for i, p in enumerate(manifest.paths) if p.carried])
         elif tag == T_PATH:
             assert manifest is not None
-            coder = EntryCoder(manifest.table, manifest.store_dir)
-            current = manifest.table[payload[0]]
+            coder = EntryCoder(manifest.table, manifest.store_dir, reader.version)
+            current = manifest.table[payload[0] if reader.version == 1 else next(carried)]  # v2: manifest order
         elif tag == T_ENTRY:
             assert coder is not None
             out.append((current, coder.decode(payload)))
@@ -244,7 +248,7 @@ def test_cli_stats_and_cache(gens: Gens, tmp_path: os.PathLike[str]) -> None:
 
 def test_only_codecs_the_device_reports_are_used(gens: Gens, root_a: str, tmp_path: os.PathLike[str]) -> None:
     reported = receive(root_a, None, "--status").json()["codecs"]
-    assert set(reported) == {c.name.lower() for c in Codec}  # this venv has every codec
+    assert set(reported) == {c.name.lower() for c in Codec} | {STREAM_V2}  # this venv has every codec
     device_codecs = [Codec.ZSTD_PREFIX, Codec.BSDIFF4]  # a device without HDiffPatch or LZMA bsdiff
     stream, stats = run_encode(tmp_path, [gens.a], gens.b, allowed_codecs=device_codecs)
     used = {k for k in stats.ops_by_kind if k.startswith("patch:")}

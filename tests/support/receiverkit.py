@@ -191,7 +191,7 @@ def encode_stream(held: Sequence[str], target: str, out: str,
                   staged: Sequence[str] = ()) -> bytes:
     from reup.delta.encode import encode
 
-    encode(list(held), target, out, staged=list(staged))
+    encode(list(held), target, out, staged=list(staged), version=1)  # tests decode and edit version 1
     with open(out, "rb") as fh:
         return fh.read()
 

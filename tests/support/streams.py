@@ -44,7 +44,6 @@ from reup_receiver.format.wire import (
     T_PATH,
     T_PATH_END,
     T_TRAILER,
-    VERSION,
     Buf,
     RecordWriter,
     put_varint,
@@ -52,6 +51,7 @@ from reup_receiver.format.wire import (
 )
 
 Records = list[tuple[int, bytes]]
+V1 = 1  # the stream version whose manifest (manifest.py) these helpers read and write
 FILE_HASH_LEN: int = getattr(model, "FILE_HASH_LEN", 32)  # bytes of sha256 an entry carries
 
 
@@ -96,7 +96,7 @@ def record_offsets(stream: bytes) -> list[int]:
     return offsets
 
 
-def build_records(records: Sequence[tuple[int, bytes]], *, version: int = VERSION,
+def build_records(records: Sequence[tuple[int, bytes]], *, version: int = V1,
                   fix_size: bool = True, size_delta: int = 0) -> bytes:
     """A stream of these records (trailer records dropped) with a correct trailer digest.
 
@@ -137,7 +137,7 @@ class Stream:
     manifest: Manifest
     paths: list[CarriedPath]
 
-    def encode(self, *, version: int = VERSION, size_delta: int = 0) -> bytes:
+    def encode(self, *, version: int = V1, size_delta: int = 0) -> bytes:
         m = self.manifest
         records: Records = [(T_MANIFEST, encode_manifest(m))]
         coder = EntryCoder(m.table, m.store_dir)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from reup_receiver.format.model import Codec
+from reup_receiver.protocol import STREAM_V2
 
 from reup.delta.encode import encode
 from reup.io.nix import resolve_store_path
@@ -47,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"reup delta: {exc}", file=sys.stderr)
         return 2
+    names = [n.strip() for n in args.codecs.split(",")] if args.codecs else None
+    version = 2 if names is None or STREAM_V2 in names else 1  # the device's capability, as in its status
     try:
-        allowed = [Codec[n.strip().upper()] for n in args.codecs.split(",")] if args.codecs else None
+        allowed = [Codec[n.upper()] for n in names if n != STREAM_V2] if names is not None else None
     except KeyError as exc:
         print(f"reup delta: unknown codec {exc}", file=sys.stderr)
         return 2
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         report = _cached(args.cache, held, target, args.staged, args.output)
     else:
         report = encode(held, target, args.output, staged=args.staged, avoid=args.avoid,
-                        allowed_codecs=allowed).to_json()
+                        allowed_codecs=allowed, version=version).to_json()
     if args.stats:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")

@@ -40,11 +40,14 @@ def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
     def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
                 codecs: Sequence[str] | None) -> Any:
         from reup_receiver.format.model import Codec
+        from reup_receiver.protocol import STREAM_V2
 
         from reup.delta.encode import encode
 
         allowed = [Codec[c.upper()] for c in codecs if c.upper() in Codec.__members__] if codecs is not None else None
-        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed)
+        version = 2 if codecs is None or STREAM_V2 in codecs else 1  # an older receiver reads version 1
+        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed,
+                      version=version)
 
     return encoder
 

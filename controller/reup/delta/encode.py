@@ -26,6 +26,7 @@ from typing import Any
 
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.manifest import encode_manifest
+from reup_receiver.format.manifest2 import encode_body, names_block, sized_payload
 from reup_receiver.format.model import (
     F_REWRITE,
     F_SOLID_TREE,
@@ -45,6 +46,7 @@ from reup_receiver.format.wire import (
     T_MANIFEST,
     T_PATH,
     T_PATH_END,
+    VERSION,
     RecordWriter,
     put_varint,
     stream_size,
@@ -103,6 +105,7 @@ def encode(
     avoid: Sequence[str] = (),
     codecs: Sequence[Codec] | None = None,
     allowed_codecs: Sequence[Codec] | None = None,
+    version: int = VERSION,
 ) -> DeltaStats:
     """Write to `out` a stream taking a device holding `held` (closures) to `target`.
 
@@ -113,6 +116,7 @@ def encode(
     they are neither bases nor assumed present, and are sent again if needed.
     `codecs` forces the patch codecs (tests and benchmarks); default: the best of
     `allowed_codecs`, what the device reports it can apply (default: all).
+    `version` 1 writes the full manifest for receivers without the STREAM_V2 capability.
     """
     start = time.monotonic()
     nix = executor or NixExecutor()
@@ -138,7 +142,7 @@ def encode(
         coder.literal.plan([(d.file.host, d.file.size) for _, plan in plans for d in plan.decisions()
                             if coder.is_literal(d)])
         body = RecordWriter(body_fh, header=False)
-        entries = _Entries(table, store_dir)
+        entries = _Entries(table, store_dir, version)
         for i, plan in plans:
             _emit_path(body, i, plan, coder, entries)
         for ref in (r for p in missing for r in target_closure[p].references):
@@ -148,13 +152,19 @@ def encode(
         manifest = _manifest(missing, staged_set, target_closure, table, target, store_dir, set(avoid))
         manifest.rewrites = rewrites
         manifest.literal = coder.literal.codec
-        payload = encode_manifest(manifest)
-        manifest.stream_bytes = stream_size(len(payload), body.size)
-        payload = encode_manifest(manifest)
+        if version >= 2:  # known paths the device holds go as short ids (manifest2.py)
+            holdings = {os.fsencode(os.path.basename(p)) for p in [*held_closure, *avoid]}
+            payload, manifest.stream_bytes = sized_payload(encode_body(manifest, holdings), body.size)
+        else:
+            payload = encode_manifest(manifest)
+            manifest.stream_bytes = stream_size(len(payload), body.size)
+            payload = encode_manifest(manifest)
         body_fh.seek(0)
         with open(out_path, "wb") as fh:
-            final = RecordWriter(fh)
+            final = RecordWriter(fh, version=version)
             final.record(T_MANIFEST, payload)
+            if version >= 2:
+                final.digest.update(names_block(manifest))
             final.copy_from(body_fh)
             final.trailer()
         assert final.size == manifest.stream_bytes
@@ -253,8 +263,8 @@ def _plan_path(path: str, coder: FileCoder) -> PathPlan:
 class _Entries(EntryCoder):
     """Entry encoder whose store-symlink targets enter the (growing) table."""
 
-    def __init__(self, table: _Table, store_dir: str) -> None:
-        super().__init__((), os.fsencode(store_dir))
+    def __init__(self, table: _Table, store_dir: str, version: int) -> None:
+        super().__init__((), os.fsencode(store_dir), version)
         self.paths = table
         self.store_dir = store_dir
 
@@ -271,7 +281,8 @@ def _emit_path(body: RecordWriter, index: int, plan: PathPlan, coder: FileCoder,
                entries: _Entries) -> None:
     """PATH, then (a MIRROR and) the entries and DATA in NAR order, then PATH_END."""
     head = bytearray()
-    put_varint(head, index)
+    if entries.version == 1:  # version 2: PATH and PATH_END are empty, paths in manifest order
+        put_varint(head, index)
     body.record(T_PATH, head)
     entries.prev = b""
     top = os.fsencode(entries.paths.paths[index])

@@ -34,6 +34,7 @@ from reup_receiver.protocol import (
     BLAMES_BASE,
     MAX_ANSWER_BYTES,
     MAX_STDERR_BYTES,
+    SHORT_ID,
     STATUS_COMMAND,
     ExitCode,
     ProtocolError,
@@ -136,6 +137,10 @@ def receive_refused(exit_status: int | None, stderr: str, held: Sequence[str]) -
         blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
         if blamed:
             return BrokenBaseError(str(err), blamed[0])
+    if isinstance(err, BrokenBaseError) and err.path is None and (short := SHORT_ID.search(stderr)):
+        named = [p for p in held if os.path.basename(p).startswith(short.group(1))]
+        if len(named) == 1:  # a version-2 stream's known path, by its short id
+            return BrokenBaseError(str(err), named[0])
     return err
 
 

@@ -68,8 +68,9 @@ class EntryCoder:
     entry, and symlinks into the store name their target by table index.
     """
 
-    def __init__(self, table: Sequence[bytes] = (), store_dir: bytes = b"/nix/store") -> None:
+    def __init__(self, table: Sequence[bytes] = (), store_dir: bytes = b"/nix/store", version: int = 1) -> None:
         self.table = table
+        self.version = version  # 2: a MIRROR has no relpath, its specs no hashes, its COPYs come as runs
         self.store_prefix = store_dir + b"/"
         self.index = {name: i for i, name in enumerate(table)}
         self.prev = b""
@@ -94,6 +95,9 @@ class EntryCoder:
     def encode(self, e: Entry) -> bytes:
         store_target = self._store_target(e.target) if e.kind == KIND_SYMLINK else None
         out = bytearray([KIND_STORE_SYMLINK if store_target else e.kind])
+        if e.kind == KIND_MIRROR and self.version >= 2:
+            self._put_mirror_v2(out, e)
+            return bytes(out)
         self._put_relpath(out, e.relpath)
         if store_target:
             put_varint(out, store_target[0])
@@ -112,15 +116,7 @@ class EntryCoder:
                 prev = rel
             put_varint(out, len(e.mirror))
             for f in e.mirror:
-                out.append(int(f.method))
-                assert len(f.sha256) == FILE_HASH_LEN
-                out += f.sha256
-                if f.method == Method.PATCH:
-                    assert f.codec is not None
-                    out.append(int(f.codec))
-                if f.method in (Method.PATCH, Method.LITERAL):
-                    put_varint(out, f.size)
-                    put_varint(out, f.data_len)
+                _put_spec(out, f)
         elif e.kind == KIND_SYMLINK:
             put_bytes(out, e.target)
         elif e.kind == KIND_FILE:
@@ -142,9 +138,38 @@ class EntryCoder:
                 put_varint(out, e.data_len)
         return bytes(out)
 
+    def _put_mirror_v2(self, out: bytearray, e: Entry) -> None:
+        put_varint(out, e.source)
+        out.append(e.flags)
+        put_varint(out, len(e.skip))
+        prev = b""
+        for rel in e.skip:
+            _put_shared(out, prev, rel)
+            prev = rel
+        put_varint(out, len(e.mirror))
+        run = 0
+        for f in [*e.mirror, None]:  # one tag byte per spec, or per run of up to 128 COPYs
+            if f is not None and f.method == Method.COPY:
+                run += 1
+                continue
+            while run:
+                out.append(TAG_COPY_RUN | (min(run, 128) - 1))
+                run -= min(run, 128)
+            if f is None:
+                break
+            if f.method == Method.LITERAL:
+                out.append(TAG_LITERAL)
+            else:
+                assert f.codec is not None and 0 < f.codec < TAG_COPY_RUN
+                out.append(int(f.codec))
+            put_varint(out, f.size)
+            put_varint(out, f.data_len)
+
     def decode(self, payload: bytes) -> Entry:
         buf = Buf(payload, "entry")
         kind = buf.u8()
+        if kind == KIND_MIRROR and self.version >= 2:
+            return self._decode_mirror(buf, b"")
         relpath = self._get_relpath(buf)
         if kind == KIND_DIR:
             buf.end()
@@ -216,20 +241,63 @@ class EntryCoder:
             prev = _get_shared(buf, prev)
             split_relpath(prev, "mirror skip")
             skip.append(prev)
-        files = []
-        for _ in range(buf.varint()):
-            method = _get_enum(buf, Method, "file method")
-            sha = buf.raw(FILE_HASH_LEN)
-            codec, size, data_len = None, 0, 0
-            if method == Method.PATCH:
-                codec = _get_enum(buf, Codec, "patch codec")
-            if method in (Method.PATCH, Method.LITERAL):
-                size = buf.varint()
-                data_len = buf.varint()
-            files.append(MirrorFile(method, sha, size, codec, data_len))
+        files: list[MirrorFile] = []
+        n = buf.varint()
+        if n > MAX_MIRROR_FILES:  # a tag byte makes up to 128 files: bound them here
+            raise Corrupt(f"entry: mirror of {n} files (limit {MAX_MIRROR_FILES})")
+        if self.version < 2:
+            files = [_get_spec(buf) for _ in range(n)]
+        while len(files) < n:
+            tag = buf.u8()
+            if tag & TAG_COPY_RUN:
+                run = (tag & ~TAG_COPY_RUN) + 1
+                if run > n - len(files):
+                    raise Corrupt("entry: mirror run longer than its file count")
+                files += [UNCHECKED_COPY] * run
+                continue
+            method, codec = Method.LITERAL, None
+            if tag != TAG_LITERAL:
+                method = Method.PATCH
+                try:
+                    codec = Codec(tag)
+                except ValueError as exc:
+                    raise Unsupported(f"unknown patch codec: {exc}") from exc
+            files.append(MirrorFile(method, b"", buf.varint(), codec, buf.varint()))
         buf.end()
         return Entry(KIND_MIRROR, b"", flags=flags, source=source, mirror=tuple(files),
                      skip=tuple(skip))
+
+
+MAX_MIRROR_FILES = 1 << 20  # regular files of one mirrored store path
+# Version-2 mirror spec tags: LITERAL, a patch codec's number (PATCH), or a run of 1..128 COPYs.
+TAG_LITERAL, TAG_COPY_RUN = 0x00, 0x80
+# A mirrored COPY of a version-2 stream. Version-2 mirror specs carry no per-file hash: the
+# path's NAR hash checks them, and a mismatch blames the mirror's source (receive.py).
+UNCHECKED_COPY = MirrorFile(Method.COPY, b"")
+
+
+def _put_spec(out: bytearray, f: MirrorFile) -> None:
+    out.append(int(f.method))
+    assert len(f.sha256) == FILE_HASH_LEN
+    out += f.sha256
+    if f.method == Method.PATCH:
+        assert f.codec is not None
+        out.append(int(f.codec))
+    if f.method in (Method.PATCH, Method.LITERAL):
+        put_varint(out, f.size)
+        put_varint(out, f.data_len)
+
+
+def _get_spec(buf: Buf) -> MirrorFile:
+    method = _get_enum(buf, Method, "file method")
+    sha = buf.raw(FILE_HASH_LEN)
+    codec, size, data_len = None, 0, 0
+    if method == Method.PATCH:
+        codec = _get_enum(buf, Codec, "patch codec")
+    if method in (Method.PATCH, Method.LITERAL):
+        size = buf.varint()
+        data_len = buf.varint()
+    return MirrorFile(method, sha, size, codec, data_len)
 
 
 def encode_entry(e: Entry) -> bytes:

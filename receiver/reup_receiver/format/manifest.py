@@ -77,7 +77,7 @@ def decode_manifest(payload: bytes) -> Manifest:
         if len(body) > MAX_MANIFEST_BODY:
             raise Oversized(f"manifest body larger than {MAX_MANIFEST_BODY} bytes")
     elif compression == MANIFEST_ZSTD:
-        body = _decompress_bounded(rest)
+        body = decompress_bounded(rest)
     else:
         raise Unsupported(f"unknown manifest compression {compression}")
     buf = Buf(body, "manifest")
@@ -118,11 +118,11 @@ def decode_manifest(payload: bytes) -> Manifest:
     literal = buf.u8()
     buf.end()
     m = Manifest(store_dir, known, paths, toplevel, rewrites, stream_bytes, literal)
-    _validate_manifest(m)
+    validate_manifest(m)
     return m
 
 
-def _validate_manifest(m: Manifest) -> None:
+def validate_manifest(m: Manifest) -> None:
     table = m.table
     for name in table:
         check_store_name(name)
@@ -139,7 +139,7 @@ def _validate_manifest(m: Manifest) -> None:
         raise Corrupt("manifest: rewrite out of range")
 
 
-def _decompress_bounded(data: bytes) -> bytes:
+def decompress_bounded(data: bytes) -> bytes:
     """Streaming decompression that stops at MAX_MANIFEST_BODY, whatever the frame header claims."""
     dobj = zstandard.ZstdDecompressor(max_window_size=1 << 27).decompressobj()
     out = bytearray()

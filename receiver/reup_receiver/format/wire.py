@@ -15,7 +15,8 @@ from typing import BinaryIO
 from reup_receiver.errors import BadMagic, Corrupt, Oversized, Truncated
 
 MAGIC = b"\x89REUP\r\n\x1a"
-VERSION = 1
+VERSION = 2  # the newest version this code writes and reads
+VERSIONS = (1, 2)  # read: 1 full manifest; 2 compact manifest (manifest2.py), capability STREAM_V2
 HEADER = struct.Struct("<8sHH")
 STREAM_BYTES = struct.Struct("<Q")  # first field of the MANIFEST record
 
@@ -115,13 +116,15 @@ class RecordWriter:
     then the final stream: header, manifest, `copy_from(body)`, `trailer()`.
     """
 
-    def __init__(self, out: BinaryIO, *, header: bool = True) -> None:
+    def __init__(self, out: BinaryIO, *, header: bool = True, version: int = VERSION) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"unknown stream version {version}")
         self.out = out
         self.digest = hashlib.sha256()
         self.size = 0
         self.counts: dict[int, int] = {}
         if header:
-            self._write(HEADER.pack(MAGIC, VERSION, 0))
+            self._write(HEADER.pack(MAGIC, version, 0))
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
         self.out.write(data)
@@ -185,8 +188,9 @@ class RecordReader:
         magic, version, _flags = HEADER.unpack(header)
         if magic != MAGIC:
             raise BadMagic("not a reup stream (bad magic)")
-        if version != VERSION:
-            raise BadMagic(f"unsupported stream version {version} (this receiver reads {VERSION})")
+        if version not in VERSIONS:
+            raise BadMagic(f"unsupported stream version {version} (this receiver reads {VERSIONS})")
+        self.version = version
 
     def _read(self, n: int, what: str, *, hash_it: bool, allow_empty: bool = False) -> bytes:
         if self.limit is not None and self.bytes_read + n > self.limit:
