@@ -168,7 +168,7 @@ class _OpenFile:
 
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
-    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, Codec.SOLID, Codec.SOLID_LZMA]  # stdlib and zstandard
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF]  # stdlib, zstandard
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:
@@ -254,7 +254,7 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
 
 def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:
     """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
-    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, *SOLID_CODECS):
+    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.LITERAL_ELF, *SOLID_CODECS):
         raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
     sink = MemorySink()
     apply_patch(Codec(inner), old, patch, sink, size)

@@ -169,7 +169,7 @@ class FileCoder:
             os.path.basename(o)[:HASH_LEN].encode(): os.path.basename(n)[:HASH_LEN].encode()
             for o, n in self.rewrite_paths.items()
         }
-        self.literal = LiteralEncoder()
+        self.literal = LiteralEncoder(elf=allowed is None or Codec.LITERAL_ELF in allowed)
 
     def file_pairs(self, new_path: str, new_files: Sequence[StoreFile]) -> dict[bytes, bytes]:
         old = self.pairs.get(new_path)

@@ -1,6 +1,6 @@
 """The literal stream: the content of new files that have no base, in stream order.
 
-Two codecs, chosen per stream by the encoder (the manifest's `literal` field):
+Three codecs, chosen per stream by the encoder (the manifest's `literal` field):
 
 - ZSTD: one zstd stream through all literal files; each file's DATA is what the
   encoder flushed for it, so a file is complete when its DATA has arrived.
@@ -10,6 +10,14 @@ Two codecs, chosen per stream by the encoder (the manifest's `literal` field):
   its first file; later files of the
   group carry no DATA and are cut from the same decompressor. Memory: one
   group's compressed bytes and the LZMA2 dictionary.
+- LZMA_ELF: the same groups (LZMA2 preset 9e), where each x86-64 ELF file of at
+  most `MAX_ELF` bytes had its RIP-relative operands normalised first
+  (elfx86.normalise, mode RIP: `[rip+d32]` becomes the absolute offset it
+  points to, as the x86 filter does for calls). On a 30 MB Rust executable that
+  is 8% smaller than LZMA_X86. The receiver cuts such a file whole into memory
+  (at most `MAX_ELF` bytes) and restores it before writing. Which files were
+  normalised is decided by the same rule on both sides (`elf_ranges`), so the
+  stream carries no flag for it.
 
 Output is produced in bounded steps in both cases. Used by builder.py; the
 encoder's side is reup.delta.literal.
@@ -18,21 +26,36 @@ encoder's side is reup.delta.literal.
 from __future__ import annotations
 
 import lzma
-from typing import Protocol
+import struct
+from typing import Protocol, cast
 
 import zstandard
 
 from reup_receiver.errors import Corrupt, Unsupported
+from reup_receiver.format import elfx86
 
 MAX_WINDOW = 1 << 31  # zstd-prefix patches: further bounded by base + new size (builder.apply_patch)
 MAX_LITERAL_WINDOW = 1 << 25  # the encoder's literal stream never uses more (reup.delta.literal)
-LITERAL_ZSTD, LITERAL_LZMA_X86 = 0, 1
+LITERAL_ZSTD, LITERAL_LZMA_X86, LITERAL_LZMA_ELF = 0, 1, 2
+LZMA_CODECS = (LITERAL_LZMA_X86, LITERAL_LZMA_ELF)
 MAX_DICT_LOG = 25  # 32 MiB
 STEP = 1 << 20
+MAX_ELF = 64 << 20  # LZMA_ELF: larger files are not normalised (the receiver holds one whole)
+_EM_X86_64 = 62
 
 
-def lzma_filters(dict_log: int) -> list[dict[str, int]]:
-    return [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9, "dict_size": 1 << dict_log}]
+def lzma_filters(dict_log: int, codec: int = LITERAL_LZMA_X86) -> list[dict[str, int]]:
+    preset = 9 | lzma.PRESET_EXTREME if codec == LITERAL_LZMA_ELF else 9
+    return [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": 1 << dict_log}]
+
+
+def elf_ranges(data: bytes | bytearray) -> elfx86.Ranges:
+    """LZMA_ELF: the executable ranges of a file that is normalised ([] if it is not): an
+    x86-64 ELF64 of at most MAX_ELF bytes. The normalisation never changes the ELF and
+    section headers, so the receiver finds the same ranges in the normalised file."""
+    if len(data) > MAX_ELF or len(data) < 64 or struct.unpack_from("<H", data, 18)[0] != _EM_X86_64:
+        return []
+    return elfx86.exec_ranges(cast(bytes, data))  # reads headers only: a bytearray is fine, no copy
 
 
 def dict_log_for(size: int) -> int:
@@ -67,7 +90,7 @@ def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> 
 
 class LiteralStream:
     def __init__(self, codec: int) -> None:
-        if codec not in (LITERAL_ZSTD, LITERAL_LZMA_X86):
+        if codec not in (LITERAL_ZSTD, *LZMA_CODECS):
             raise Unsupported(f"unknown literal codec {codec}")
         self.codec = codec
         self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_LITERAL_WINDOW).decompressobj()
@@ -76,7 +99,7 @@ class LiteralStream:
 
     def feed(self, sink: Sink, data: bytes) -> None:
         """DATA of the current literal file."""
-        if self.codec == LITERAL_LZMA_X86:
+        if self.codec in LZMA_CODECS:
             self.pending += data
             return
         try:
@@ -86,7 +109,7 @@ class LiteralStream:
 
     def complete(self, sink: Sink, size: int, data_len: int) -> None:
         """The current literal file's DATA is in: cut its `size` bytes (LZMA groups)."""
-        if self.codec != LITERAL_LZMA_X86:
+        if self.codec not in LZMA_CODECS:
             return
         first = b""
         if data_len:
@@ -97,11 +120,21 @@ class LiteralStream:
             self.pending = bytearray()
             if not 16 <= dict_log <= MAX_DICT_LOG:
                 raise Corrupt(f"literal group: bad dictionary size 2^{dict_log}")
-            self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log))
+            self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log, self.codec))
         if size == 0:
             return
         if self.group is None:
             raise Corrupt("literal file without a literal group")
+        if self.codec == LITERAL_LZMA_ELF and size <= MAX_ELF:
+            whole = MemorySink()
+            self._cut(whole, size, first)
+            ranges = elf_ranges(whole.out)
+            if ranges:
+                elfx86.restore(whole.out, ranges, elfx86.RIP)
+            view = memoryview(whole.out)
+            for off in range(0, size, STEP):
+                sink.write(bytes(view[off : off + STEP]))
+            return
         self._cut(sink, size, first)
 
     def _cut(self, sink: Sink, size: int, first: bytes) -> None:
@@ -109,13 +142,13 @@ class LiteralStream:
         data = first
         left = size
         try:
-            while left:
+            while left and not self.group.eof:  # decompress() past the end raises EOFError
                 out = self.group.decompress(data, max_length=min(STEP, left))
                 data = b""
                 if out:
                     sink.write(out)
                     left -= len(out)
-                elif self.group.needs_input or self.group.eof:
+                elif self.group.needs_input:
                     break
         except lzma.LZMAError as exc:
             raise Corrupt(f"literal group does not decompress: {exc}") from exc

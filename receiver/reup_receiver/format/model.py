@@ -32,11 +32,13 @@ class Codec(enum.IntEnum):
     ELF_X86 = 5  # an inner patch between branch-normalised x86-64 executables (elfx86.py)
     SOLID = 6  # not a patch: the next part of the mirror's solid zstd frame (solid.py)
     SOLID_LZMA = 7  # not a patch: the next files of the mirror's solid LZMA2 frame (solid.py)
+    LITERAL_ELF = 8  # never in an entry: the receiver reads literal codec 2, LZMA_ELF (literal.py)
 
 
 SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA)
-# The codecs a single patch may use; the SOLID ones code a mirror's files together.
-PATCH_CODECS = tuple(c for c in Codec if c not in SOLID_CODECS)
+# The codecs a single patch may use; the SOLID ones code a mirror's files together, and
+# LITERAL_ELF is only a capability in --status.
+PATCH_CODECS = tuple(c for c in Codec if c not in (*SOLID_CODECS, Codec.LITERAL_ELF))
 
 
 KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
