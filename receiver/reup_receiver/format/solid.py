@@ -31,6 +31,7 @@ Encoder: reup.delta.solid; receiver: builder.PathBuilder.
 from __future__ import annotations
 
 import lzma
+from collections.abc import Iterator
 
 import zstandard
 
@@ -75,13 +76,11 @@ def lzma2_filters(dict_log: int) -> list[dict[str, int]]:
     return [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << dict_log}]
 
 
-def uncompressed_chunks(prefix: bytes) -> list[bytes]:
-    """`prefix` as LZMA2 uncompressed chunks: the first resets the dictionary."""
-    out = []
+def uncompressed_chunks(prefix: bytes) -> Iterator[bytes]:
+    """`prefix` as LZMA2 uncompressed chunks (the first resets the dictionary), one at a time."""
     for off in range(0, len(prefix), _CHUNK):
         part = prefix[off : off + _CHUNK]
-        out.append(bytes([1 if off == 0 else 2]) + (len(part) - 1).to_bytes(2, "big") + part)
-    return out
+        yield bytes([1 if off == 0 else 2]) + (len(part) - 1).to_bytes(2, "big") + part
 
 
 class SolidLzma:
