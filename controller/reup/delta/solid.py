@@ -42,7 +42,6 @@ def frame_parts(prefix: bytes, contents: Sequence[bytes]) -> list[bytes]:
     return parts
 
 
-
 # Literal context 1, no position bits: measured on a Python package's .py and .pyc
 # (urllib3 2.2.2 -> 2.2.3) 0.5% smaller than LZMA's defaults (3, 0, 2).
 LZMA_LC, LZMA_LP, LZMA_PB = 1, 0, 0

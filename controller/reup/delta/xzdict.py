@@ -19,7 +19,7 @@ from functools import cache
 
 _LZMA_FILTER_LZMA2 = 0x21
 _VLI_UNKNOWN = (1 << 64) - 1
-_RUN, _FINISH = 0, 3
+_FINISH = 3
 _OK, _STREAM_END = 0, 1
 _PRESET_EXTREME = 0x80000000
 

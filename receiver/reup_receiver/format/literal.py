@@ -40,6 +40,7 @@ LITERAL_ZSTD, LITERAL_LZMA_X86, LITERAL_LZMA_ELF = 0, 1, 2
 LZMA_CODECS = (LITERAL_LZMA_X86, LITERAL_LZMA_ELF)
 MAX_DICT_LOG = 25  # 32 MiB
 STEP = 1 << 20
+_IN_STEP = 1 << 16  # compressed bytes per decoder call
 MAX_ELF = 64 << 20  # LZMA_ELF: larger files are not normalised (the receiver holds one whole)
 _EM_X86_64 = 62
 
@@ -78,6 +79,22 @@ class MemorySink:
         return len(data)
 
 
+class _Whole:
+    """A Sink into one preallocated buffer of a file's declared size (LZMA_ELF restores it whole)."""
+
+    def __init__(self, size: int) -> None:
+        self.buf = bytearray(size)
+        self.pos = 0
+
+    def write(self, data: bytes) -> int:
+        end = self.pos + len(data)
+        if end > len(self.buf):
+            raise Corrupt("literal group: more bytes than the file declares")
+        self.buf[self.pos : end] = data
+        self.pos = end
+        return len(data)
+
+
 def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> None:
     """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
     so this bounds each step's output (and memory) to about 3 MiB."""
@@ -96,6 +113,9 @@ class LiteralStream:
         self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_LITERAL_WINDOW).decompressobj()
         self.group: lzma.LZMADecompressor | None = None
         self.pending = bytearray()  # compressed bytes of a group still arriving
+        self.first = False  # `pending` holds a started group's bytes, not yet given to its decoder
+        self.src: bytes | bytearray = b""  # the current group's compressed bytes
+        self.src_pos = 0  # how many of them the decoder has
 
     def feed(self, sink: Sink, data: bytes) -> None:
         """DATA of the current literal file."""
@@ -111,44 +131,49 @@ class LiteralStream:
         """The current literal file's DATA is in: cut its `size` bytes (LZMA groups)."""
         if self.codec not in LZMA_CODECS:
             return
-        first = b""
         if data_len:
             if size == 0:
                 raise Corrupt("a literal group must start at a non-empty file")
             self._end_group()
-            dict_log, first = self.pending[0], bytes(self.pending[1:])
-            self.pending = bytearray()
+            dict_log = self.pending[0]
             if not 16 <= dict_log <= MAX_DICT_LOG:
                 raise Corrupt(f"literal group: bad dictionary size 2^{dict_log}")
             self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log, self.codec))
+            self.first = True  # the group's bytes wait in `pending` until its first decompress call
         if size == 0:
             return
         if self.group is None:
             raise Corrupt("literal file without a literal group")
         if self.codec == LITERAL_LZMA_ELF and size <= MAX_ELF:
-            whole = MemorySink()
-            self._cut(whole, size, first)
-            ranges = elf_ranges(whole.out)
+            whole = _Whole(size)  # allocated once: no reallocation copies while it fills
+            self._cut(whole, size)
+            ranges = elf_ranges(whole.buf)
             if ranges:
-                elfx86.restore(whole.out, ranges, elfx86.RIP)
-            view = memoryview(whole.out)
+                elfx86.restore(whole.buf, ranges, elfx86.RIP)
+            view = memoryview(whole.buf)
             for off in range(0, size, STEP):
                 sink.write(bytes(view[off : off + STEP]))
             return
-        self._cut(sink, size, first)
+        self._cut(sink, size)
 
-    def _cut(self, sink: Sink, size: int, first: bytes) -> None:
+    def _cut(self, sink: Sink, size: int) -> None:
         assert self.group is not None
-        data = first
+        if self.first:  # the group's compressed bytes (after the dictionary byte), given to the
+            # decoder in slices as it asks: it copies any input it cannot use yet.
+            self.src, self.src_pos, self.first = self.pending, 1, False
+            self.pending = bytearray()
         left = size
         try:
             while left and not self.group.eof:  # decompress() past the end raises EOFError
+                data: bytes | bytearray = b""
+                if self.group.needs_input and self.src_pos < len(self.src):
+                    data = self.src[self.src_pos : self.src_pos + _IN_STEP]
+                    self.src_pos += len(data)
                 out = self.group.decompress(data, max_length=min(STEP, left))
-                data = b""
                 if out:
                     sink.write(out)
                     left -= len(out)
-                elif self.group.needs_input:
+                elif self.group.needs_input and self.src_pos >= len(self.src):
                     break
         except lzma.LZMAError as exc:
             raise Corrupt(f"literal group does not decompress: {exc}") from exc
@@ -159,8 +184,12 @@ class LiteralStream:
         group = self.group
         if group is None:
             return
+        unread = self.src[self.src_pos :]
+        self.src, self.src_pos = b"", 0
+        if group.eof and unread:
+            raise Corrupt("literal group holds more data than its files")
         try:
-            rest = group.decompress(b"", max_length=1) if not group.eof else b""
+            rest = group.decompress(unread, max_length=1) if not group.eof else b""
         except lzma.LZMAError as exc:
             raise Corrupt(f"literal group does not decompress: {exc}") from exc
         if rest or not group.eof or group.unused_data:
