@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta.literal import LiteralEncoder
 from reup_receiver.errors import Corrupt, Unsupported
-from reup_receiver.format import elfx86
+from reup.delta.literal import elf_ranges
+from reup_receiver.format import elfstream, elfx86
 from reup_receiver.format.literal import (
     LITERAL_LZMA_ELF,
     LITERAL_LZMA_X86,
@@ -19,7 +20,6 @@ from reup_receiver.format.literal import (
     STEP,
     LiteralStream,
     MemorySink,
-    elf_ranges,
 )
 
 
@@ -121,8 +121,6 @@ def test_elf_round_trip_smaller_than_x86(tmp_path: os.PathLike[str]) -> None:
     _, x86_wire = round_trip(str(tmp_path), files[:3], elf=False)
     _, elf_whole = round_trip(str(tmp_path), files[:3], elf=True)
     assert elf_whole < x86_wire
-    norm = bytes(elfx86.normalise(exe, elf_ranges(exe), elfx86.RIP))
-    assert norm != exe and elf_ranges(norm) == elf_ranges(exe)  # the rule finds the same ranges
 
 
 def test_elf_corruption_is_refused_or_differs(tmp_path: os.PathLike[str]) -> None:
@@ -148,8 +146,8 @@ def test_elf_corruption_is_refused_or_differs(tmp_path: os.PathLike[str]) -> Non
 
 
 def test_elf_output_in_bounded_steps(tmp_path: os.PathLike[str]) -> None:
-    """A restored executable is written in STEP pieces; the receiver holds one file of at most
-    MAX_ELF bytes, and files above MAX_ELF are never normalised, so never held whole."""
+    """A restored executable is written in STEP pieces as it is decoded: the receiver holds
+    the group's compressed bytes and the LZMA2 dictionary, never the file."""
     exe = _x86_64_elf()
     p = os.fsencode(os.path.join(tmp_path, "exe"))
     with open(p, "wb") as fh:
@@ -169,6 +167,62 @@ def test_elf_output_in_bounded_steps(tmp_path: os.PathLike[str]) -> None:
     dec.complete(Recording(), len(exe), len(chunk))
     dec.finish()
     assert b"".join(writes) == exe and max(map(len, writes)) <= STEP
-    big = bytearray(exe)
-    big.extend(bytes(64 << 20))
-    assert elf_ranges(big) == []  # above MAX_ELF: left alone
+    assert len(writes) > 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32), st.lists(st.integers(1, 5000), min_size=1, max_size=12))
+def test_streaming_restore_equals_whole_file_restore(seed: int, pieces: list[int]) -> None:
+    """Restorer, fed in arbitrary pieces, gives exactly elfx86.restore's bytes (operands that
+    straddle piece boundaries and range ends included)."""
+    rnd = random.Random(seed)
+    ops = [b"\xff\x15", b"\xff\x25", b"\x48\x8b\x05", b"\x4c\x8d\x3d", b"\x90", b"\xe8"]
+    data = bytearray()
+    while len(data) < 6000:
+        data += rnd.choice(ops) + rnd.randbytes(rnd.randrange(0, 6))
+    data = data[:6000]
+    a, b = sorted(rnd.sample(range(1, 5999), 2))
+    ranges = [(0, a), (a + rnd.randrange(0, 3), b - a)]
+    ranges = [(o, n) for o, n in ranges if n > 0 and o + n <= len(data)]
+    norm = bytes(elfx86.normalise(bytes(data), ranges, elfx86.RIP))
+    out = MemorySink()
+    restorer = elfstream.Restorer(out, ranges)
+    pos = 0
+    for n in pieces * 4:
+        restorer.write(norm[pos : pos + n])
+        pos += n
+    restorer.write(norm[pos:])
+    restorer.close()
+    assert bytes(out.out) == bytes(data)
+
+
+def test_executable_map_is_checked() -> None:
+    from reup_receiver.format.wire import Buf
+
+    head = bytearray()
+    elfstream.put_map(head, [(0, [(64, 100), (200, 50)]), (3, [(10, 5)])])
+    assert elfstream.get_map(Buf(bytes(head), "t")) == {0: [(64, 100), (200, 50)], 3: [(10, 5)]}
+    for bad in ([(1, [(0, 5)]), (1, [(9, 1)])], [(0, [(50, 10), (40, 5)])], [(0, [])], [(0, [(5, 0)])]):
+        head = bytearray()
+        elfstream.put_map(head, bad)
+        with pytest.raises(Corrupt):
+            elfstream.get_map(Buf(bytes(head), "t"))
+    with pytest.raises(Corrupt):
+        elfstream.check_ranges([(0, 10), (20, 30)], 49)
+
+
+def test_map_naming_a_missing_file_is_refused() -> None:
+    """A group whose executable map names more files than the group has is corrupt."""
+    import lzma
+
+    from reup_receiver.format.literal import lzma_filters
+
+    content = random.Random(3).randbytes(5000)
+    head = bytearray([16])
+    elfstream.put_map(head, [(4, [(0, 100)])])
+    data = bytes(head) + lzma.compress(content, format=lzma.FORMAT_RAW, filters=lzma_filters(16, LITERAL_LZMA_ELF))
+    dec = LiteralStream(LITERAL_LZMA_ELF)
+    dec.feed(MemorySink(), data)
+    dec.complete(MemorySink(), len(content), len(data))
+    with pytest.raises(Corrupt, match="executable map"):
+        dec.finish()

@@ -18,20 +18,19 @@ import struct
 from collections.abc import Sequence
 
 import zstandard
-from reup_receiver.format import elfx86
+from reup_receiver.format import elfstream, elfx86
 from reup_receiver.format.literal import (
     LITERAL_LZMA_ELF,
     LITERAL_LZMA_X86,
     LITERAL_ZSTD,
-    MAX_ELF,
     dict_log_for,
-    elf_ranges,
     lzma_filters,
 )
 
 ZSTD_LEVEL = 19
 ZSTD_WINDOW_LOG = 25  # 32 MiB: the receiver's decoder memory stays bounded
 LZMA_MIN = 256 << 10
+_EM_X86_64 = 62
 GROUP_MAX = 32 << 20  # a group's content; its compressed bytes are held by the receiver
 
 
@@ -40,20 +39,11 @@ def _read(path: bytes) -> bytes:
         return fh.read()
 
 
-def headers_clear(path: bytes, size: int) -> bool:
-    """Whether LZMA_ELF leaves this file's ELF and section headers as they are, so the receiver
-    finds the same ranges in the normalised file (true of every linker's output; a crafted
-    file could put its section table inside code: then the stream keeps LZMA_X86)."""
-    if size > MAX_ELF or size < 64:
-        return True
-    with open(path, "rb") as fh:
-        head = fh.read(64)
-        if len(head) < 64 or head[:4] != b"\x7fELF" or struct.unpack_from("<H", head, 18)[0] != 62:
-            return True
-        ranges = elf_ranges(head + fh.read())
-    shoff, = struct.unpack_from("<Q", head, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", head, 0x3A)
-    return all(off >= 64 and (off + n <= shoff or off >= shoff + shentsize * shnum) for off, n in ranges)
+def elf_ranges(data: bytes) -> elfx86.Ranges:
+    """LZMA_ELF normalises x86-64 ELF64 files up to elfx86.MAX_FILE (they are held whole here)."""
+    if len(data) > elfx86.MAX_FILE or len(data) < 64 or struct.unpack_from("<H", data, 18)[0] != _EM_X86_64:
+        return []
+    return elfx86.exec_ranges(data)
 
 
 class LiteralEncoder:
@@ -79,8 +69,7 @@ class LiteralEncoder:
                 )
             ).compressobj()
             return
-        elf = self.elf and all(headers_clear(path, size) for path, size in files)
-        self.codec = LITERAL_LZMA_ELF if elf else LITERAL_LZMA_X86
+        self.codec = LITERAL_LZMA_ELF if self.elf else LITERAL_LZMA_X86
         group: list[bytes] = []
         total = 0
         for path, size in files:
@@ -106,10 +95,15 @@ class LiteralEncoder:
         dict_log = dict_log_for(size)
         enc = lzma.LZMACompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log, self.codec))
         parts = []
-        for p in group:
+        elf_map: list[tuple[int, elfx86.Ranges]] = []
+        for index, p in enumerate(group):  # a group's files are all non-empty
             content = _read(p)
             ranges = elf_ranges(content) if self.codec == LITERAL_LZMA_ELF else []
             if ranges:
                 content = bytes(elfx86.normalise(content, ranges, elfx86.RIP))
+                elf_map.append((index, ranges))
             parts.append(enc.compress(content))
-        return bytes([dict_log]) + b"".join(parts) + enc.flush()
+        head = bytearray([dict_log])
+        if self.codec == LITERAL_LZMA_ELF:
+            elfstream.put_map(head, elf_map)
+        return bytes(head) + b"".join(parts) + enc.flush()

@@ -10,14 +10,13 @@ Three codecs, chosen per stream by the encoder (the manifest's `literal` field):
   its first file; later files of the
   group carry no DATA and are cut from the same decompressor. Memory: one
   group's compressed bytes and the LZMA2 dictionary.
-- LZMA_ELF: the same groups (LZMA2 preset 9e), where each x86-64 ELF file of at
-  most `MAX_ELF` bytes had its RIP-relative operands normalised first
-  (elfx86.normalise, mode RIP: `[rip+d32]` becomes the absolute offset it
-  points to, as the x86 filter does for calls). On a 30 MB Rust executable that
-  is 8% smaller than LZMA_X86. The receiver cuts such a file whole into memory
-  (at most `MAX_ELF` bytes) and restores it before writing. Which files were
-  normalised is decided by the same rule on both sides (`elf_ranges`), so the
-  stream carries no flag for it.
+- LZMA_ELF: the same groups (LZMA2 preset 9e), where x86-64 executables had
+  their RIP-relative operands normalised first (elfx86.normalise, mode RIP:
+  `[rip+d32]` becomes the absolute offset it points to, as the x86 filter does
+  for calls); on a 30 MB Rust executable 8% smaller than LZMA_X86. The group's
+  DATA starts, after the dictionary byte, with the map of those files and their
+  executable ranges (elfstream.py), and the receiver restores them as they
+  stream out of the decoder, holding back a few bytes, never a whole file.
 
 Output is produced in bounded steps in both cases. Used by builder.py; the
 encoder's side is reup.delta.literal.
@@ -26,13 +25,13 @@ encoder's side is reup.delta.literal.
 from __future__ import annotations
 
 import lzma
-import struct
 from typing import Protocol, cast
 
 import zstandard
 
 from reup_receiver.errors import Corrupt, Unsupported
-from reup_receiver.format import elfx86
+from reup_receiver.format import elfstream
+from reup_receiver.format.wire import Buf
 
 MAX_WINDOW = 1 << 31  # zstd-prefix patches: further bounded by base + new size (builder.apply_patch)
 MAX_LITERAL_WINDOW = 1 << 25  # the encoder's literal stream never uses more (reup.delta.literal)
@@ -41,22 +40,11 @@ LZMA_CODECS = (LITERAL_LZMA_X86, LITERAL_LZMA_ELF)
 MAX_DICT_LOG = 25  # 32 MiB
 STEP = 1 << 20
 _IN_STEP = 1 << 16  # compressed bytes per decoder call
-MAX_ELF = 64 << 20  # LZMA_ELF: larger files are not normalised (the receiver holds one whole)
-_EM_X86_64 = 62
 
 
 def lzma_filters(dict_log: int, codec: int = LITERAL_LZMA_X86) -> list[dict[str, int]]:
     preset = 9 | lzma.PRESET_EXTREME if codec == LITERAL_LZMA_ELF else 9
     return [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": preset, "dict_size": 1 << dict_log}]
-
-
-def elf_ranges(data: bytes | bytearray) -> elfx86.Ranges:
-    """LZMA_ELF: the executable ranges of a file that is normalised ([] if it is not): an
-    x86-64 ELF64 of at most MAX_ELF bytes. The normalisation never changes the ELF and
-    section headers, so the receiver finds the same ranges in the normalised file."""
-    if len(data) > MAX_ELF or len(data) < 64 or struct.unpack_from("<H", data, 18)[0] != _EM_X86_64:
-        return []
-    return elfx86.exec_ranges(cast(bytes, data))  # reads headers only: a bytearray is fine, no copy
 
 
 def dict_log_for(size: int) -> int:
@@ -79,22 +67,6 @@ class MemorySink:
         return len(data)
 
 
-class _Whole:
-    """A Sink into one preallocated buffer of a file's declared size (LZMA_ELF restores it whole)."""
-
-    def __init__(self, size: int) -> None:
-        self.buf = bytearray(size)
-        self.pos = 0
-
-    def write(self, data: bytes) -> int:
-        end = self.pos + len(data)
-        if end > len(self.buf):
-            raise Corrupt("literal group: more bytes than the file declares")
-        self.buf[self.pos : end] = data
-        self.pos = end
-        return len(data)
-
-
 def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> None:
     """Decompress in 64-byte slices: zstd can expand 3 bytes into a 128 KiB block,
     so this bounds each step's output (and memory) to about 3 MiB."""
@@ -113,7 +85,8 @@ class LiteralStream:
         self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_LITERAL_WINDOW).decompressobj()
         self.group: lzma.LZMADecompressor | None = None
         self.pending = bytearray()  # compressed bytes of a group still arriving
-        self.first = False  # `pending` holds a started group's bytes, not yet given to its decoder
+        self.elf_map: dict[int, list[tuple[int, int]]] = {}  # LZMA_ELF: the group's executables
+        self.index = 0  # the next file's position among the group's non-empty files
         self.src: bytes | bytearray = b""  # the current group's compressed bytes
         self.src_pos = 0  # how many of them the decoder has
 
@@ -135,33 +108,31 @@ class LiteralStream:
             if size == 0:
                 raise Corrupt("a literal group must start at a non-empty file")
             self._end_group()
-            dict_log = self.pending[0]
+            head = Buf(cast(bytes, self.pending), "literal group")
+            dict_log = head.u8()
             if not 16 <= dict_log <= MAX_DICT_LOG:
                 raise Corrupt(f"literal group: bad dictionary size 2^{dict_log}")
+            self.elf_map = elfstream.get_map(head) if self.codec == LITERAL_LZMA_ELF else {}
             self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log, self.codec))
-            self.first = True  # the group's bytes wait in `pending` until its first decompress call
+            # The decoder gets the group's bytes in slices as it asks (it copies input it cannot use yet).
+            self.src, self.src_pos, self.index = self.pending, head.pos, 0
+            self.pending = bytearray()
         if size == 0:
             return
         if self.group is None:
             raise Corrupt("literal file without a literal group")
-        if self.codec == LITERAL_LZMA_ELF and size <= MAX_ELF:
-            whole = _Whole(size)  # allocated once: no reallocation copies while it fills
-            self._cut(whole, size)
-            ranges = elf_ranges(whole.buf)
-            if ranges:
-                elfx86.restore(whole.buf, ranges, elfx86.RIP)
-            view = memoryview(whole.buf)
-            for off in range(0, size, STEP):
-                sink.write(bytes(view[off : off + STEP]))
-            return
-        self._cut(sink, size)
+        ranges = self.elf_map.get(self.index)
+        self.index += 1
+        if ranges:
+            elfstream.check_ranges(ranges, size)
+            restorer = elfstream.Restorer(sink, ranges)
+            self._cut(restorer, size)
+            restorer.close()
+        else:
+            self._cut(sink, size)
 
     def _cut(self, sink: Sink, size: int) -> None:
         assert self.group is not None
-        if self.first:  # the group's compressed bytes (after the dictionary byte), given to the
-            # decoder in slices as it asks: it copies any input it cannot use yet.
-            self.src, self.src_pos, self.first = self.pending, 1, False
-            self.pending = bytearray()
         left = size
         try:
             while left and not self.group.eof:  # decompress() past the end raises EOFError
@@ -186,6 +157,8 @@ class LiteralStream:
             return
         unread = self.src[self.src_pos :]
         self.src, self.src_pos = b"", 0
+        if self.elf_map and max(self.elf_map) >= self.index:
+            raise Corrupt("literal group: executable map names a file the group does not have")
         if group.eof and unread:
             raise Corrupt("literal group holds more data than its files")
         try:
