@@ -9,9 +9,8 @@ import pytest
 import reup.delta.literal as enc_mod
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reup.delta.literal import LiteralEncoder
+from reup.delta.literal import LiteralEncoder, elf_ranges
 from reup_receiver.errors import Corrupt, Unsupported
-from reup.delta.literal import elf_ranges
 from reup_receiver.format import elfstream, elfx86
 from reup_receiver.format.literal import (
     LITERAL_LZMA_ELF,
