@@ -201,7 +201,9 @@ def test_executable_map_is_checked() -> None:
     head = bytearray()
     elfstream.put_map(head, [(0, [(64, 100), (200, 50)]), (3, [(10, 5)])])
     assert elfstream.get_map(Buf(bytes(head), "t")) == {0: [(64, 100), (200, 50)], 3: [(10, 5)]}
-    for bad in ([(1, [(0, 5)]), (1, [(9, 1)])], [(0, [(50, 10), (40, 5)])], [(0, [])], [(0, [(5, 0)])]):
+    bads: list[list[tuple[int, list[tuple[int, int]]]]] = [
+        [(1, [(0, 5)]), (1, [(9, 1)])], [(0, [(50, 10), (40, 5)])], [(0, [])], [(0, [(5, 0)])]]
+    for bad in bads:
         head = bytearray()
         elfstream.put_map(head, bad)
         with pytest.raises(Corrupt):
