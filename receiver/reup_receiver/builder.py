@@ -36,6 +36,7 @@ from reup_receiver.format.model import (
     KIND_FILE,
     KIND_MIRROR,
     KIND_SYMLINK,
+    SOLID_CODECS,
     Codec,
     Entry,
     Method,
@@ -43,7 +44,7 @@ from reup_receiver.format.model import (
 )
 from reup_receiver.format.nar import NarHasher, walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes, rewrite_chunks
-from reup_receiver.format.solid import MAX_PREFIX, SolidFrame
+from reup_receiver.format.solid import MAX_PREFIX, SolidFrame, SolidLzma
 
 READ_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -168,7 +169,7 @@ class _OpenFile:
 
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
-    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, Codec.SOLID]  # the standard library and zstandard
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF]  # stdlib, zstandard
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:
@@ -254,7 +255,7 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
 
 def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:
     """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
-    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.SOLID):
+    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.LITERAL_ELF, *SOLID_CODECS):
         raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
     sink = MemorySink()
     apply_patch(Codec(inner), old, patch, sink, size)
@@ -279,7 +280,9 @@ class PathBuilder:
         self.nar = NarHasher(nar_limit)  # declared nar_size: checked as every byte is written
         self.file: _OpenFile | None = None
         self.pending: _Peek | None = None  # entries a MIRROR still has to produce
-        self.solid: SolidFrame | None = None  # the MIRROR's solid frame, if it has SOLID files
+        self.solid: SolidFrame | SolidLzma | None = None  # the MIRROR's solid frame, if any
+        self.solid_codec: Codec | None = None
+        self.solid_prefix: bytes | None = None  # the solid dictionary, read at the MIRROR
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
         self.mirror_source: int | None = None  # table index of the MIRROR's source path
 
@@ -305,8 +308,16 @@ class PathBuilder:
                 raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
             self.pending = _Peek(self._expand(e))
             self.mirror_source = e.source
-            if e.flags & F_SOLID_TREE or any(spec.codec == Codec.SOLID for spec in e.mirror):
-                self.solid = SolidFrame(self._solid_prefix(e))
+            used = {spec.codec for spec in e.mirror if spec.codec in SOLID_CODECS}
+            if len(used) > 1:
+                raise Corrupt(f"{self.label(b'')}: a mirror's solid files must share one codec")
+            if e.flags & F_SOLID_TREE or used:
+                # F_SOLID_TREE without mirrored solid files: the explicit entries name the codec;
+                # a SOLID_LZMA frame is only made once its first file comes.
+                self.solid_codec = used.pop() if used else None
+                self.solid_prefix = self._solid_prefix(e)
+                if self.solid_codec is not None:
+                    self.solid = self._solid_frame(self.solid_codec)
             return
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: entry before its data ended")
@@ -367,6 +378,25 @@ class PathBuilder:
             else:
                 raise MissingBase(f"base path has a special file: {label}", label)
 
+    def _solid_frame(self, codec: Codec) -> SolidFrame | SolidLzma:
+        prefix = self.solid_prefix
+        assert prefix is not None
+        self.solid_prefix = b""  # the frame holds the dictionary now
+        return SolidFrame(prefix) if codec == Codec.SOLID else SolidLzma(prefix)
+
+    def _solid_for(self, e: Entry, label: str) -> SolidFrame | SolidLzma:
+        """The path's solid frame for a file coded with `e.codec` (made at its first file)."""
+        if self.solid_prefix is None:
+            raise Corrupt(f"{label}: solid data outside a mirror with solid files")
+        if self.solid_codec is None:
+            self.solid_codec = e.codec
+        if e.codec != self.solid_codec:
+            raise Corrupt(f"{label}: a mirror's solid files must share one codec")
+        if self.solid is None:
+            assert e.codec is not None
+            self.solid = self._solid_frame(e.codec)
+        return self.solid
+
     def _solid_prefix(self, m: Entry) -> bytes:
         """The solid dictionary, rewritten (solid.py): with F_SOLID_TREE every file of the
         source tree, else the old versions of the mirror's SOLID files; NAR order."""
@@ -378,7 +408,7 @@ class PathBuilder:
             raise MissingBase(f"base path differs ({len(files)} files, the mirror lists "
                               f"{len(m.mirror)}): {label}", label)
         wanted = walked if m.flags & F_SOLID_TREE else \
-            [parts for parts, spec in zip(files, m.mirror, strict=True) if spec.codec == Codec.SOLID]
+            [parts for parts, spec in zip(files, m.mirror, strict=True) if spec.codec in SOLID_CODECS]
         prefix = bytearray()
         for parts in wanted:
             for chunk in read_base(host, parts, label):
@@ -435,10 +465,8 @@ class PathBuilder:
         f.received += len(chunk)
         if f.entry.method == Method.LITERAL:
             self.literal.feed(f.sink, chunk)
-        elif f.entry.codec == Codec.SOLID:
-            if self.solid is None:
-                raise Corrupt(f"{f.sink.label}: solid data outside a mirror with solid files")
-            self.solid.feed(f.sink, chunk)
+        elif f.entry.codec in SOLID_CODECS:
+            self._solid_for(f.entry, f.sink.label).feed(f.sink, chunk)
         else:
             f.patch.extend(chunk)
         if f.received == f.entry.data_len:
@@ -457,9 +485,8 @@ class PathBuilder:
                     chunks = rewrite_chunks(chunks, self.rewrites)
                 for chunk in chunks:
                     sink.write(chunk)
-            elif e.method == Method.PATCH and e.codec == Codec.SOLID:
-                if e.data_len == 0:
-                    raise Corrupt(f"{sink.label}: solid file without data")
+            elif e.method == Method.PATCH and e.codec in SOLID_CODECS:
+                self._solid_for(e, sink.label).complete(sink, e.size, e.data_len)
             elif e.method == Method.PATCH:
                 self._patch(e, sink, patch)
             else:
@@ -495,6 +522,8 @@ class PathBuilder:
             self._pump(None)
         if self.file is not None:
             raise Corrupt(f"{self.file.sink.label}: stream ended inside the file's data")
+        if self.solid is not None:
+            self.solid.finish()
         digest, size = self.nar.finish()
         canonicalise(self.top)
         return digest, size

@@ -5,6 +5,7 @@ base file differs refuses the stream and keeps its generation."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ import pytest
 from reup.delta.encode import encode
 from reup.delta.stats import DeltaStats
 from reup_lab.nixenv import nix_env
-from reup_receiver.format.model import PATCH_CODECS
+from reup_receiver.format.entries import EntryCoder
+from reup_receiver.format.model import KIND_MIRROR, PATCH_CODECS, SOLID_CODECS, Codec
+from reup_receiver.format.wire import T_ENTRY, T_TRAILER, RecordReader
 from support.receiverkit import (
     copy_root,
     device_nar_hash,
@@ -141,3 +144,33 @@ def test_changed_base_file_is_refused(gens: tuple[str, str], root_a: str, tmp_pa
     assert run.returncode != 0
     assert "pylib" in run.stderr
     assert snapshot(root_a) == before
+
+
+def _solid_codecs(stream: bytes) -> set[Codec]:
+    """The solid codecs the stream's MIRROR entries name (a MIRROR is its path's first entry)."""
+    reader = RecordReader(io.BytesIO(stream))
+    found: set[Codec] = set()
+    while (rec := reader.next())[0] != T_TRAILER:
+        tag, payload = rec
+        if tag == T_ENTRY and payload[0] == KIND_MIRROR:
+            mirror = EntryCoder([b"?"] * 65536).decode(payload)  # source indices unchecked here
+            found |= {f.codec for f in mirror.mirror if f.codec in SOLID_CODECS}
+    return found
+
+
+def test_lzma_frame_for_new_receivers_zstd_for_old(gens: tuple[str, str], root_a: str, template_a: str,
+                                                    tmp_path: os.PathLike[str]) -> None:
+    """A receiver that lists solid_lzma gets the smaller LZMA2 frame; one that lists only
+    solid (older) gets the zstd frame; both apply and verify."""
+    a, b = gens
+    new_stream, _ = _encode(tmp_path, a, b)
+    old_stream, old_stats = _encode(tmp_path, a, b, allowed_codecs=[*PATCH_CODECS, Codec.SOLID])
+    assert _solid_codecs(new_stream) == {Codec.SOLID_LZMA}
+    assert _solid_codecs(old_stream) == {Codec.SOLID}
+    assert old_stats.ops_by_kind.get("solid", 0) >= 6
+    assert len(new_stream) < len(old_stream)
+    for i, stream in enumerate((new_stream, old_stream)):
+        root = root_a if i == 0 else copy_root(template_a, os.path.join(tmp_path, "device-old"))
+        run = receive(root, stream)
+        assert run.returncode == 0, run.stderr
+        assert nix_verify(root, b).returncode == 0

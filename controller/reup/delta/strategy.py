@@ -24,6 +24,7 @@ from reup_receiver.format.model import (
     F_REWRITE,
     FILE_HASH_LEN,
     KIND_FILE,
+    SOLID_CODECS,
     Codec,
     Entry,
     Method,
@@ -131,6 +132,7 @@ class FileCoding:
     source: tuple[str, bytes] | None = None
     diff: Future[DiffResult] | None = None
     solid: bytes | None = None  # this file's part of its mirror's solid frame (solid.py)
+    solid_codec: Codec = Codec.SOLID  # that frame's codec (SOLID or SOLID_LZMA)
 
 
 class FileCoder:
@@ -167,7 +169,7 @@ class FileCoder:
             os.path.basename(o)[:HASH_LEN].encode(): os.path.basename(n)[:HASH_LEN].encode()
             for o, n in self.rewrite_paths.items()
         }
-        self.literal = LiteralEncoder()
+        self.literal = LiteralEncoder(elf=allowed is None or Codec.LITERAL_ELF in allowed)
 
     def file_pairs(self, new_path: str, new_files: Sequence[StoreFile]) -> dict[bytes, bytes]:
         old = self.pairs.get(new_path)
@@ -258,7 +260,8 @@ class FileCoder:
         modules find their old text), else the old versions of the mirrored solid files.
         Waits for the path's diffs. A file's own cost: its patch, or the literal estimate.
         """
-        if self.allowed is not None and Codec.SOLID not in self.allowed or self.codecs is not None:
+        solid_ok = [c for c in SOLID_CODECS if self.allowed is None or c in self.allowed]
+        if not solid_ok or self.codecs is not None:
             return
         mirrored = {id(d) for d in plan.files}
         chosen: list[tuple[FileCoding, int]] = []
@@ -286,12 +289,21 @@ class FileCoder:
                 (not plan.solid_tree and not any(id(d) in mirrored for d, _ in chosen)):
             plan.solid_tree = False
             return
-        parts = solid.frame_parts(rewrite_bytes(prefix, self.rewrites), [_read(d.file.host) for d, _ in chosen])
-        if sum(map(len, parts)) >= sum(cost for _, cost in chosen):
+        prefix = rewrite_bytes(prefix, self.rewrites)
+        contents = [_read(d.file.host) for d, _ in chosen]
+        frames = [(sum(map(len, p)), c, p) for c, p in (
+            (Codec.SOLID, solid.frame_parts(prefix, contents) if Codec.SOLID in solid_ok else None),
+            (Codec.SOLID_LZMA, solid.lzma_parts(prefix, contents) if Codec.SOLID_LZMA in solid_ok else None),
+        ) if p is not None]
+        if not frames:
+            plan.solid_tree = False
+            return
+        size, codec, parts = min(frames, key=lambda f: (f[0], f[1]))
+        if size >= sum(cost for _, cost in chosen):
             plan.solid_tree = False
             return
         for (d, _), part in zip(chosen, parts, strict=True):
-            d.solid = part
+            d.solid, d.solid_codec = part, codec
             if id(d) not in mirrored:
                 d.source = (plan.old, d.file.relpath)  # named on the wire, never read
 
@@ -307,7 +319,7 @@ class FileCoder:
         assert d.diff is not None
         sha = d.sha[:FILE_HASH_LEN]
         if d.solid is not None:
-            return MirrorFile(Method.PATCH, sha, d.file.size, Codec.SOLID, len(d.solid)), d.solid, "solid"
+            return MirrorFile(Method.PATCH, sha, d.file.size, d.solid_codec, len(d.solid)), d.solid, "solid"
         result = d.diff.result()
         if result.kind == "rewrite":
             return MirrorFile(Method.COPY, sha), b"", "mirror"
@@ -344,7 +356,7 @@ class FileCoder:
         if d.kind == "dedup":
             return entry(Method.COPY, d.source), b"", "dedup"
         if d.solid is not None:
-            return entry(Method.PATCH, d.source, Codec.SOLID, d.solid), d.solid, "solid"
+            return entry(Method.PATCH, d.source, d.solid_codec, d.solid), d.solid, "solid"
         if d.diff is not None:
             result = d.diff.result()
             if result.kind != "literal":

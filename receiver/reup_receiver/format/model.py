@@ -30,11 +30,15 @@ class Codec(enum.IntEnum):
     ZSTD_PREFIX = 3  # a zstd frame compressed with the source as raw-content prefix
     BSDIFF_LZMA = 4  # bsdiff's blocks, LZMA2-compressed (bsdiffxz.py)
     ELF_X86 = 5  # an inner patch between branch-normalised x86-64 executables (elfx86.py)
-    SOLID = 6  # not a patch: the device reads a solid literal stream (literal.py, LITERAL_SOLID)
+    SOLID = 6  # not a patch: the next part of the mirror's solid zstd frame (solid.py)
+    SOLID_LZMA = 7  # not a patch: the next files of the mirror's solid LZMA2 frame (solid.py)
+    LITERAL_ELF = 8  # never in an entry: the receiver reads literal codec 2, LZMA_ELF (literal.py)
 
 
-# The codecs an entry may name; SOLID is only a capability in --status.
-PATCH_CODECS = tuple(c for c in Codec if c != Codec.SOLID)
+SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA)
+# The codecs a single patch may use; the SOLID ones code a mirror's files together, and
+# LITERAL_ELF is only a capability in --status.
+PATCH_CODECS = tuple(c for c in Codec if c not in (*SOLID_CODECS, Codec.LITERAL_ELF))
 
 
 KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
