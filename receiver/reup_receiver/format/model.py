@@ -31,6 +31,7 @@ class Codec(enum.IntEnum):
     BSDIFF_LZMA = 4  # bsdiff's blocks, LZMA2-compressed (bsdiffxz.py)
     ELF_X86 = 5  # an inner patch between branch-normalised x86-64 executables (elfx86.py)
     SOLID = 6  # not a patch: the device reads a solid literal stream (literal.py, LITERAL_SOLID)
+    ELF_MAP = 7  # an inner patch between x86-64 executables with references mapped old -> new (elfmap.py)
 
 
 # The codecs an entry may name; SOLID is only a capability in --status.
