@@ -168,7 +168,7 @@ class _OpenFile:
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
     # The standard library and zstandard suffice for these.
-    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, Codec.SOLID, Codec.ELF_MAP]
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, Codec.SOLID, Codec.ELF_MAP, Codec.LZMA_PREFIX]
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:
@@ -218,6 +218,10 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
         sink.write(bytes(elfx86.apply(old, patch, lambda inner, o, p: _apply_inner(inner, o, p, size))))
     elif codec == Codec.ELF_MAP:
         apply_elf_map(old, patch, sink, declared)
+    elif codec == Codec.LZMA_PREFIX:
+        from reup_receiver.format import lzmaprefix
+
+        lzmaprefix.apply(old, patch, size, sink, exact=declared is not None)
     elif codec == Codec.ZSTD_PREFIX:
         d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         window = min(MAX_WINDOW, 1 << max(20, (len(old) + size).bit_length()))

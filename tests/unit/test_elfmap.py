@@ -102,7 +102,7 @@ def test_map_follows_moved_code(elves: tuple[bytes, bytes], tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("mode", elfx86.MODES)
-@pytest.mark.parametrize("inner", [Codec.HDIFFPATCH, Codec.BSDIFF_LZMA, Codec.ZSTD_PREFIX])
+@pytest.mark.parametrize("inner", [Codec.HDIFFPATCH, Codec.BSDIFF_LZMA, Codec.ZSTD_PREFIX, Codec.LZMA_PREFIX])
 def test_real_elf_round_trips(elves: tuple[bytes, bytes], inner: Codec, mode: int) -> None:
     old, new = elves
     patch = mapped(old, new, inner, mode)
@@ -177,7 +177,7 @@ def test_corrupt_containers_are_refused(elves: tuple[bytes, bytes]) -> None:
         assert applied(old, damaged, len(new)) != new
 
 
-@pytest.mark.parametrize("inner", [Codec.HDIFFPATCH, Codec.ZSTD_PREFIX])
+@pytest.mark.parametrize("inner", [Codec.HDIFFPATCH, Codec.ZSTD_PREFIX, Codec.LZMA_PREFIX])
 def test_declared_size_is_checked_exactly(elves: tuple[bytes, bytes], inner: Codec) -> None:
     old, new = elves
     patch = mapped(old, new, inner)

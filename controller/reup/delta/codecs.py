@@ -26,6 +26,7 @@ from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.rewrite import rewrite_bytes
 
 from reup.delta import elfmap as layout
+from reup.delta import lzmaprefix
 
 SMALL = 1 << 20  # below: try all codecs and keep the smallest
 HDIFF_MAX = 128 << 20
@@ -61,7 +62,13 @@ try:
 except ImportError:  # optional: the Nix package of the controller goes without it
     HDIFF = None
 
-ENCODER_CODECS = frozenset(c for c in PATCH_CODECS if c != Codec.HDIFFPATCH or HDIFF is not None)
+ENCODER_CODECS = frozenset(c for c in PATCH_CODECS if (c != Codec.HDIFFPATCH or HDIFF is not None)
+                           and (c != Codec.LZMA_PREFIX or lzmaprefix.AVAILABLE))
+# LZMA_PREFIX: the receiver's dictionary is old + new; tried only where the best block
+# diff is at least 1/LZMA_WORTH of the new file (most of it really changed), since on
+# near-identical files block diffs win by far and LZMA's search costs seconds per MB.
+LZMA_MAX = 16 << 20
+LZMA_WORTH = 8
 ELF_MAX = 16 << 20  # ELF_X86 costs the receiver a normalised copy of the old file; Python-speed filter
 
 
@@ -129,6 +136,8 @@ def map_modes(old: bytes, new: bytes) -> list[int]:
 def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
     if codec == Codec.ELF_MAP:
         return map_patch(old, new)
+    if codec == Codec.LZMA_PREFIX:
+        return lzmaprefix.pack(old, new)
     if codec == Codec.ELF_X86:
         return elf_patch(old, new, Codec.HDIFFPATCH if HDIFF is not None else Codec.BSDIFF_LZMA)
     if codec == Codec.HDIFFPATCH:
@@ -173,6 +182,11 @@ def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
             out.append((Codec.BSDIFF4, make_patch(Codec.BSDIFF4, old, new)))
         if Codec.ZSTD_PREFIX in ok and len(old) >= 8:  # zstd's minimum prefix
             out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_SMALL)))
+    if Codec.LZMA_PREFIX in ok and len(old) >= 8 and len(old) + len(new) <= LZMA_MAX and \
+            (not out or min(len(p) for _, p in out) * LZMA_WORTH >= len(new)):
+        out.append((Codec.LZMA_PREFIX, lzmaprefix.pack(old, new)))
+        if modes:  # and with the references mapped (RIP-relative only: most code changed)
+            out.append((Codec.ELF_MAP, map_patch(old, new, elfx86.RIP, Codec.LZMA_PREFIX)))
     if not out and Codec.ZSTD_PREFIX in ok and len(old) >= 8:
         out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE)))
     return out

@@ -32,6 +32,7 @@ class Codec(enum.IntEnum):
     ELF_X86 = 5  # an inner patch between branch-normalised x86-64 executables (elfx86.py)
     SOLID = 6  # not a patch: the device reads a solid literal stream (literal.py, LITERAL_SOLID)
     ELF_MAP = 7  # an inner patch between x86-64 executables with references mapped old -> new (elfmap.py)
+    LZMA_PREFIX = 8  # raw LZMA2 with the source preloaded as dictionary (lzmaprefix.py)
 
 
 # The codecs an entry may name; SOLID is only a capability in --status.
