@@ -231,9 +231,9 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
         raise Unsupported(f"unknown codec {codec}")
 
 
-def apply_elf_map(old: bytes | bytearray, patch: bytes, sink: Sink, size: int | None = None) -> None:
-    """ELF_MAP (format/elfmap.py); a bytearray base is taken over and emptied, so the base
-    and its normalised copy are not both held while the inner patch runs."""
+def apply_elf_map(old: bytes | bytearray, patch: bytes | bytearray, sink: Sink, size: int | None = None) -> None:
+    """ELF_MAP (format/elfmap.py); a bytearray base or patch is taken over and emptied, so
+    neither the base nor the whole patch is held twice while the inner patch runs."""
     from reup_receiver.format import elfmap
 
     limit = MAX_WHOLE_OUTPUT if size is None else size
@@ -486,8 +486,11 @@ class PathBuilder:
     def _complete(self) -> None:
         assert self.file is not None
         e, sink = self.file.entry, self.file.sink
-        patch = bytes(self.file.patch)
+        buf = self.file.patch
         self.file = None  # frees the patch buffer: the decoders get the bytes copy
+        # ... except ELF_MAP, which takes the buffer over (and its base): one copy, not two.
+        patch = buf if e.method == Method.PATCH and e.codec == Codec.ELF_MAP else bytes(buf)
+        del buf
         try:
             if e.method == Method.COPY:
                 host, label = self.resolve(e.source, e.source_relpath)
@@ -516,7 +519,7 @@ class PathBuilder:
             label = self.resolve(e.source, e.source_relpath)[1]
             raise MissingBase(f"base file differs: {label}", label) from exc
 
-    def _patch(self, e: Entry, sink: FileSink, patch: bytes) -> None:
+    def _patch(self, e: Entry, sink: FileSink, patch: bytes | bytearray) -> None:
         host, label = self.resolve(e.source, e.source_relpath)
         old = b"".join(read_base(host, split_relpath(e.source_relpath, label), label, chunk=-1))
         if e.flags & F_REWRITE:
@@ -529,7 +532,7 @@ class PathBuilder:
             if isinstance(base, bytearray):
                 apply_elf_map(base, patch, sink, e.size)
             else:
-                apply_patch(e.codec, base, patch, sink, e.size)
+                apply_patch(e.codec, base, bytes(patch), sink, e.size)  # bytes already: no copy
         except (Oversized, HashMismatch, Unsupported):
             raise
         except Exception as exc:  # codec libraries raise their own types on bad input

@@ -30,8 +30,9 @@ Encoder: reup.delta.elfmap (`pack` with its map); receiver: builder.apply_patch 
 from __future__ import annotations
 
 import bisect
+import re
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfx86
@@ -88,24 +89,25 @@ class Map:
         return va + self.shifts[i] if i >= 0 else va
 
 
+# Each match is an opcode (as in elfx86) and the 4-byte field after it; scanning goes on
+# after the field, so bytes a rewrite changed are never looked at again.
+_FIELDS = {mode: re.compile(b"(?:" + pattern.pattern + b")....", re.DOTALL)
+           for mode, pattern in elfx86._OPERANDS.items()}
+
+
+def fields(data: bytes | bytearray, start: int, end: int, mode: int) -> Iterator[int]:
+    """Offsets of the reference fields in data[start:end] (the scan that both sides share)."""
+    for m in _FIELDS[mode].finditer(data, start, end):
+        yield m.end() - 4
+
+
 def _transform(buf: bytearray, ranges: Ranges, mode: int, step: Callable[[int, int], int]) -> None:
     """`step(field as u32, vaddr of the next byte)` -> the field's new value, for every reference."""
-    operand = elfx86._OPERANDS[mode]
     for start, length, va in ranges:
-        end = start + length
-        bias = va - start
-        pos = start
-        while True:
-            m = operand.search(buf, pos, end)
-            if m is None:
-                break
-            field = m.end()
-            nxt = field + 4
-            if nxt > end:
-                break
-            value = int.from_bytes(buf[field:nxt], "little")
-            buf[field:nxt] = (step(value, nxt + bias) & _MASK).to_bytes(4, "little")
-            pos = nxt
+        bias = va - start + 4
+        for field in fields(buf, start, start + length, mode):
+            value = int.from_bytes(buf[field : field + 4], "little")
+            buf[field : field + 4] = (step(value, field + bias) & _MASK).to_bytes(4, "little")
 
 
 def _signed(v: int) -> int:
@@ -196,7 +198,6 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
     Reads only `data` (the scan never looks behind a field it rewrote, so the values it
     decides on are the unmodified ones) and writes at most STEP bytes at a time: no second
     copy of the new file."""
-    operand = elfx86._OPERANDS[mode]
     view = memoryview(data)
     pending = bytearray()
     done = 0
@@ -212,35 +213,25 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
             done = take
 
     for start, length, va in ranges:
-        end = start + length
-        bias = va - start
-        pos = start
-        while True:
-            m = operand.search(data, pos, end)
-            if m is None:
-                break
-            field = m.end()
-            nxt = field + 4
-            if nxt > end:
-                break
+        bias = va - start + 4
+        for field in fields(data, start, start + length, mode):
             emit(field)
-            value = int.from_bytes(view[field:nxt], "little")
-            pending += ((value - nxt - bias) & _MASK).to_bytes(4, "little")
-            done = nxt
-            pos = nxt
+            value = int.from_bytes(view[field : field + 4], "little")
+            pending += ((value - field - bias) & _MASK).to_bytes(4, "little")
+            done = field + 4
     emit(len(data))
     if pending:
         sink.write(bytes(pending))
 
 
-def apply(old: bytes | bytearray, patch: bytes, apply_inner: Callable[[int, bytes, bytes], bytes],
+def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callable[[int, bytes, bytes], bytes],
           sink: Sink, size: int | None = None) -> None:
     """Write the new file to `sink`; `apply_inner(codec, old, patch)` applies the inner patch;
     `size`, the size the entry declares, must be the result's exactly.
 
     A bytearray `old` is taken over: normalised in place, copied to bytes for the inner
     codec and emptied, so the base and its normalised copy are never both held while
-    the inner patch runs. Memory then: the normalised base, the inner codec's output
+    the inner patch runs; a bytearray `patch` likewise loses its header and is emptied. Memory then: the normalised base, the inner codec's output
     (and its own working memory) and STEP bytes."""
     if len(old) > MAX_FILE:
         raise Corrupt("elf-map patch: base file above the codec's size limit")
@@ -251,7 +242,14 @@ def apply(old: bytes | bytearray, patch: bytes, apply_inner: Callable[[int, byte
     old_ranges = _get_ranges(buf, len(old))
     new_ranges = _get_ranges(buf, MAX_FILE)
     layout = get_map(buf)
-    inner_patch = bytes(buf.data[buf.pos :])
+    header = buf.pos
+    del buf  # releases its view of `patch`, which may now shrink
+    if isinstance(patch, bytearray):
+        del patch[:header]
+        inner_patch = bytes(patch)
+        patch.clear()
+    else:
+        inner_patch = patch[header:]
     if isinstance(old, bytearray):
         _transform(old, old_ranges, mode, lambda v, nxt: layout(nxt + _signed(v)))
         normal_old = bytes(old)
