@@ -33,6 +33,7 @@ import bisect
 import re
 import struct
 from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfx86
@@ -235,7 +236,7 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
     (and its own working memory) and STEP bytes."""
     if len(old) > MAX_FILE:
         raise Corrupt("elf-map patch: base file above the codec's size limit")
-    buf = Buf(patch, "elf-map patch")
+    buf = Buf(cast(bytes, patch), "elf-map patch")  # Buf only takes a memoryview of it
     inner, mode = buf.u8(), buf.u8()
     if mode not in elfx86.MODES:
         raise Corrupt(f"elf-map patch: unknown mode {mode}")
