@@ -32,7 +32,7 @@ from __future__ import annotations
 import bisect
 import re
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import cast
 
 from reup_receiver.errors import Corrupt
@@ -96,42 +96,52 @@ _FIELDS = {mode: re.compile(b"(?:" + pattern.pattern + b")....", re.DOTALL)
            for mode, pattern in elfx86._OPERANDS.items()}
 
 
-def fields(data: bytes | bytearray, start: int, end: int, mode: int) -> Iterator[int]:
-    """Offsets of the reference fields in data[start:end] (the scan that both sides share)."""
-    for m in _FIELDS[mode].finditer(data, start, end):
-        yield m.end() - 4
+# The loops below are the hot path (a 30 MB executable has ~0.5 M references): struct
+# in place, no per-field slices or calls beyond the scan.
+_U32 = struct.Struct("<I")
 
 
-def _transform(buf: bytearray, ranges: Ranges, mode: int, step: Callable[[int, int], int]) -> None:
-    """`step(field as u32, vaddr of the next byte)` -> the field's new value, for every reference."""
+def map_old(buf: bytearray, ranges: Ranges, mode: int, layout: Map) -> None:
+    """In place: each reference -> the new address of its target (mod 2^32)."""
+    unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
+    starts, shifts, find = layout.starts, layout.shifts, bisect.bisect_right
     for start, length, va in ranges:
-        bias = va - start + 4
-        for field in fields(buf, start, start + length, mode):
-            value = int.from_bytes(buf[field : field + 4], "little")
-            buf[field : field + 4] = (step(value, field + bias) & _MASK).to_bytes(4, "little")
+        bias = va - start  # the field's end is m.end(): vaddr of the next byte = m.end() + bias
+        for m in rx.finditer(buf, start, start + length):
+            end = m.end()
+            value = unpack(buf, end - 4)[0]
+            target = end + bias + (value - 0x100000000 if value & 0x80000000 else value)
+            i = find(starts, target) - 1
+            pack(buf, end - 4, (target + shifts[i] if i >= 0 else target) & _MASK)
 
 
-def _signed(v: int) -> int:
-    return v - (1 << 32) if v & 0x80000000 else v
+def _shift_new(buf: bytearray, ranges: Ranges, mode: int, sign: int) -> None:
+    """In place: field + sign * (vaddr of the next byte), mod 2^32, for every reference."""
+    unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
+    for start, length, va in ranges:
+        bias = va - start
+        for m in rx.finditer(buf, start, start + length):
+            end = m.end()
+            pack(buf, end - 4, (unpack(buf, end - 4)[0] + sign * (end + bias)) & _MASK)
 
 
 def normalise_old(data: bytes, ranges: Ranges, mode: int, layout: Map) -> bytearray:
     """Each reference -> the new address of its target (mod 2^32)."""
     buf = bytearray(data)
-    _transform(buf, ranges, mode, lambda v, nxt: layout(nxt + _signed(v)))
+    map_old(buf, ranges, mode, layout)
     return buf
 
 
 def normalise_new(data: bytes, ranges: Ranges, mode: int) -> bytearray:
     """Each reference -> the address of its target (mod 2^32)."""
     buf = bytearray(data)
-    _transform(buf, ranges, mode, lambda v, nxt: v + nxt)
+    _shift_new(buf, ranges, mode, 1)
     return buf
 
 
 def restore_new(buf: bytearray, ranges: Ranges, mode: int) -> None:
     """The inverse of `normalise_new`, in place."""
-    _transform(buf, ranges, mode, lambda v, nxt: v - nxt)
+    _shift_new(buf, ranges, mode, -1)
 
 
 def _put_ranges(out: bytearray, ranges: Ranges) -> None:
@@ -197,7 +207,7 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
     """`restore_new` streamed: write `data` with its references turned back into displacements.
 
     Reads only `data` (the scan never looks behind a field it rewrote, so the values it
-    decides on are the unmodified ones) and writes at most STEP bytes at a time: no second
+    decides on are the unmodified ones) and writes about STEP bytes at a time: no second
     copy of the new file."""
     view = memoryview(data)
     pending = bytearray()
@@ -213,13 +223,17 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
             pending.extend(view[done:take])
             done = take
 
+    unpack, rx = _U32.unpack_from, _FIELDS[mode]
     for start, length, va in ranges:
-        bias = va - start + 4
-        for field in fields(data, start, start + length, mode):
-            emit(field)
-            value = int.from_bytes(view[field : field + 4], "little")
-            pending += ((value - field - bias) & _MASK).to_bytes(4, "little")
-            done = field + 4
+        bias = va - start
+        for m in rx.finditer(data, start, start + length):
+            end = m.end()
+            if len(pending) < STEP and end - done <= STEP:
+                pending += view[done : end - 4]  # the common case, inlined
+            else:
+                emit(end - 4)
+            pending += _U32.pack((unpack(data, end - 4)[0] - end - bias) & _MASK)
+            done = end
     emit(len(data))
     if pending:
         sink.write(bytes(pending))
@@ -252,7 +266,7 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
     else:
         inner_patch = patch[header:]
     if isinstance(old, bytearray):
-        _transform(old, old_ranges, mode, lambda v, nxt: layout(nxt + _signed(v)))
+        map_old(old, old_ranges, mode, layout)
         normal_old = bytes(old)
         old.clear()
     else:
