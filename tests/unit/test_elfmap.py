@@ -24,8 +24,6 @@ from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import Buf
 
-BOTH = elfx86.BRANCHES | elfx86.RIP
-
 
 def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> bytes:
     """As the receiver applies it, with the output size the stream's entry declares."""
@@ -37,7 +35,7 @@ def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> by
     return bytes(sink.out)
 
 
-def mapped(old: bytes, new: bytes, inner: Codec, mode: int = BOTH) -> bytes:
+def mapped(old: bytes, new: bytes, inner: Codec, mode: int = elfmap.CALLS_RIP) -> bytes:
     return layout.pack(old, new, int(inner), mode, lambda o, n: make_patch(inner, o, n))
 
 
@@ -101,7 +99,7 @@ def test_map_follows_moved_code(elves: tuple[bytes, bytes], tmp_path: Path) -> N
     assert right >= 0.95 * len(moved), (right, len(moved))
 
 
-@pytest.mark.parametrize("mode", elfx86.MODES)
+@pytest.mark.parametrize("mode", elfmap.MODES)
 @pytest.mark.parametrize("inner", [Codec.HDIFFPATCH, Codec.BSDIFF_LZMA, Codec.ZSTD_PREFIX, Codec.LZMA_PREFIX])
 def test_real_elf_round_trips(elves: tuple[bytes, bytes], inner: Codec, mode: int) -> None:
     old, new = elves
@@ -121,7 +119,7 @@ def test_offered_only_to_receivers_that_list_it(elves: tuple[bytes, bytes]) -> N
     old, new = elves
     assert Codec.ELF_MAP in available_codecs()
     offered = [(c, p) for c, p in candidates(old, new) if c == Codec.ELF_MAP]
-    assert len(offered) == 2  # both modes, HDiffPatch inside
+    assert len(offered) == 2  # modes 6 and 2, HDiffPatch inside
     assert all(applied(old, p, len(new)) == new for _, p in offered)
     older = [c for c in PATCH_CODECS if c != Codec.ELF_MAP]
     assert Codec.ELF_MAP not in [c for c, _ in candidates(old, new, allowed=older)]
@@ -129,7 +127,7 @@ def test_offered_only_to_receivers_that_list_it(elves: tuple[bytes, bytes]) -> N
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.binary(min_size=0, max_size=3000), st.integers(0, 2**32), st.sampled_from(elfx86.MODES))
+@given(st.binary(min_size=0, max_size=3000), st.integers(0, 2**32), st.sampled_from(elfmap.MODES))
 def test_normalise_is_exactly_inverted(data: bytes, seed: int, mode: int) -> None:
     rnd = random.Random(seed)
     ranges: elfmap.Ranges = []

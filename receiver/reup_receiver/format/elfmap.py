@@ -18,8 +18,8 @@ fields are references is decided by the opcode bytes before them, which the
 transform never changes, so the inverse is exact; the file's SHA-256 is checked
 afterwards as for any patch.
 
-Layout: inner codec u8, mode u8 (bit 0: branches E8/E9/0F 8x rel32, bit 1:
-RIP-relative operands, as in elfx86), old ranges, new ranges (each: count varint,
+Layout: inner codec u8, mode u8 (2: RIP-relative operands as in elfx86; 3: and the
+branches E8/E9/0F 8x rel32; 6: and the calls E8 only), old ranges, new ranges (each: count varint,
 then offset, length and virtual address varints of an executable section), the
 map (count varint, then per segment the start address as a varint delta from the
 previous start and the shift as a zigzag varint), then the inner patch.
@@ -92,8 +92,10 @@ class Map:
 
 # Each match is an opcode (as in elfx86) and the 4-byte field after it; scanning goes on
 # after the field, so bytes a rewrite changed are never looked at again.
-_FIELDS = {mode: re.compile(b"(?:" + pattern.pattern + b")....", re.DOTALL)
-           for mode, pattern in elfx86._OPERANDS.items()}
+RIP, BRANCHES_RIP, CALLS_RIP = 2, 3, 6  # mode bits: 1 branches, 2 RIP-relative, 4 calls only
+MODES = (RIP, BRANCHES_RIP, CALLS_RIP)
+_OPCODES = {RIP: elfx86._RIP, BRANCHES_RIP: elfx86._BRANCH + b"|" + elfx86._RIP, CALLS_RIP: b"\xe8|" + elfx86._RIP}
+_FIELDS = {mode: re.compile(b"(?:" + pattern + b")....", re.DOTALL) for mode, pattern in _OPCODES.items()}
 
 
 # The loops below are the hot path (a 30 MB executable has ~0.5 M references): struct
@@ -192,7 +194,7 @@ def get_map(buf: Buf) -> Map:
 def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple[int, int]],
          diff: Callable[[bytes, bytes], bytes]) -> bytes:
     """Header + `diff(normalised old, normalised new)`; `segments` (start, shift) is the map."""
-    if mode not in elfx86.MODES:
+    if mode not in MODES:
         raise ValueError(f"unknown mode {mode}")
     old_ranges, new_ranges = code_ranges(old), code_ranges(new)
     out = bytearray([inner, mode])
@@ -252,7 +254,7 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
         raise Corrupt("elf-map patch: base file above the codec's size limit")
     buf = Buf(cast(bytes, patch), "elf-map patch")  # Buf only takes a memoryview of it
     inner, mode = buf.u8(), buf.u8()
-    if mode not in elfx86.MODES:
+    if mode not in MODES:
         raise Corrupt(f"elf-map patch: unknown mode {mode}")
     old_ranges = _get_ranges(buf, len(old))
     new_ranges = _get_ranges(buf, MAX_FILE)
