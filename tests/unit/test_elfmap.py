@@ -22,7 +22,7 @@ from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfmap, elfx86
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
-from reup_receiver.format.wire import Buf
+from reup_receiver.format.wire import Buf, put_varint
 
 
 def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> bytes:
@@ -155,6 +155,12 @@ def _header_end(patch: bytes) -> int:
     return buf.pos
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    put_varint(out, n)
+    return bytes(out)
+
+
 def test_corrupt_containers_are_refused(elves: tuple[bytes, bytes]) -> None:
     old, new = elves
     patch = bytearray(mapped(old, new, Codec.BSDIFF_LZMA))
@@ -164,6 +170,7 @@ def test_corrupt_containers_are_refused(elves: tuple[bytes, bytes]) -> None:
                 bytes([99]) + patch[1:],  # unknown inner codec
                 patch[:1] + bytes([9]) + patch[2:],  # unknown mode
                 patch[:2] + bytes([1, 0x80, 0x80, 0x80, 0x01, 4, 0]) + patch[2:],  # a range past the old file
+                patch[:2] + bytes([0, 0]) + _varint(elfmap.MAX_SEGMENTS + 1) + bytes(8),  # a huge map
                 patch[:3]):  # truncated
         with pytest.raises(Corrupt):
             applied(old, bytes(bad))

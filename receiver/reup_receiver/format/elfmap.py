@@ -42,7 +42,7 @@ from reup_receiver.format.wire import Buf, put_varint
 
 MAX_FILE = elfx86.MAX_FILE
 MAX_RANGES = elfx86.MAX_RANGES
-MAX_SEGMENTS = 1 << 20
+MAX_SEGMENTS = 1 << 16  # ruff (30 MB) needs 1.4 K; bounds the receiver's map to a few MB
 _MASK = 0xFFFFFFFF
 _PT_LOAD = 1
 STEP = 1 << 20  # bytes per write of the restored file
