@@ -18,12 +18,16 @@ fields are references is decided by the opcode bytes before them, which the
 transform never changes, so the inverse is exact; the file's SHA-256 is checked
 afterwards as for any patch.
 
+Intra-function jumps keep their displacement when a function moves whole, so mode
+6 rewrites calls and RIP-relative operands only; mode 3 rewrites every branch.
+
 Layout: inner codec u8, mode u8 (2: RIP-relative operands as in elfx86; 3: and the
-branches E8/E9/0F 8x rel32; 6: and the calls E8 only), old ranges, new ranges (each: count varint,
-then offset, length and virtual address varints of an executable section), the
-map (count varint, then per segment the start address as a varint delta from the
-previous start and the shift as a zigzag varint), then the inner patch.
-Memory on the receiver: the old file, one normalised copy and the new file.
+branches E8/E9/0F 8x rel32; 6: and the calls E8 only), old ranges, new ranges
+(each: count varint, then offset, length and virtual address varints of an
+executable section), the map (count varint, then per segment the start address as
+a varint delta from the previous start and the shift as a zigzag varint), then the
+inner patch. Memory on the receiver (`apply`): the normalised old file, the inner
+codec's output and a write buffer; the new file is restored while it is written.
 Encoder: reup.delta.elfmap (`pack` with its map); receiver: builder.apply_patch (`apply`).
 """
 
@@ -248,8 +252,9 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
 
     A bytearray `old` is taken over: normalised in place, copied to bytes for the inner
     codec and emptied, so the base and its normalised copy are never both held while
-    the inner patch runs; a bytearray `patch` likewise loses its header and is emptied. Memory then: the normalised base, the inner codec's output
-    (and its own working memory) and STEP bytes."""
+    the inner patch runs; a bytearray `patch` likewise loses its header and is emptied.
+    Memory then: the normalised base, the inner codec's output (and its own working
+    memory) and about STEP bytes."""
     if len(old) > MAX_FILE:
         raise Corrupt("elf-map patch: base file above the codec's size limit")
     buf = Buf(cast(bytes, patch), "elf-map patch")  # Buf only takes a memoryview of it
