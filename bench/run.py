@@ -1,7 +1,7 @@
 """`make bench`: build the corpus, run the baselines and reup on every scenario, write the report.
 
 usage: python -m bench.run --out bench/results.md [--only 1,5] [--skip-reup] [--workdir bench/.work]
-                           [--code HEAD|worktree]
+                           [--code HEAD|worktree] [--baselines-from results.json]
 
 Runs from the repository root. Nix runs offline (no substituters, sandbox off) through
 `reup.io.nix.NixExecutor`. Scenarios run one after another so that each timing has the
@@ -100,8 +100,21 @@ def corpus_rows(c: corpus.Corpus) -> list[list[str]]:
     return rows
 
 
+Previous = dict[int, tuple[dict[str, tuple[int, float]], int]]  # scenario -> baselines, changed files
+
+
+def load_previous(path: str) -> Previous:
+    """Baseline rows of an earlier run's results.json (`--baselines-from`)."""
+    if not path:
+        return {}
+    rows = json.loads(Path(path).read_text())
+    return {int(r["number"]): ({m: (int(v[0]), float(v[1])) for m, v in r["baselines"].items()},
+                               int(r.get("changed_files", 0))) for r in rows if r.get("baselines")}
+
+
 def run_scenario(sc: corpus.Scenario, labels: dict[str, str], closures: dict[str, dict[str, PathInfo]],
-                 executor: NixExecutor, env: dict[str, str], work: Path, skip_reup: bool) -> ScenarioResult:
+                 executor: NixExecutor, env: dict[str, str], work: Path, skip_reup: bool,
+                 previous: Previous | None = None) -> ScenarioResult:
     by_top = {top: lab for lab, top in labels.items()}
     held_closure: dict[str, PathInfo] = {}
     for top in sc.held:
@@ -116,7 +129,10 @@ def run_scenario(sc: corpus.Scenario, labels: dict[str, str], closures: dict[str
         changed_files=0, largest_new_file=big_new, largest_new_partner=big_partner,
         largest_old_file=storefs.tree_stats(held_paths).largest,
     )
-    for b in baselines.run_all(held_paths, missing, work / "baselines"):
+    reused = (previous or {}).get(sc.number)
+    if reused:  # --baselines-from: the bytes are deterministic, the seconds are the old run's
+        res.baselines, res.changed_files = dict(reused[0]), reused[1]
+    for b in [] if reused else baselines.run_all(held_paths, missing, work / "baselines"):
         res.baselines[b.method] = (b.bytes, b.seconds)
         log(f"S{sc.number} {b.method}: {b.bytes} B in {b.seconds:.2f} s")
         if b.method == "files+bsdiff4":
@@ -147,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated scenario numbers")
     ap.add_argument("--skip-reup", action="store_true", help="baselines only")
     ap.add_argument("--code", default="HEAD", help="git ref whose encoder/receiver to measure, or 'worktree'")
+    ap.add_argument("--baselines-from", default="",
+                    help="an earlier run's results.json: reuse its baselines (quick reup iterations)")
     args = ap.parse_args(argv)
     only = [int(x) for x in args.only.split(",") if x]
     started = time.perf_counter()
@@ -161,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     corpus.load_closures(c, executor)
     build_s = time.perf_counter() - t0
     log(f"corpus built in {build_s:.1f} s: " + ", ".join(f"{k}={v}" for k, v in sorted(c.toplevels.items())))
-    results = [run_scenario(sc, c.toplevels, c.closures, executor, env, work / "tmp", args.skip_reup)
+    previous = load_previous(args.baselines_from)
+    results = [run_scenario(sc, c.toplevels, c.closures, executor, env, work / "tmp", args.skip_reup, previous)
                for sc in c.scenarios(only)]
     total = time.perf_counter() - started
     meta = {
@@ -174,6 +193,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{load_start:.2f} / {os.getloadavg()[0]:.2f}",
         "encoder and receiver measured": code_desc,
     }
+    if args.baselines_from:
+        meta["baselines"] = f"reused from {args.baselines_from} (bytes exact; their seconds are that run's)"
     Path(args.out).write_text(render(results, meta, corpus_rows(c)))
     (work / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
     log(f"wrote {args.out} in {total:.0f} s")

@@ -169,7 +169,8 @@ class _OpenFile:
 
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
-    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF]  # stdlib, zstandard
+    # The standard library and zstandard suffice for these.
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF, Codec.ELF_MAP, Codec.LZMA_PREFIX]
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:
@@ -198,6 +199,7 @@ def check_patch_size(e: Entry) -> None:
 def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | None = None) -> None:
     """Write `old` patched with `patch` to `sink` (`size`: the declared output size, checked
     before any decoding); codec errors propagate as the library raises them."""
+    declared = size
     size = MAX_WHOLE_OUTPUT if size is None else size
     if size > MAX_PATCH_OUTPUT or (codec != Codec.ZSTD_PREFIX and size > MAX_WHOLE_OUTPUT):
         raise Oversized(f"patch output of {size} bytes exceeds the receiver's limit")
@@ -216,6 +218,12 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
 
         # The inner patch makes the normalised new file, of the new file's length.
         sink.write(bytes(elfx86.apply(old, patch, lambda inner, o, p: _apply_inner(inner, o, p, size))))
+    elif codec == Codec.ELF_MAP:
+        apply_elf_map(old, patch, sink, declared)
+    elif codec == Codec.LZMA_PREFIX:
+        from reup_receiver.format import lzmaprefix
+
+        lzmaprefix.apply(old, patch, size, sink, exact=declared is not None)
     elif codec == Codec.ZSTD_PREFIX:
         d = zstandard.ZstdCompressionDict(old, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         window = min(MAX_WINDOW, 1 << max(20, (len(old) + size).bit_length()))
@@ -223,6 +231,17 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
         zstd_feed(dctx.decompressobj(), patch, sink)
     else:
         raise Unsupported(f"unknown codec {codec}")
+
+
+def apply_elf_map(old: bytes | bytearray, patch: bytes | bytearray, sink: Sink, size: int | None = None) -> None:
+    """ELF_MAP (format/elfmap.py); a bytearray base or patch is taken over and emptied, so
+    neither the base nor the whole patch is held twice while the inner patch runs."""
+    from reup_receiver.format import elfmap
+
+    limit = MAX_WHOLE_OUTPUT if size is None else size
+    if limit > MAX_WHOLE_OUTPUT:
+        raise Oversized(f"patch output of {limit} bytes exceeds the receiver's limit")
+    elfmap.apply(old, patch, lambda inner, o, p: _inner_bytes(inner, o, p, limit), sink, size)
 
 
 def _bz2_bounded(data: bytes, limit: int) -> bytes:
@@ -255,11 +274,34 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
 
 def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:
     """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
-    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.LITERAL_ELF, *SOLID_CODECS):
+    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.LITERAL_ELF, Codec.ELF_MAP, *SOLID_CODECS):
         raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
     sink = MemorySink()
     apply_patch(Codec(inner), old, patch, sink, size)
     return sink.out
+
+
+class _KeepSink:
+    """Keeps what an inner codec writes without copying a single buffer (ELF_MAP's inner patch)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(data)
+        return len(data)
+
+    def result(self) -> bytes:
+        return self.parts[0] if len(self.parts) == 1 else b"".join(self.parts)
+
+
+def _inner_bytes(inner: int, old: bytes, patch: bytes, size: int) -> bytes:
+    """ELF_MAP's inner patch: any other patch codec, as one bytes object (no second copy)."""
+    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.SOLID, Codec.ELF_MAP):
+        raise Corrupt(f"elf-map patch: bad inner codec {inner}")
+    sink = _KeepSink()
+    apply_patch(Codec(inner), old, patch, sink, size)
+    return sink.result()
 
 
 # Resolves (table index, relpath) of a base file to (host dir of its store path, label).
@@ -475,8 +517,11 @@ class PathBuilder:
     def _complete(self) -> None:
         assert self.file is not None
         e, sink = self.file.entry, self.file.sink
-        patch = bytes(self.file.patch)
+        buf = self.file.patch
         self.file = None  # frees the patch buffer: the decoders get the bytes copy
+        # ... except ELF_MAP, which takes the buffer over (and its base): one copy, not two.
+        patch = buf if e.method == Method.PATCH and e.codec == Codec.ELF_MAP else bytes(buf)
+        del buf
         try:
             if e.method == Method.COPY:
                 host, label = self.resolve(e.source, e.source_relpath)
@@ -504,14 +549,20 @@ class PathBuilder:
             label = self.resolve(e.source, e.source_relpath)[1]
             raise MissingBase(f"base file differs: {label}", label) from exc
 
-    def _patch(self, e: Entry, sink: FileSink, patch: bytes) -> None:
+    def _patch(self, e: Entry, sink: FileSink, patch: bytes | bytearray) -> None:
         host, label = self.resolve(e.source, e.source_relpath)
         old = b"".join(read_base(host, split_relpath(e.source_relpath, label), label, chunk=-1))
         if e.flags & F_REWRITE:
             old = rewrite_bytes(old, self.rewrites)
         assert e.codec is not None
+        # ELF_MAP takes its base over (and empties it): the device holds one copy of it, not two.
+        base: bytes | bytearray = bytearray(old) if e.codec == Codec.ELF_MAP else old
+        del old
         try:
-            apply_patch(e.codec, old, patch, sink, e.size)
+            if isinstance(base, bytearray):
+                apply_elf_map(base, patch, sink, e.size)
+            else:
+                apply_patch(e.codec, base, bytes(patch), sink, e.size)  # bytes already: no copy
         except (Oversized, HashMismatch, Unsupported):
             raise
         except Exception as exc:  # codec libraries raise their own types on bad input

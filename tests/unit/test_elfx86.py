@@ -18,7 +18,7 @@ from reup_receiver.builder import apply_patch
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfx86
 from reup_receiver.format.literal import MemorySink
-from reup_receiver.format.model import Codec
+from reup_receiver.format.model import PATCH_CODECS, Codec
 
 
 def applied(old: bytes, patch: bytes, size: int | None = None) -> bytes:
@@ -70,7 +70,10 @@ def test_real_elf_round_trips(elves: tuple[bytes, bytes], inner: Codec, mode: in
 
 def test_best_of_offers_elf_x86_for_executables(elves: tuple[bytes, bytes]) -> None:
     old, new = elves
-    offered = [(c, p) for c, p in candidates(old, new) if c == Codec.ELF_X86]
+    # ELF_X86 is for receivers without ELF_MAP (which subsumes it).
+    assert not [c for c, _ in candidates(old, new) if c == Codec.ELF_X86]
+    older = [c for c in PATCH_CODECS if c != Codec.ELF_MAP]
+    offered = [(c, p) for c, p in candidates(old, new, allowed=older) if c == Codec.ELF_X86]
     assert len(offered) == 1  # RIP-relative mode, HDiffPatch inside
     assert all(applied(old, p, len(new)) == new for _, p in offered)
     assert not [c for c, _ in candidates(b"x" * 5000, b"y" * 5000) if c == Codec.ELF_X86]

@@ -4,11 +4,11 @@ Python's `lzma` module cannot give the LZMA2 encoder a preset dictionary, but
 liblzma can (`lzma_options_lzma.preset_dict`). Such a stream starts with a
 chunk that resets state and properties but not the dictionary, so a standard
 decoder that first receives the dictionary as LZMA2 *uncompressed* chunks
-decodes it; that is what the receiver does (reup_receiver.format.solid), with
+decodes it; that is what the receiver does (reup_receiver.format.lzmaprefix), with
 nothing but the standard library. The library is the one Python's own `_lzma`
 module loaded (found in /proc/self/maps), so no new dependency; `available()`
 is False where it cannot be found, and the encoder then keeps zstd.
-Called by reup.delta.solid.
+Called by reup.delta.solid (SOLID_LZMA) and reup.delta.lzmaprefix (LZMA_PREFIX).
 """
 
 from __future__ import annotations
@@ -73,13 +73,17 @@ def available() -> bool:
     return _lib() is not None
 
 
-def compress(data: bytes, preset_dict: bytes, dict_size: int, lc: int = 3, lp: int = 0, pb: int = 0) -> bytes:
+PRESET_9E = 9 | _PRESET_EXTREME
+
+
+def compress(data: bytes, preset_dict: bytes, dict_size: int, lc: int = 3, lp: int = 0, pb: int = 0,
+             preset: int = PRESET_9E) -> bytes:
     """Raw LZMA2 (ending with its end marker) of `data`, with `preset_dict` already in the window."""
     lib = _lib()
     if lib is None:
         raise RuntimeError("liblzma not found")
     opts = _OptionsLzma()
-    if lib.lzma_lzma_preset(ctypes.byref(opts), 9 | _PRESET_EXTREME):
+    if lib.lzma_lzma_preset(ctypes.byref(opts), preset):
         raise RuntimeError("lzma_lzma_preset failed")
     dict_buf = ctypes.create_string_buffer(preset_dict, len(preset_dict))
     opts.dict_size, opts.lc, opts.lp, opts.pb = dict_size, lc, lp, pb

@@ -33,6 +33,8 @@ class Codec(enum.IntEnum):
     SOLID = 6  # not a patch: the next part of the mirror's solid zstd frame (solid.py)
     SOLID_LZMA = 7  # not a patch: the next files of the mirror's solid LZMA2 frame (solid.py)
     LITERAL_ELF = 8  # never in an entry: the receiver reads literal codec 2, LZMA_ELF (literal.py)
+    ELF_MAP = 9  # an inner patch between x86-64 executables with references mapped old -> new (elfmap.py)
+    LZMA_PREFIX = 10  # raw LZMA2 with the source preloaded as dictionary (lzmaprefix.py)
 
 
 SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA)

@@ -31,18 +31,17 @@ Encoder: reup.delta.solid; receiver: builder.PathBuilder.
 from __future__ import annotations
 
 import lzma
-from collections.abc import Iterator
 
 import zstandard
 
 from reup_receiver.errors import Corrupt, Oversized
 from reup_receiver.format.literal import STEP, Sink, zstd_feed
+from reup_receiver.format.lzmaprefix import load_dictionary
 
 MAX_PREFIX = 8 << 20
 MAX_WINDOW_LOG = 25
 MAX_LZMA_DICT_LOG = 24  # 16 MiB: the dictionary plus the frame's new content (8 MiB each)
 MAX_LZMA_DATA = 9 << 20  # compressed bytes of one frame: 8 MiB of content never needs more
-_CHUNK = 1 << 16  # LZMA2's largest uncompressed chunk
 
 
 class SolidFrame:
@@ -74,13 +73,6 @@ class SolidFrame:
 
 def lzma2_filters(dict_log: int) -> list[dict[str, int]]:
     return [{"id": lzma.FILTER_LZMA2, "dict_size": 1 << dict_log}]
-
-
-def uncompressed_chunks(prefix: bytes) -> Iterator[bytes]:
-    """`prefix` as LZMA2 uncompressed chunks (the first resets the dictionary), one at a time."""
-    for off in range(0, len(prefix), _CHUNK):
-        part = prefix[off : off + _CHUNK]
-        yield bytes([1 if off == 0 else 2]) + (len(part) - 1).to_bytes(2, "big") + part
 
 
 class SolidLzma:
@@ -118,14 +110,7 @@ class SolidLzma:
             raise Corrupt(f"solid LZMA frame: dictionary of 2^{dict_log} bytes "
                           f"(allowed: 2^16 to 2^{MAX_LZMA_DICT_LOG})")
         self.dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma2_filters(dict_log))
-        left = len(self.prefix)
-        try:
-            for chunk in uncompressed_chunks(self.prefix):
-                left -= len(self.dec.decompress(chunk))
-        except lzma.LZMAError as exc:  # pragma: no cover - our own chunks always decode
-            raise Corrupt(f"solid LZMA dictionary: {exc}") from exc
-        if left:
-            raise Corrupt("solid LZMA dictionary did not load")
+        load_dictionary(self.dec, self.prefix, "solid LZMA")
         self.prefix = b""
         self.frame = bytes(self.pending[1:])
         self.pending = bytearray()

@@ -1,0 +1,91 @@
+"""Encoder side of ELF_MAP (reup_receiver.format.elfmap): align two builds of an executable.
+
+The map from old to new virtual addresses comes from anchors: the 24 bytes after
+each `ret` (C3) opcode — a content-defined sample, the same in both files where
+the code is the same — that occur exactly once in each file. Sorted by old
+address, anchors sharing one shift form a segment; a shift seen at a single
+anchor is noise and dropped. A segment starts just above the last anchor of
+the previous one, so an address takes the shift of the next anchor above it:
+calls point at function entries, and the next anchor is then in the same
+function. Section starts with the same name in both files are anchors too, so
+references into data and .bss move with their sections. Sampling keeps this to
+one dictionary over ~1% of the positions (0.2 s on a 30 MB binary).
+Called by reup.delta.codecs.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Callable
+
+from reup_receiver.format import elfmap
+
+_ANCHOR = re.compile(rb"\xc3", re.DOTALL)
+_KEY = 24
+
+
+def _unique_keys(data: bytes) -> dict[bytes, int]:
+    out: dict[bytes, int] = {}
+    for m in _ANCHOR.finditer(data):
+        pos = m.end()
+        key = data[pos : pos + _KEY]
+        out[key] = -1 if key in out else pos
+    return out
+
+
+def _vaddr(segs: list[tuple[int, int, int]], off: int) -> int | None:
+    for s_off, s_va, s_size in segs:
+        if s_off <= off < s_off + s_size:
+            return off - s_off + s_va
+    return None
+
+
+def _sections(data: bytes) -> dict[bytes, int]:
+    """Section name -> address, for allocated sections (those with an address)."""
+    try:
+        shoff, = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+        if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
+            return {}
+        headers = [struct.unpack_from("<IIQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        names = headers[shstrndx][4]
+        out = {}
+        for name, _type, _flags, addr, _off in headers:
+            if addr:
+                start = names + name
+                out[data[start : data.index(b"\0", start)]] = addr
+        return out
+    except (struct.error, ValueError):
+        return {}
+
+
+def layout_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    """(start, shift) segments, sorted by start: old address -> new address."""
+    old_segs, new_segs = elfmap.loads(old), elfmap.loads(new)
+    new_keys = _unique_keys(new)
+    pairs: list[tuple[int, int]] = []
+    for key, pos in _unique_keys(old).items():
+        other = new_keys.get(key, -1)
+        if pos < 0 or other < 0:
+            continue
+        va_old, va_new = _vaddr(old_segs, pos), _vaddr(new_segs, other)
+        if va_old is not None and va_new is not None:
+            pairs.append((va_old, va_new - va_old))
+    new_sections = _sections(new)
+    pairs += [(addr, new_sections[name] - addr) for name, addr in _sections(old).items() if name in new_sections]
+    pairs.sort()
+    kept = [p for i, p in enumerate(pairs)
+            if (i and pairs[i - 1][1] == p[1]) or (i + 1 < len(pairs) and pairs[i + 1][1] == p[1])]
+    segments: list[tuple[int, int]] = []
+    last = -1
+    for va, shift in kept:
+        if not segments or segments[-1][1] != shift:
+            segments.append((last + 1, shift))
+        last = va
+    return segments[: elfmap.MAX_SEGMENTS]
+
+
+def pack(old: bytes, new: bytes, inner: int, mode: int, diff: Callable[[bytes, bytes], bytes]) -> bytes:
+    """An ELF_MAP patch with `inner` between the normalised files (None if either is no ELF)."""
+    return elfmap.pack(old, new, inner, mode, layout_map(old, new), diff)

@@ -1,0 +1,289 @@
+"""The ELF_MAP patch container: x86-64 references made absolute, the old ones moved to the new layout.
+
+A new build of a program moves most of its code and data, so every relative
+call, jump and RIP-relative operand changes although the code around it did
+not. ELF_X86 (elfx86.py) turns each displacement into the file offset it points
+to, which helps only where targets did not move. This codec follows
+Zucchini's idea of references: the encoder aligns the two files (a piecewise
+map from old virtual addresses to new ones, `Map`, sent with the patch), rewrites
+every reference of the *old* file as the *new* address of its target and every
+reference of the new file as its absolute target; code that is unchanged but
+moved, and new code calling old functions, then reads the same bytes on both
+sides. The inner patch (HDiffPatch or bsdiff+LZMA2) between the two normalised
+files carries what really changed, including where the map guessed wrong.
+
+The receiver rewrites the old file with the map, applies the inner patch and
+turns the new file's absolute targets back into displacements. Which 4-byte
+fields are references is decided by the opcode bytes before them, which the
+transform never changes, so the inverse is exact; the file's SHA-256 is checked
+afterwards as for any patch.
+
+Intra-function jumps keep their displacement when a function moves whole, so mode
+6 rewrites calls and RIP-relative operands only; mode 3 rewrites every branch.
+
+Layout: inner codec u8, mode u8 (2: RIP-relative operands as in elfx86; 3: and the
+branches E8/E9/0F 8x rel32; 6: and the calls E8 only), old ranges, new ranges
+(each: count varint, then offset, length and virtual address varints of an
+executable section), the map (count varint, then per segment the start address as
+a varint delta from the previous start and the shift as a zigzag varint), then the
+inner patch. Memory on the receiver (`apply`): the normalised old file, the inner
+codec's output and a write buffer; the new file is restored while it is written.
+Encoder: reup.delta.elfmap (`pack` with its map); receiver: builder.apply_patch (`apply`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import re
+import struct
+from collections.abc import Callable, Sequence
+from typing import cast
+
+from reup_receiver.errors import Corrupt
+from reup_receiver.format import elfx86
+from reup_receiver.format.literal import Sink
+from reup_receiver.format.wire import Buf, put_varint
+
+MAX_FILE = elfx86.MAX_FILE
+MAX_RANGES = elfx86.MAX_RANGES
+MAX_SEGMENTS = 1 << 16  # ruff (30 MB) needs 1.4 K; bounds the receiver's map to a few MB
+_MASK = 0xFFFFFFFF
+_PT_LOAD = 1
+STEP = 1 << 20  # bytes per write of the restored file
+
+Ranges = list[tuple[int, int, int]]  # (file offset, length, virtual address)
+
+
+def loads(data: bytes) -> list[tuple[int, int, int]]:
+    """(offset, vaddr, filesz) of a little-endian ELF64's PT_LOAD segments; [] for anything else."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return []
+    phoff, = struct.unpack_from("<Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
+    if phentsize < 56 or phoff + phnum * phentsize > len(data):
+        return []
+    out = []
+    for i in range(phnum):
+        p_type, _flags, off, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
+        if p_type == _PT_LOAD:
+            out.append((off, vaddr, filesz))
+    return out
+
+
+def code_ranges(data: bytes) -> Ranges:
+    """Executable sections as (offset, length, vaddr); sections outside a PT_LOAD are left out."""
+    segs = loads(data)
+    out: Ranges = []
+    for off, size in elfx86.exec_ranges(data):
+        for s_off, s_va, s_size in segs:
+            if s_off <= off and off + size <= s_off + s_size:
+                out.append((off, size, off - s_off + s_va))
+                break
+    return out
+
+
+class Map:
+    """Old virtual address -> new: the shift of the last segment starting at or below it."""
+
+    def __init__(self, segments: Sequence[tuple[int, int]]) -> None:
+        self.starts = [s for s, _ in segments]
+        self.shifts = [d for _, d in segments]
+
+    def __call__(self, va: int) -> int:
+        i = bisect.bisect_right(self.starts, va) - 1
+        return va + self.shifts[i] if i >= 0 else va
+
+
+# Each match is an opcode (as in elfx86) and the 4-byte field after it; scanning goes on
+# after the field, so bytes a rewrite changed are never looked at again.
+RIP, BRANCHES_RIP, CALLS_RIP = 2, 3, 6  # mode bits: 1 branches, 2 RIP-relative, 4 calls only
+MODES = (RIP, BRANCHES_RIP, CALLS_RIP)
+_OPCODES = {RIP: elfx86._RIP, BRANCHES_RIP: elfx86._BRANCH + b"|" + elfx86._RIP, CALLS_RIP: b"\xe8|" + elfx86._RIP}
+_FIELDS = {mode: re.compile(b"(?:" + pattern + b")....", re.DOTALL) for mode, pattern in _OPCODES.items()}
+
+
+# The loops below are the hot path (a 30 MB executable has ~0.5 M references): struct
+# in place, no per-field slices or calls beyond the scan.
+_U32 = struct.Struct("<I")
+
+
+def map_old(buf: bytearray, ranges: Ranges, mode: int, layout: Map) -> None:
+    """In place: each reference -> the new address of its target (mod 2^32)."""
+    unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
+    starts, shifts, find = layout.starts, layout.shifts, bisect.bisect_right
+    for start, length, va in ranges:
+        bias = va - start  # the field's end is m.end(): vaddr of the next byte = m.end() + bias
+        for m in rx.finditer(buf, start, start + length):
+            end = m.end()
+            value = unpack(buf, end - 4)[0]
+            target = end + bias + (value - 0x100000000 if value & 0x80000000 else value)
+            i = find(starts, target) - 1
+            pack(buf, end - 4, (target + shifts[i] if i >= 0 else target) & _MASK)
+
+
+def _shift_new(buf: bytearray, ranges: Ranges, mode: int, sign: int) -> None:
+    """In place: field + sign * (vaddr of the next byte), mod 2^32, for every reference."""
+    unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
+    for start, length, va in ranges:
+        bias = va - start
+        for m in rx.finditer(buf, start, start + length):
+            end = m.end()
+            pack(buf, end - 4, (unpack(buf, end - 4)[0] + sign * (end + bias)) & _MASK)
+
+
+def normalise_old(data: bytes, ranges: Ranges, mode: int, layout: Map) -> bytearray:
+    """Each reference -> the new address of its target (mod 2^32)."""
+    buf = bytearray(data)
+    map_old(buf, ranges, mode, layout)
+    return buf
+
+
+def normalise_new(data: bytes, ranges: Ranges, mode: int) -> bytearray:
+    """Each reference -> the address of its target (mod 2^32)."""
+    buf = bytearray(data)
+    _shift_new(buf, ranges, mode, 1)
+    return buf
+
+
+def restore_new(buf: bytearray, ranges: Ranges, mode: int) -> None:
+    """The inverse of `normalise_new`, in place."""
+    _shift_new(buf, ranges, mode, -1)
+
+
+def _put_ranges(out: bytearray, ranges: Ranges) -> None:
+    put_varint(out, len(ranges))
+    for off, size, va in ranges:
+        put_varint(out, off)
+        put_varint(out, size)
+        put_varint(out, va)
+
+
+def _get_ranges(buf: Buf, limit: int) -> Ranges:
+    n = buf.varint()
+    if n > MAX_RANGES:
+        raise Corrupt("elf-map patch: too many ranges")
+    out: Ranges = []
+    last = 0
+    for _ in range(n):
+        off, size, va = buf.varint(), buf.varint(), buf.varint()
+        if off < last or off + size > limit:
+            raise Corrupt("elf-map patch: range outside its file or out of order")
+        out.append((off, size, va))
+        last = off + size
+    return out
+
+
+def put_map(out: bytearray, segments: Sequence[tuple[int, int]]) -> None:
+    put_varint(out, len(segments))
+    last = 0
+    for start, shift in segments:
+        put_varint(out, start - last)
+        put_varint(out, (shift << 1) ^ (shift >> 63))
+        last = start
+
+
+def get_map(buf: Buf) -> Map:
+    n = buf.varint()
+    if n > MAX_SEGMENTS:
+        raise Corrupt("elf-map patch: too many map segments")
+    segments = []
+    start = 0
+    for _ in range(n):
+        start += buf.varint()
+        z = buf.varint()
+        segments.append((start, (z >> 1) ^ -(z & 1)))
+    return Map(segments)
+
+
+def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple[int, int]],
+         diff: Callable[[bytes, bytes], bytes]) -> bytes:
+    """Header + `diff(normalised old, normalised new)`; `segments` (start, shift) is the map."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode}")
+    old_ranges, new_ranges = code_ranges(old), code_ranges(new)
+    out = bytearray([inner, mode])
+    _put_ranges(out, old_ranges)
+    _put_ranges(out, new_ranges)
+    put_map(out, segments)
+    normal_old = normalise_old(old, old_ranges, mode, Map(segments))
+    return bytes(out) + diff(bytes(normal_old), bytes(normalise_new(new, new_ranges, mode)))
+
+
+def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
+    """`restore_new` streamed: write `data` with its references turned back into displacements.
+
+    Reads only `data` (the scan never looks behind a field it rewrote, so the values it
+    decides on are the unmodified ones) and writes about STEP bytes at a time: no second
+    copy of the new file."""
+    view = memoryview(data)
+    pending = bytearray()
+    done = 0
+
+    def emit(upto: int) -> None:
+        nonlocal done
+        while done < upto:
+            if len(pending) >= STEP:
+                sink.write(bytes(pending))
+                pending.clear()
+            take = min(upto, done + STEP - len(pending))
+            pending.extend(view[done:take])
+            done = take
+
+    unpack, rx = _U32.unpack_from, _FIELDS[mode]
+    for start, length, va in ranges:
+        bias = va - start
+        for m in rx.finditer(data, start, start + length):
+            end = m.end()
+            if len(pending) < STEP and end - done <= STEP:
+                pending += view[done : end - 4]  # the common case, inlined
+            else:
+                emit(end - 4)
+            pending += _U32.pack((unpack(data, end - 4)[0] - end - bias) & _MASK)
+            done = end
+    emit(len(data))
+    if pending:
+        sink.write(bytes(pending))
+
+
+def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callable[[int, bytes, bytes], bytes],
+          sink: Sink, size: int | None = None) -> None:
+    """Write the new file to `sink`; `apply_inner(codec, old, patch)` applies the inner patch;
+    `size`, the size the entry declares, must be the result's exactly.
+
+    A bytearray `old` is taken over: normalised in place, copied to bytes for the inner
+    codec and emptied, so the base and its normalised copy are never both held while
+    the inner patch runs; a bytearray `patch` likewise loses its header and is emptied.
+    Memory then: the normalised base, the inner codec's output (and its own working
+    memory) and about STEP bytes."""
+    if len(old) > MAX_FILE:
+        raise Corrupt("elf-map patch: base file above the codec's size limit")
+    buf = Buf(cast(bytes, patch), "elf-map patch")  # Buf only takes a memoryview of it
+    inner, mode = buf.u8(), buf.u8()
+    if mode not in MODES:
+        raise Corrupt(f"elf-map patch: unknown mode {mode}")
+    old_ranges = _get_ranges(buf, len(old))
+    new_ranges = _get_ranges(buf, MAX_FILE)
+    layout = get_map(buf)
+    header = buf.pos
+    del buf  # releases its view of `patch`, which may now shrink
+    if isinstance(patch, bytearray):
+        del patch[:header]
+        inner_patch = bytes(patch)
+        patch.clear()
+    else:
+        inner_patch = patch[header:]
+    if isinstance(old, bytearray):
+        map_old(old, old_ranges, mode, layout)
+        normal_old = bytes(old)
+        old.clear()
+    else:
+        normal_old = bytes(normalise_old(old, old_ranges, mode, layout))
+    out = apply_inner(inner, normal_old, inner_patch)
+    del normal_old
+    if len(out) > MAX_FILE:
+        raise Corrupt("elf-map patch: result above the codec's size limit")
+    if size is not None and len(out) != size:
+        raise Corrupt(f"elf-map patch: result of {len(out)} bytes, declared {size}")
+    if new_ranges and new_ranges[-1][0] + new_ranges[-1][1] > len(out):
+        raise Corrupt("elf-map patch: range outside the new file")
+    write_restored(out, new_ranges, mode, sink)
