@@ -107,14 +107,7 @@ class EntryCoder:
                 out.append(SUFFIX_EXPLICIT)
                 put_bytes(out, store_target[1])
         elif e.kind == KIND_MIRROR:
-            put_varint(out, e.source)
-            out.append(e.flags)
-            put_varint(out, len(e.skip))
-            prev = b""
-            for rel in e.skip:
-                _put_shared(out, prev, rel)
-                prev = rel
-            put_varint(out, len(e.mirror))
+            _put_mirror_head(out, e)
             for f in e.mirror:
                 _put_spec(out, f)
         elif e.kind == KIND_SYMLINK:
@@ -139,14 +132,7 @@ class EntryCoder:
         return bytes(out)
 
     def _put_mirror_v2(self, out: bytearray, e: Entry) -> None:
-        put_varint(out, e.source)
-        out.append(e.flags)
-        put_varint(out, len(e.skip))
-        prev = b""
-        for rel in e.skip:
-            _put_shared(out, prev, rel)
-            prev = rel
-        put_varint(out, len(e.mirror))
+        _put_mirror_head(out, e)
         run = 0
         for f in [*e.mirror, None]:  # one tag byte per spec, or per run of up to 128 COPYs
             if f is not None and f.method == Method.COPY:
@@ -274,6 +260,18 @@ TAG_LITERAL, TAG_COPY_RUN = 0x00, 0x80
 # A mirrored COPY of a version-2 stream. Version-2 mirror specs carry no per-file hash: the
 # path's NAR hash checks them, and a mismatch blames the mirror's source (receive.py).
 UNCHECKED_COPY = MirrorFile(Method.COPY, b"")
+
+
+def _put_mirror_head(out: bytearray, e: Entry) -> None:
+    """A MIRROR's source, flags, skipped relpaths and file count: the same in both versions."""
+    put_varint(out, e.source)
+    out.append(e.flags)
+    put_varint(out, len(e.skip))
+    prev = b""
+    for rel in e.skip:
+        _put_shared(out, prev, rel)
+        prev = rel
+    put_varint(out, len(e.mirror))
 
 
 def _put_spec(out: bytearray, f: MirrorFile) -> None:

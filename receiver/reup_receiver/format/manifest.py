@@ -113,6 +113,12 @@ def decode_manifest(payload: bytes) -> Manifest:
         if flags > 3:
             raise Corrupt("manifest: bad path flags")
         paths.append(PathEntry(name, nar_hash, nar_size, refs, deriver, bool(flags & 1), bool(flags & 2)))
+    return read_manifest_tail(buf, store_dir, known, paths, stream_bytes)
+
+
+def read_manifest_tail(buf: Buf, store_dir: bytes, known: list[bytes], paths: list[PathEntry],
+                       stream_bytes: int) -> Manifest:
+    """Toplevel, rewrites and literal codec (the same in both versions), then the whole manifest checked."""
     toplevel = buf.varint()
     rewrites = [(buf.varint(), buf.varint()) for _ in range(buf.varint())]
     literal = buf.u8()

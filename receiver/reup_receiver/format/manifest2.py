@@ -26,7 +26,7 @@ from reup_receiver.format.manifest import (
     decompress_bounded,
     get_store_name,
     put_store_name,
-    validate_manifest,
+    read_manifest_tail,
 )
 from reup_receiver.format.model import HASH_LEN, Manifest, PathEntry, check_store_name
 from reup_receiver.format.nar import from_nix32, to_nix32
@@ -273,11 +273,5 @@ def _decode_body(buf: Buf, stream_bytes: int, holdings: Holdings) -> Manifest:
             prev += buf.varint() + 1
             refs.append(prev)
         paths.append(PathEntry(name, nar_hash, nar_size, tuple(refs), b"", bool(head & 1), bool(head & 2)))
-    toplevel = buf.varint()
-    rewrites = [(buf.varint(), buf.varint()) for _ in range(buf.varint())]
-    literal = buf.u8()
-    buf.end()
-    m = Manifest(store_dir, known, paths, toplevel, rewrites, stream_bytes, literal)
-    validate_manifest(m)
-    return m
+    return read_manifest_tail(buf, store_dir, known, paths, stream_bytes)
 
