@@ -23,6 +23,7 @@ from reup_receiver.format import elfmap, elfx86
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import Buf, put_varint
+from support.elves import gcc_pair
 
 
 def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> bytes:
@@ -56,16 +57,7 @@ def _program(n: int, shift: int) -> str:
 
 @pytest.fixture(scope="module")
 def elves(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    d = tmp_path_factory.mktemp("elves")
-    built = []
-    for name, shift in (("old", 0), ("new", 60)):
-        src = d / f"{name}.c"
-        src.write_text(_program(400, shift))
-        subprocess.run(["gcc", "-O1", "-fPIC", "-shared", "-o", str(d / f"{name}.so"), str(src)], check=True)
-        built.append((d / f"{name}.so").read_bytes())
-    return built[0], built[1]
+    return gcc_pair(tmp_path_factory.mktemp("elves"), _program(400, 0), _program(400, 60))
 
 
 def test_code_ranges_carry_addresses(elves: tuple[bytes, bytes]) -> None:

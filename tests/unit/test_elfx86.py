@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
-import subprocess
 import tracemalloc
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfx86
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
+from support.elves import gcc_pair
 
 
 def applied(old: bytes, patch: bytes, size: int | None = None) -> bytes:
@@ -41,16 +40,7 @@ def _program(n: int, shift: int) -> str:
 
 @pytest.fixture(scope="module")
 def elves(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    d = tmp_path_factory.mktemp("elves")
-    built = []
-    for name, shift in (("old", 0), ("new", 40)):
-        src = d / f"{name}.c"
-        src.write_text(_program(300, shift))
-        subprocess.run(["gcc", "-O1", "-fPIC", "-shared", "-o", str(d / f"{name}.so"), str(src)], check=True)
-        built.append((d / f"{name}.so").read_bytes())
-    return built[0], built[1]
+    return gcc_pair(tmp_path_factory.mktemp("elves"), _program(300, 0), _program(300, 40))
 
 
 def test_exec_ranges_find_the_code(elves: tuple[bytes, bytes]) -> None:
