@@ -179,7 +179,8 @@ def available_codecs() -> list[Codec]:
 
 
 # Patch outputs (docs/device-invariants.md): codecs that build the whole new file in memory
-# (bsdiff, HDiffPatch) are refused above MAX_WHOLE_OUTPUT before they decode; zstd-prefix
+# (bsdiff, HDiffPatch) are refused above MAX_WHOLE_OUTPUT before they decode, and their own
+# headers' output sizes must equal the entry's (format/hdiff.py, _bsdiff4_bounded); zstd-prefix
 # streams its output and is bounded by the declared size and a window no larger than
 # base + new file.
 MAX_WHOLE_OUTPUT = 64 << 20
@@ -196,7 +197,7 @@ def check_patch_size(e: Entry) -> None:
 def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | None = None) -> None:
     """Write `old` patched with `patch` to `sink` (`size`: the declared output size, checked
     before any decoding); codec errors propagate as the library raises them."""
-    size = MAX_WHOLE_OUTPUT if size is None else size
+    declared, size = size, MAX_WHOLE_OUTPUT if size is None else size
     if size > MAX_PATCH_OUTPUT or (codec != Codec.ZSTD_PREFIX and size > MAX_WHOLE_OUTPUT):
         raise Oversized(f"patch output of {size} bytes exceeds the receiver's limit")
     if codec == Codec.BSDIFF4:
@@ -204,6 +205,9 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
     elif codec == Codec.HDIFFPATCH:
         import hdiffpatch
 
+        from reup_receiver.format import hdiff
+
+        hdiff.check(patch, len(old), declared, size)  # the decoder allocates what the header says
         sink.write(hdiffpatch.apply(old, patch))
     elif codec == Codec.BSDIFF_LZMA:
         from reup_receiver.format import bsdiffxz
