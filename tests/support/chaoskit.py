@@ -42,8 +42,15 @@ from support.receiverkit import RECEIVE, SCRATCH, copy_root, current_toplevel, p
 CONFIRM_TIMEOUT = 1.0  # the receiver's minimum: faults with a pending generation wait this long
 
 
+def _head() -> str:
+    """The commit under test, taken when the campaign starts (the worktree may move on meanwhile)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), check=False).stdout.strip() or "unknown"
+
+
 @dataclass
 class Results:
+    commit: str = field(default_factory=_head)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     broken: list[str] = field(default_factory=list)
     unconfirmed: list[str] = field(default_factory=list)
@@ -57,8 +64,11 @@ class Results:
         return sum(self.faults.values())
 
     def markdown(self, seconds: float, seed: int) -> str:
+        with open("/proc/loadavg") as fh:
+            load = " ".join(fh.read().split()[:3])
         lines = ["# Fault campaign results", "",
-                 f"`make chaos`, seed {seed}: {self.total} faults in {seconds:.0f} s "
+                 f"`make chaos`, seed {seed}, commit {self.commit}: {self.total} faults in {seconds:.0f} s, "
+                 f"load average at the end {load} "
                  "(tests/support/chaoskit.py describes each kind and the checks after it).", "",
                  "| fault kind | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(self.faults.items())]
