@@ -58,6 +58,8 @@ class Results:
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
     receiver_survived_hup: int = 0
     expired_by_next_call: int = 0
+    controller_resumed: int = 0  # restarted controllers that sent only the rest of a kept partial
+    controller_missed: int = 0  # controller runs that ended before their kill instant (no fault)
 
     @property
     def total(self) -> int:
@@ -80,6 +82,10 @@ class Results:
                   f"| receivers that survived a SIGHUP and finished | {self.receiver_survived_hup} |",
                   f"| pending generations expired by the next call instead of the watchdog | "
                   f"{self.expired_by_next_call} |",
+                  f"| restarted controllers that sent only the rest of a partial the device kept | "
+                  f"{self.controller_resumed} |",
+                  f"| controller runs that ended before their kill instant (re-drawn, not counted) | "
+                  f"{self.controller_missed} |",
                   "", "| refusal (exit code) | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(self.refusals.items())]
         if self.broken or self.unconfirmed:
