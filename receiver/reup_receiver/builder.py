@@ -36,6 +36,7 @@ from reup_receiver.format.model import (
     KIND_FILE,
     KIND_MIRROR,
     KIND_SYMLINK,
+    PATCH_CODECS,
     SOLID_CODECS,
     Codec,
     Entry,
@@ -182,7 +183,8 @@ def available_codecs() -> list[Codec]:
 
 
 # Patch outputs (docs/device-invariants.md): codecs that build the whole new file in memory
-# (bsdiff, HDiffPatch) are refused above MAX_WHOLE_OUTPUT before they decode; zstd-prefix
+# (bsdiff, HDiffPatch) are refused above MAX_WHOLE_OUTPUT before they decode, and their own
+# headers' output sizes must equal the entry's (format/hdiff.py, _bsdiff4_bounded); zstd-prefix
 # streams its output and is bounded by the declared size and a window no larger than
 # base + new file.
 MAX_WHOLE_OUTPUT = 64 << 20
@@ -208,6 +210,9 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
     elif codec == Codec.HDIFFPATCH:
         import hdiffpatch
 
+        from reup_receiver.format import hdiff
+
+        hdiff.check(patch, len(old), declared, size)  # the decoder allocates what the header says
         sink.write(hdiffpatch.apply(old, patch))
     elif codec == Codec.BSDIFF_LZMA:
         from reup_receiver.format import bsdiffxz
@@ -272,9 +277,13 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
     return result
 
 
+# What an ELF codec's inner patch may be: a plain patch codec, never another ELF codec.
+_INNER_CODECS = frozenset(int(c) for c in PATCH_CODECS if c not in (Codec.ELF_X86, Codec.ELF_MAP))
+
+
 def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:
     """ELF_X86's inner patch: any other patch codec, into memory (the caller bounds the size)."""
-    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.LITERAL_ELF, Codec.ELF_MAP, *SOLID_CODECS):
+    if inner not in _INNER_CODECS:
         raise Corrupt(f"elf-x86 patch: bad inner codec {inner}")
     sink = MemorySink()
     apply_patch(Codec(inner), old, patch, sink, size)
@@ -297,7 +306,7 @@ class _KeepSink:
 
 def _inner_bytes(inner: int, old: bytes, patch: bytes, size: int) -> bytes:
     """ELF_MAP's inner patch: any other patch codec, as one bytes object (no second copy)."""
-    if inner not in {int(c) for c in Codec} or inner in (Codec.ELF_X86, Codec.SOLID, Codec.ELF_MAP):
+    if inner not in _INNER_CODECS:
         raise Corrupt(f"elf-map patch: bad inner codec {inner}")
     sink = _KeepSink()
     apply_patch(Codec(inner), old, patch, sink, size)

@@ -1,12 +1,14 @@
 """The fault campaign: a reduced run in `make test`, the full one (>= 1,000 faults) in `make chaos`.
 
 `REUP_CHAOS=full` (set by `make chaos`) runs every kill point of every scenario with both
-signals, plus random kills, damaged streams and small filesystems, and writes
+signals, plus random kills, damaged streams, small filesystems and controller kills during a
+rollout on real sshd devices (tests/support/killkit.py), and writes
 tests/chaos/results.md. Without it, a sample of each kind runs in well under a minute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -14,12 +16,14 @@ import time
 
 import pytest
 from support import chaoskit as campaign
+from support import killkit
 from support.chaoskit import Results, Scenario
 from support.nixflake import Generations
 from support.receiverkit import StreamCache, host
 
 FULL = os.environ.get("REUP_CHAOS") == "full"
-# A comma-separated subset of the parts (scenario names, "random", "damaged", "enospc"): re-running one.
+# A comma-separated subset of the parts (scenario names, "random", "damaged", "enospc",
+# "controller-kill"): re-running one.
 ONLY = set(filter(None, (os.environ.get("REUP_CHAOS_ONLY") or "").split(",")))
 SEED = int(os.environ.get("REUP_CHAOS_SEED") or 11)
 RESULTS = os.path.join(os.path.dirname(__file__), "results.md")
@@ -72,6 +76,9 @@ def test_chaos(gens: Generations, streams: StreamCache, gen1_template: str, tmp_
         campaign.damaged_streams(scs["receive"], 200 if FULL else 4, rng, res)
     if not ONLY or "enospc" in ONLY:
         campaign.disk_full(scs["receive"], gen1_template, 30 if FULL else 2, rng, res)
+    if not ONLY or "controller-kill" in ONLY:
+        with contextlib.contextmanager(killkit.lab)(os.path.join(tmp_path, "kill-lab"), ["k1", "k2", "k3"]) as kl:
+            killkit.controller_kills(kl, 24 if FULL else 2, random.Random(SEED), res, calibrate=FULL)
     seconds = time.monotonic() - start
     report = res.markdown(seconds, SEED)
     print(report)

@@ -1,7 +1,8 @@
 """The controller against misbehaving devices (issue 11, section 3), behind a real sshd.
 
 - a device whose forced command answers garbage: a TemporaryError naming the device;
-- a device that streams without end: cut off at the protocol's bound with a clear error;
+- a device that streams without end: cut off at the protocol's bound with a clear error, on
+  the status verb and on a resumable receive (stderr flooding while the stream goes out);
 - a device whose clock is hours behind (no RTC, before NTP): still confirmed, because the
   controller counts the remaining seconds the device reports on its own monotonic clock. The
   skew is faked by the receiver's test-only REUP_TEST_CLOCK_SKEW, set by a wrapper script as the
@@ -14,6 +15,7 @@ import asyncio
 import getpass
 import os
 import stat
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +71,44 @@ def test_endless_output_is_cut_off(tmp_path: os.PathLike[str], stream: str) -> N
         assert time.monotonic() - start < 60
     finally:
         sim.stop()
+
+
+def _vm_rss() -> int:
+    with open("/proc/self/status") as fh:
+        return int([line.split()[1] for line in fh if line.startswith("VmRSS")][0]) * 1024
+
+
+def test_endless_stderr_during_a_resumable_receive_is_cut_off(tmp_path: os.PathLike[str],
+                                                              gens: Generations) -> None:
+    """The real receiver (status answers `resume`, so the controller takes the resumable path),
+    with a flood on stderr beside it for the whole receive: cut off with an error naming the
+    device, without the controller's memory following the flood."""
+    flooding = script(os.path.join(tmp_path, "flooding"),
+                      'case "$SSH_ORIGINAL_COMMAND" in receive*) yes stderr-flood-0123456789 1>&2 & ;; esac\n'
+                      f'exec {RECEIVE} "$@"')
+    sim, dev, key = device(str(tmp_path), flooding)
+    streams = os.path.join(tmp_path, "streams")
+    os.makedirs(streams)
+    peak, done = [_vm_rss()], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak.append(_vm_rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    try:
+        pusher = SshPusher(_Encoder(streams), key=key, connect_timeout=10, attempts=1)
+        assert asyncio.run(pusher.status(dev)).resumable
+        base = _vm_rss()
+        sampler.start()
+        start = time.monotonic()
+        with pytest.raises(TemporaryError, match="liar: .*more than .* bytes of stderr: cut off"):
+            asyncio.run(asyncio.wait_for(pusher.push(dev, gens.gen2, activation="switch"), 90))
+        assert time.monotonic() - start < 60
+    finally:
+        done.set()
+        sim.stop()
+    assert max(peak) - base < 64 << 20, (base, max(peak))
 
 
 @dataclass

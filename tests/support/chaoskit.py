@@ -42,8 +42,15 @@ from support.receiverkit import RECEIVE, SCRATCH, copy_root, current_toplevel, p
 CONFIRM_TIMEOUT = 1.0  # the receiver's minimum: faults with a pending generation wait this long
 
 
+def _head() -> str:
+    """The commit under test, taken when the campaign starts (the worktree may move on meanwhile)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=os.path.dirname(__file__), check=False).stdout.strip() or "unknown"
+
+
 @dataclass
 class Results:
+    commit: str = field(default_factory=_head)
     faults: collections.Counter[str] = field(default_factory=collections.Counter)
     broken: list[str] = field(default_factory=list)
     unconfirmed: list[str] = field(default_factory=list)
@@ -51,14 +58,19 @@ class Results:
     refusals: collections.Counter[str] = field(default_factory=collections.Counter)
     receiver_survived_hup: int = 0
     expired_by_next_call: int = 0
+    controller_resumed: int = 0  # restarted controllers that sent only the rest of a kept partial
+    controller_missed: int = 0  # controller runs that ended before their kill instant (no fault)
 
     @property
     def total(self) -> int:
         return sum(self.faults.values())
 
     def markdown(self, seconds: float, seed: int) -> str:
+        with open("/proc/loadavg") as fh:
+            load = " ".join(fh.read().split()[:3])
         lines = ["# Fault campaign results", "",
-                 f"`make chaos`, seed {seed}: {self.total} faults in {seconds:.0f} s "
+                 f"`make chaos`, seed {seed}, commit {self.commit}: {self.total} faults in {seconds:.0f} s, "
+                 f"load average at the end {load} "
                  "(tests/support/chaoskit.py describes each kind and the checks after it).", "",
                  "| fault kind | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(self.faults.items())]
@@ -70,6 +82,10 @@ class Results:
                   f"| receivers that survived a SIGHUP and finished | {self.receiver_survived_hup} |",
                   f"| pending generations expired by the next call instead of the watchdog | "
                   f"{self.expired_by_next_call} |",
+                  f"| restarted controllers that sent only the rest of a partial the device kept | "
+                  f"{self.controller_resumed} |",
+                  f"| controller runs that ended before their kill instant (re-drawn, not counted) | "
+                  f"{self.controller_missed} |",
                   "", "| refusal (exit code) | count |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in sorted(self.refusals.items())]
         if self.broken or self.unconfirmed:

@@ -25,7 +25,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
@@ -257,11 +257,11 @@ class SshPusher:
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise UnreachableError(f"{dev.name} ({dev.host}:{dev.port}) unreachable: {exc or type(exc).__name__}") from exc
 
-    async def _run(self, conn: asyncssh.SSHClientConnection, command: str) -> str:
+    async def _run(self, conn: asyncssh.SSHClientConnection, command: str, who: str) -> str:
         try:
             proc = await conn.create_process(command, encoding=None)
             proc.stdin.write_eof()
-            exit_status, out, err = await asyncio.wait_for(_bounded(proc), self.connect_timeout * 6)
+            exit_status, out, err = await asyncio.wait_for(_bounded(proc, who), self.connect_timeout * 6)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise UnreachableError(f"{command}: {exc}") from exc
         if exit_status != 0:
@@ -269,7 +269,7 @@ class SshPusher:
         return out.decode("utf-8", "replace")
 
     async def _status_on(self, dev: Device, conn: asyncssh.SSHClientConnection) -> StatusAnswer:
-        return _answer(dev, parse_status, await self._run(conn, STATUS_COMMAND))
+        return _answer(dev, parse_status, await self._run(conn, STATUS_COMMAND, dev.name))
 
     async def status(self, dev: Device, attempts: int | None = None) -> StatusAnswer:
         async def once() -> StatusAnswer:
@@ -319,7 +319,7 @@ class SshPusher:
                     proc = await conn.create_process(confirm_command(generation, check), encoding=None)
                     proc.stdin.write_eof()
                     exit_status, _out, err = await asyncio.wait_for(
-                        _bounded(proc), max(left + 5.0, self.connect_timeout))
+                        _bounded(proc, dev.name), max(left + 5.0, self.connect_timeout))
                     if exit_status == 0:
                         return
                     stderr = err.decode("utf-8", "replace").strip()
@@ -390,8 +390,9 @@ class SshPusher:
         if status is not None and status.resumable and dev is not None:
             return await self._send_resumable(conn, dev, entry, status.resume if kept else None, held, activation,
                                               on_phase, confirm_timeout, on_sent, start)
-        try:
-            proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
+        who = dev.name if dev else "device"
+
+        async def exchange(proc: asyncssh.SSHClientProcess[bytes]) -> bytes:
             with open(entry.path, "rb") as f:
                 while chunk := f.read(CHUNK):
                     proc.stdin.write(chunk)
@@ -399,13 +400,17 @@ class SshPusher:
             proc.stdin.write_eof()
             on_sent(entry.stream_bytes, entry.nar_bytes, time.monotonic() - start)
             on_phase(DeviceState.ACTIVATING)
-            exit_status, out, err_bytes = await _bounded(proc)
+            return await _read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", who)
+
+        try:
+            proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
+            exit_status, out, err_bytes = await _talk(proc, who, exchange(proc))
         except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
             raise UnreachableError(f"transfer interrupted: {exc}") from exc
         stderr = err_bytes.decode("utf-8", "replace")
         if exit_status != 0:
             raise receive_refused(exit_status, stderr, held)
-        return _answer(dev.name if dev else "device", parse_receive, out.decode("utf-8", "replace")), entry
+        return _answer(who, parse_receive, out.decode("utf-8", "replace")), entry
 
     # --- byte-level resume, rates and windows (transfer.py) ---
 
@@ -430,29 +435,30 @@ class SshPusher:
         progress.total, progress.offset, progress.attempts = entry.stream_bytes, offset, progress.attempts + 1
         progress.resumed += bool(offset)
         command = receive_command(activation, confirm_timeout) + resume_args(sid, offset, prefix)
-        try:
-            proc = await conn.create_process(command, encoding=None)
+
+        async def exchange(proc: asyncssh.SSHClientProcess[bytes]) -> bytes:
             answer = b""
             try:
                 answer = await transfer.send(proc, entry.path, offset, progress, buckets=self.rate_limits(dev),
                                              may_continue=lambda: self.may_transfer(dev))
             except transfer.TransferPaused:
                 progress.waiting_for_window = True
-                await proc.wait(check=False)
-                raise
+                raise  # _talk lets the receiver keep its partial and exit first
             except (OSError, asyncssh.Error, BrokenPipeError):
                 pass  # the receiver may have stopped reading on purpose: its exit status says
             progress.waiting_for_window = False
             on_sent(entry.stream_bytes - offset, entry.nar_bytes, time.monotonic() - start)
             on_phase(DeviceState.ACTIVATING)
-            res = await proc.wait(check=False)
+            rest = await _read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", dev.name)
+            return answer or (rest.splitlines()[-1] if rest.strip() else b"")
+
+        try:
+            proc = await conn.create_process(command, encoding=None)
+            exit_status, answer, err = await _talk(proc, dev.name, exchange(proc))
         except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
             raise UnreachableError(f"transfer interrupted at byte {progress.position}: {exc}") from exc
-        stderr = (res.stderr or b"").decode("utf-8", "replace") if isinstance(res.stderr, bytes) else str(res.stderr or "")
-        if res.exit_status != 0:
-            raise receive_refused(res.exit_status, stderr, held)
-        if isinstance(res.stdout, bytes) and res.stdout and not answer:
-            answer = res.stdout.splitlines()[-1]
+        if exit_status != 0:
+            raise receive_refused(exit_status, err.decode("utf-8", "replace"), held)
         return _answer(dev, parse_receive, answer.decode("utf-8", "replace")), entry
 
 
@@ -463,26 +469,43 @@ class AnswerTooLarge(TemporaryError):
     """A device sent more than the protocol's bound on one answer (or on its stderr)."""
 
 
-async def _read_bounded(stream: asyncssh.SSHReader[bytes], limit: int, what: str) -> bytes:
+async def _read_bounded(stream: asyncssh.SSHReader[bytes], limit: int, what: str, who: str) -> bytes:
     buf = bytearray()
     while chunk := await stream.read(CHUNK):
         buf += chunk
         if len(buf) > limit:
-            raise AnswerTooLarge(f"the device sent more than {limit} bytes of {what}: cut off")
+            raise AnswerTooLarge(f"{who}: the device sent more than {limit} bytes of {what}: cut off")
     return bytes(buf)
 
 
-async def _bounded(proc: asyncssh.SSHClientProcess[bytes]) -> tuple[int | None, bytes, bytes]:
-    """(exit status, stdout, stderr) of a verb, each stream read up to the protocol's bound: a device
-    that streams endlessly is cut off (the channel closed), and our memory stays bounded."""
+async def _talk(proc: asyncssh.SSHClientProcess[bytes], who: str,
+                exchange: Awaitable[_T]) -> tuple[int | None, _T, bytes]:
+    """(exit status, what `exchange` returned, stderr) of a verb: `exchange` writes the verb's stdin
+    and reads its stdout (each bounded), while the device's stderr is read beside it up to the
+    protocol's bound. Every verb goes through here (status, confirm, both receive paths), so a device
+    that streams endlessly on either stream is cut off (the channel closed) and our memory stays
+    bounded; an exchange that fails otherwise (a paused transfer) lets the verb finish first."""
+    err_task = asyncio.ensure_future(_read_bounded(proc.stderr, MAX_STDERR_BYTES, "stderr", who))
+    main = asyncio.ensure_future(exchange)
     try:
-        out, err = await asyncio.gather(_read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer"),
-                                        _read_bounded(proc.stderr, MAX_STDERR_BYTES, "stderr"))
-    except AnswerTooLarge:
+        done, _ = await asyncio.wait({err_task, main}, return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if isinstance(task.exception(), AnswerTooLarge):
+                await task  # raises it: cut off now, whatever the other stream is doing
+        await asyncio.wait({main})
+        err = await err_task  # to the end of the verb's stderr (bounded), even after a failed exchange
+    except BaseException:
         proc.close()
+        for task in (err_task, main):
+            task.cancel()
         raise
     await proc.wait_closed()
-    return proc.exit_status, out, err
+    return proc.exit_status, main.result(), err
+
+
+async def _bounded(proc: asyncssh.SSHClientProcess[bytes], who: str) -> tuple[int | None, bytes, bytes]:
+    """(exit status, stdout, stderr) of a verb whose stdin is already closed."""
+    return await _talk(proc, who, _read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", who))
 
 
 def _answer(dev: Device | str, parse: Callable[[str], _T], text: str) -> _T:
