@@ -145,8 +145,12 @@ def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: in
         time.sleep(0.05)
     reup = os.path.join(os.path.dirname(sys.executable), "reup")
     start = time.time()
-    ctrl = subprocess.Popen([reup, "run", "--config", os.path.join(work, "reup.toml")], stderr=log, stdout=log,
-                            cwd=work)
+    # REUP_BENCH_PROFILE=1: the controller runs under cProfile (its main thread: the loop), written to
+    # <work>/controller.prof when it stops, to find what grows with N.
+    profile = ([sys.executable, "-m", "cProfile", "-o", os.path.join(work, "controller.prof")]
+               if os.environ.get("REUP_BENCH_PROFILE") else [])
+    ctrl = subprocess.Popen([*profile, reup, "run", "--config", os.path.join(work, "reup.toml")], stderr=log,
+                            stdout=log, cwd=work)
     phases = []
     try:
         phases.append(measure(ctrl.pid, fake.pid, base, events, work, "fresh", c1, n, start, timeout))

@@ -52,6 +52,7 @@ from reup.core.outcomes import (
 )
 from reup.core.shard import Shard, select
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
+from reup.delta.diffmemo import DiffMemo
 from reup.io.builder import Builder, GcRoots
 from reup.io.gitfetch import SourceRefused, credentials_from
 from reup.io.nix import NixExecutor
@@ -106,7 +107,9 @@ class Controller:
                                 credentials_from(cfg.source))
         self.builder: SystemBuilder = builder or Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
-        self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
+        # One diff pool for every encode, remembering its diffs: devices with their own systems share them.
+        self.diffs = DiffMemo()
+        self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix, self.diffs))
         # Rates and windows (transfers.py): buckets for the transport, schedules for the planner.
         self.limits = TransferLimits(cfg.transfer.max_rate, lambda: self.fleet, clock)
         self.transfers: dict[str, TransferProgress] = {}
@@ -541,6 +544,7 @@ class Controller:
         return f
 
     def close(self) -> None:
+        self.diffs.shutdown(wait=False)
         self.store.close()
 
 
