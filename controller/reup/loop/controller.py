@@ -36,6 +36,7 @@ from reup.core.model import (
     AttemptKind,
     BuildResult,
     Desired,
+    DeviceObservation,
     DeviceState,
     Fleet,
     Observed,
@@ -43,6 +44,7 @@ from reup.core.model import (
     Push,
     RolloutPolicy,
     Target,
+    Wait,
 )
 from reup.core.outcomes import (
     BuildDeferred,
@@ -50,7 +52,9 @@ from reup.core.outcomes import (
     Undecided,
     UpdateOutcome,
 )
+from reup.core.planner_incremental import IncrementalPlanner
 from reup.core.shard import Shard, select
+from reup.core.windows import WAITING_FOR_WINDOW
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
 from reup.delta.diffmemo import DiffMemo
 from reup.io.builder import Builder, GcRoots
@@ -86,11 +90,13 @@ from reup.loop.http import HttpServer
 from reup.loop.metrics import Metrics
 from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
-from reup.loop.transfers import TransferLimits, register_gauges, transfer_status, waiting_for_window
+from reup.loop.transfers import TransferLimits, register_gauges, transfer_status
 from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
 BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
+FULL_REFRESH = 300.0  # seconds between passes that read every device again (a safety net)
+SNAPSHOT_EVERY = 1.0  # seconds between fleet snapshots (the reup_devices gauge, the page): each is O(fleet)
 
 
 class Controller:
@@ -147,6 +153,12 @@ class Controller:
         self._chores: set[str] = set()  # background steps running (gcroots, prune)
         self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
         self._next_prune = 0.0
+        self.planner = IncrementalPlanner()
+        self._obs: dict[str, DeviceObservation] = {}
+        self._builds: dict[str, BuildResult] = {}
+        self._touched: set[str] = set()
+        self._next_full = 0.0
+        self._last_snapshot = 0.0
 
     # --- triggers ---------------------------------------------------------------
 
@@ -295,10 +307,48 @@ class Controller:
     # --- one pass -----------------------------------------------------------------
 
     def observe(self) -> Observed:
+        """Every device's observation, read now (`reup plan`)."""
         observed = self.store.observed(self.busy, self.building)
-        # A build whose output was garbage-collected is not built any more.
-        builds = {d: b for d, b in observed.builds.items() if not b.ok or (b.toplevel and os.path.exists(b.toplevel))}
-        return replace(observed, builds=builds)
+        return replace(observed, builds={d: b for d, b in observed.builds.items() if _present(b)})
+
+    def _observe_changes(self) -> tuple[Observed, set[str] | None, set[str]]:
+        """The planner's inputs, kept in memory and updated from what changed since the last pass: rows the
+        store wrote (acknowledgements, failures, retries, builds) and pushes that started or ended. All are
+        read again on a new revision, after another process wrote, and every FULL_REFRESH seconds.
+        Returns (observed, changed devices or None for all, changed builds)."""
+        names, drvs = self.store.take_changes()
+        touched, self._touched = self._touched, set()
+        if names is None or time.monotonic() >= self._next_full:
+            self._next_full = time.monotonic() + FULL_REFRESH
+            self._obs = {n: replace(o, busy=self.busy.get(n)) if n in self.busy else o
+                         for n, o in self.store.observations().items()}
+            # A build whose output was garbage-collected is not built any more.
+            self._builds = {d: b for d, b in self.store.build_results().items() if _present(b)}
+            changed: set[str] | None = None
+        else:
+            changed = names | touched
+            rows = self.store.observations(changed)
+            for n in changed:
+                o = rows.get(n)
+                if o is None:
+                    self._obs.pop(n, None)
+                else:
+                    self._obs[n] = replace(o, busy=self.busy.get(n)) if n in self.busy else o
+            for drv, b in self.store.build_results(drvs).items():
+                if _present(b):
+                    self._builds[drv] = b
+                else:
+                    self._builds.pop(drv, None)
+            for drv in drvs - self._builds.keys():
+                self._builds.pop(drv, None)
+        observed = Observed(devices=self._obs, builds=self._builds, building=frozenset(self.building),
+                            control=self.store.rollout_control())
+        return observed, changed, drvs
+
+    def _touch(self, name: str) -> None:
+        """A push or probe of `name` started, changed phase or ended: the next pass re-decides it."""
+        self._touched.add(name)
+        self.wake()
 
     async def step(self) -> Plan:
         if self._fetch_requested or self.clock() >= self._next_poll:
@@ -307,11 +357,16 @@ class Controller:
             self.fleet = await asyncio.to_thread(self._last_good_fleet)
         now = self.clock()
         desired = self.store.desired()
-        observed = self.observe()
-        plan = planner.plan(desired, observed, self.policy, now, self.limits.schedules())
-        self.waiting.clear()
-        self.waiting.update(waiting_for_window(plan))
-        for device, old, new in self.store.set_states(plan.decisions.values(), now):
+        observed, changed, builds_changed = self._observe_changes()
+        plan = self.planner.plan(desired, observed, self.policy, now, self.limits.schedules(), changed, builds_changed)
+        if changed is None:
+            self.waiting.clear()
+        for name, d in plan.changed.items():  # who waits for a transfer window (status, gauges)
+            if d.reason.startswith(WAITING_FOR_WINDOW):
+                self.waiting[name] = d.action.until if isinstance(d.action, Wait) else None
+            else:
+                self.waiting.pop(name, None)
+        for device, old, new in self.store.set_states(plan.changed.values(), now):
             self._snapshot_due = True
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
@@ -326,10 +381,13 @@ class Controller:
         for push in plan.pushes():
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
+                self._touched.add(push.device)
                 self._spawn(self._push(push, desired.seen_at))
-        self._next_probe = self._start_probes(desired, observed, now)
+        # Only devices whose last attempt timed out can need a probe: the planner keeps that set.
+        timed_out = {n: observed.devices[n] for n in self.planner.timed_out if n in observed.devices}
+        self._next_probe = self._start_probes(desired, replace(observed, devices=timed_out), now)
         self._background(now)
-        if self._snapshot_due:
+        if self._snapshot_due and time.monotonic() >= self._last_snapshot + SNAPSHOT_EVERY:
             self._emit_snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
@@ -357,6 +415,7 @@ class Controller:
     def _emit_snapshot(self) -> None:
         """Every device's state as one event per pass that changed some (the reup_devices gauge follows it)."""
         self._snapshot_due = False
+        self._last_snapshot = time.monotonic()
         self._roots_due = True
         self.bus.emit(DevicesSnapshot(self.clock(), self.store.device_rows()))
 
@@ -431,7 +490,7 @@ class Controller:
 
             def on_phase(state: DeviceState) -> None:
                 self.busy[name] = state
-                self.wake()
+                self._touch(name)
 
             def on_sent(stream_bytes: int, nar_bytes: int, seconds: float) -> None:
                 self.bus.emit(TransferFinished(self.clock(), name, stream_bytes, nar_bytes, seconds))
@@ -440,6 +499,7 @@ class Controller:
             self.recorder.update(outcome, seen_at, self.busy.get(name))
         finally:
             self.busy.pop(name, None)
+            self._touch(name)
 
     def _start_probes(self, desired: Desired, observed: Observed, now: float) -> float | None:
         """Start the status probes the planner says are due; returns the next probe time (a wake-up)."""
@@ -461,6 +521,7 @@ class Controller:
             self.recorder.update(outcome, seen_at)
         finally:
             self.probing.discard(name)
+            self._touched.add(name)
             if not (isinstance(outcome, Undecided) and outcome.verdict.ask_again):
                 self.recorder.probe_failures.pop(name, None)
             self.wake()
@@ -515,9 +576,13 @@ class Controller:
                         await asyncio.wait_for(stopping.wait(), timeout=min(spent, 2.0))
                 if once and not self.tasks and plan.quiescent() and not self._fetch_requested:
                     self.blocked = plan.blocked()
+                    if self._snapshot_due:  # the last state, not held back by the snapshots' spacing
+                        self._emit_snapshot()
                     break
+                snapshot = (self.clock() + max(0.0, self._last_snapshot + SNAPSHOT_EVERY - time.monotonic())
+                            if self._snapshot_due else None)
                 wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
-                                       None if once else self._next_probe) if w is not None]
+                                       None if once else self._next_probe, snapshot) if w is not None]
                 timeout = max(0.05, min(wakeups) - self.clock()) if wakeups else 3600.0
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 3600.0))
@@ -550,3 +615,8 @@ class Controller:
 
 def _noop() -> None:
     pass
+
+
+def _present(b: BuildResult) -> bool:
+    """A failed build, or one whose output is still in the store (not garbage-collected)."""
+    return not b.ok or bool(b.toplevel and os.path.exists(b.toplevel))
