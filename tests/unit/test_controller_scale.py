@@ -111,11 +111,11 @@ def test_a_pass_after_an_acknowledgement_decides_that_device_alone(tmp_path: os.
             ctrl.recorder.update(Updated(push, 2), desired.seen_at)
             ctrl._next_poll = ctrl._next_prune = float("inf")
 
-            async def one_pass() -> None:
-                ctrl._wake = asyncio.Event()
-                await ctrl.step()
+            async def one_pass(c: Controller) -> None:
+                c._wake = asyncio.Event()
+                await c.step()
 
-            asyncio.run(one_pass())
+            asyncio.run(one_pass(ctrl))
             assert ctrl.planner.decided == 1, n
         finally:
             ctrl.close()
