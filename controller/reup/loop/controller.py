@@ -96,7 +96,8 @@ from reup.loop.web import FleetPage
 log = logging.getLogger(__name__)
 BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
 FULL_REFRESH = 300.0  # seconds between passes that read every device again (a safety net)
-SNAPSHOT_EVERY = 1.0  # seconds between fleet snapshots (the reup_devices gauge, the page): each is O(fleet)
+SNAPSHOT_EVERY = 1.0  # seconds at least between fleet snapshots (the reup_devices gauge, the progress line)
+SNAPSHOT_DUTY = 20  # and at least this many times a snapshot's own cost (it is O(fleet)): under 5% of the time
 
 
 class Controller:
@@ -159,6 +160,7 @@ class Controller:
         self._touched: set[str] = set()
         self._next_full = 0.0
         self._last_snapshot = 0.0
+        self._snapshot_every = SNAPSHOT_EVERY
 
     # --- triggers ---------------------------------------------------------------
 
@@ -387,7 +389,7 @@ class Controller:
         timed_out = {n: observed.devices[n] for n in self.planner.timed_out if n in observed.devices}
         self._next_probe = self._start_probes(desired, replace(observed, devices=timed_out), now)
         self._background(now)
-        if self._snapshot_due and time.monotonic() >= self._last_snapshot + SNAPSHOT_EVERY:
+        if self._snapshot_due and time.monotonic() >= self._last_snapshot + self._snapshot_every:
             self._emit_snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
@@ -413,11 +415,14 @@ class Controller:
         self.wake()
 
     def _emit_snapshot(self) -> None:
-        """Every device's state as one event per pass that changed some (the reup_devices gauge follows it)."""
+        """Every device's state as one event (the reup_devices gauge, the progress line follow it), after
+        passes that changed some, spaced by SNAPSHOT_EVERY and by SNAPSHOT_DUTY times its own cost."""
         self._snapshot_due = False
-        self._last_snapshot = time.monotonic()
         self._roots_due = True
+        start = time.monotonic()
         self.bus.emit(DevicesSnapshot(self.clock(), self.store.device_rows()))
+        self._snapshot_every = min(30.0, max(SNAPSHOT_EVERY, SNAPSHOT_DUTY * (time.monotonic() - start)))
+        self._last_snapshot = time.monotonic()
 
     def _background(self, now: float) -> None:
         """Work kept out of the pass, at most one of each at a time: GC roots when the set of distinct
@@ -579,7 +584,7 @@ class Controller:
                     if self._snapshot_due:  # the last state, not held back by the snapshots' spacing
                         self._emit_snapshot()
                     break
-                snapshot = (self.clock() + max(0.0, self._last_snapshot + SNAPSHOT_EVERY - time.monotonic())
+                snapshot = (self.clock() + max(0.0, self._last_snapshot + self._snapshot_every - time.monotonic())
                             if self._snapshot_due else None)
                 wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
                                        None if once else self._next_probe, snapshot) if w is not None]
