@@ -60,7 +60,7 @@ def compare(full: object, inc: object) -> None:
     assert sorted(p.device for p in full.pushes()) == sorted(p.device for p in inc.pushes())  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(25))
 def test_incremental_plans_equal_full_plans(seed: int) -> None:
     rnd = random.Random(seed)
     policy = POLICIES[seed % len(POLICIES)]

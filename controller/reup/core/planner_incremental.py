@@ -19,6 +19,7 @@ time). A pass costs O(changed devices + due deadlines), plus O(devices waiting t
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -166,7 +167,7 @@ class IncrementalPlanner:
         self.tally.add(name, s)
         self.shares[name] = s
         # Time alone changes the decision at a retry time, and the share at unreachable_after.
-        if a is not None and a.retry_at > now:
+        if a is not None and now < a.retry_at < math.inf:
             heapq.heappush(self._deadlines, (a.retry_at, name))
         if s.recheck is not None:
             heapq.heappush(self._deadlines, (s.recheck, name))
