@@ -197,6 +197,7 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
     log0 = encodes_in_log(work)
     ev0 = os.path.getsize(events) if os.path.exists(events) else 0
     settled = None
+    failures = 0
     while time.time() - start < timeout:
         time.sleep(0.5)
         try:
@@ -208,6 +209,11 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
         if st.get("revision") == commit and st.get("total") == n and acks_since(events, ev0, start) >= n:
             settled = time.time() - start
             break
+        if st.get("revision") == commit:
+            failed = failed_devices(base)  # settled short: some devices failed (the table says how many)
+            if failed and st.get("total", 0) + failed == n and acks_since(events, ev0, start) + failed >= n:
+                failures = failed
+                break
     cpu1, child1 = proc_cpu(pid)
     fake1 = proc_cpu(fake_pid)[0]
     m1 = scrape_or_empty(base)
@@ -228,7 +234,14 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
                  child1 - child0, delta("reup_reconcile_passes_total"), encodes_in_log(work) - log0,
                  delta('reup_device_updates_total{result="committed"}'), rollbacks,
                  delta('reup_device_updates_total{result="timed_out"}'),
-                 {"acks": len(acks), "fake_cpu": fake1 - fake0, "encode_cpu_ms": cpus, "load": loadavg()})
+                 {"acks": len(acks), "fake_cpu": fake1 - fake0, "encode_cpu_ms": cpus, "load": loadavg(),
+                  "failed": failures})
+
+
+def failed_devices(base: str) -> int:
+    """Devices settled without their update (failed, rolled back): a phase that will not complete."""
+    return sum(int(json.loads(get(f"{base}/api/status?state={state}&limit=0")).get("total", 0))
+               for state in ("failed", "rolled_back"))
 
 
 def acks_since(events: str, offset: int, start: float) -> int:
@@ -279,8 +292,8 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| shape | N | phase | first ack s | last ack s | settled s | ctrl CPU s | children CPU s | "
             "CPU ms/device | fake fleet CPU s | passes | encodes / pushes | encode CPU s | encode ms after the first | "
-            "rollbacks | timed out | peak RSS MiB | SQLite MiB | series | load avg |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "rollbacks | failed | timed out | peak RSS MiB | SQLite MiB | series | load avg |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         for p in r["phases"]:
             cpus = p.extra.get("encode_cpu_ms", [])
@@ -289,6 +302,7 @@ def table(results: list[dict[str, Any]]) -> str:
                         f"{fmt(p.seconds_settled)} | {p.cpu:.1f} | {p.children_cpu:.1f} | "
                         f"{1000 * p.cpu / r['n']:.2f} | {p.extra['fake_cpu']:.1f} | {p.passes} | {p.encodes} / {p.pushes} | "
                         f"{sum(cpus) / 1000:.1f} | {fmt(sum(rest) / len(rest) if rest else None)} | {p.rollbacks} | "
+                        f"{p.extra.get('failed', 0)} | "
                         f"{p.timed_out} | {r['rss_mib']:.0f} | {r['sqlite_mib']:.1f} | {r['series']} | "
                         f"{p.extra.get('load', '')} |")
     rows.append("")

@@ -66,11 +66,16 @@ class DeltaCache:
         nar_bytes: int
         cached: bool
 
-    def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64) -> None:
+    def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64,
+                 min_age: float = 600.0) -> None:
         self.dir = directory
         self.encoder = encoder or nix_encoder()
         self.max_entries = max_entries
+        # A stream used in the last `min_age` seconds may be being sent: never pruned, even when more
+        # than `max_entries` are (a fleet where every device has its own system).
+        self.min_age = min_age
         self._lock = threading.Lock()
+        self._prune_lock = threading.Lock()
         self._building: dict[str, threading.Lock] = {}
         os.makedirs(directory, exist_ok=True)
 
@@ -128,12 +133,20 @@ class DeltaCache:
         return None
 
     def _prune(self) -> None:
-        streams = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.endswith(".stream")]
-        streams.sort(key=lambda p: os.path.getmtime(p), reverse=True)
-        for old in streams[self.max_entries:]:
-            for path in (old, old[: -len(".stream")] + ".json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        with self._prune_lock:  # one at a time: two encodes pruning together saw each other's deletions
+            streams = []
+            for n in os.listdir(self.dir):
+                if n.endswith(".stream"):
+                    with contextlib.suppress(FileNotFoundError):
+                        streams.append((os.path.getmtime(os.path.join(self.dir, n)), os.path.join(self.dir, n)))
+            streams.sort(reverse=True)
+            cutoff = time.time() - self.min_age
+            for mtime, old in streams[self.max_entries:]:
+                if mtime >= cutoff:
+                    continue
+                for path in (old, old[: -len(".stream")] + ".json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
 
 def _trailer_digest(path: str) -> str:
