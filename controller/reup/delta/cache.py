@@ -18,14 +18,16 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reup_receiver.format.wire import DIGEST_SIZE
 from reup_receiver.format.wire import VERSION as STREAM_VERSION
 
 from reup import __version__
-from reup.delta.diffmemo import DiffMemo
 from reup.io.nix import NixExecutor
+
+if TYPE_CHECKING:  # `reup delta` starts light: the diff pool's codecs are imported when encoding
+    from reup.delta.diffmemo import DiffMemo
 
 log = logging.getLogger(__name__)
 
