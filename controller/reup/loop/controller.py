@@ -36,7 +36,6 @@ from reup.core.model import (
     AttemptKind,
     BuildResult,
     Desired,
-    DeviceObservation,
     DeviceState,
     Fleet,
     Observed,
@@ -87,6 +86,7 @@ from reup.loop.executors import (
     execute_push,
 )
 from reup.loop.http import HttpServer
+from reup.loop.inputs import PlannerInputs, present
 from reup.loop.metrics import Metrics
 from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
@@ -95,7 +95,6 @@ from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
 BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
-FULL_REFRESH = 300.0  # seconds between passes that read every device again (a safety net)
 SNAPSHOT_EVERY = 1.0  # seconds at least between fleet snapshots (the reup_devices gauge, the progress line)
 SNAPSHOT_DUTY = 20  # and at least this many times a snapshot's own cost (it is O(fleet)): under 5% of the time
 
@@ -155,10 +154,7 @@ class Controller:
         self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
         self._next_prune = 0.0
         self.planner = IncrementalPlanner()
-        self._obs: dict[str, DeviceObservation] = {}
-        self._builds: dict[str, BuildResult] = {}
-        self._touched: set[str] = set()
-        self._next_full = 0.0
+        self.inputs = PlannerInputs(self.store)  # the planner's inputs, in memory between passes
         self._last_snapshot = 0.0
         self._snapshot_every = SNAPSHOT_EVERY
 
@@ -311,45 +307,11 @@ class Controller:
     def observe(self) -> Observed:
         """Every device's observation, read now (`reup plan`)."""
         observed = self.store.observed(self.busy, self.building)
-        return replace(observed, builds={d: b for d, b in observed.builds.items() if _present(b)})
-
-    def _observe_changes(self) -> tuple[Observed, set[str] | None, set[str]]:
-        """The planner's inputs, kept in memory and updated from what changed since the last pass: rows the
-        store wrote (acknowledgements, failures, retries, builds) and pushes that started or ended. All are
-        read again on a new revision, after another process wrote, and every FULL_REFRESH seconds.
-        Returns (observed, changed devices or None for all, changed builds)."""
-        names, drvs = self.store.take_changes()
-        touched, self._touched = self._touched, set()
-        if names is None or time.monotonic() >= self._next_full:
-            self._next_full = time.monotonic() + FULL_REFRESH
-            self._obs = {n: replace(o, busy=self.busy.get(n)) if n in self.busy else o
-                         for n, o in self.store.observations().items()}
-            # A build whose output was garbage-collected is not built any more.
-            self._builds = {d: b for d, b in self.store.build_results().items() if _present(b)}
-            changed: set[str] | None = None
-        else:
-            changed = names | touched
-            rows = self.store.observations(changed)
-            for n in changed:
-                o = rows.get(n)
-                if o is None:
-                    self._obs.pop(n, None)
-                else:
-                    self._obs[n] = replace(o, busy=self.busy.get(n)) if n in self.busy else o
-            for drv, b in self.store.build_results(drvs).items():
-                if _present(b):
-                    self._builds[drv] = b
-                else:
-                    self._builds.pop(drv, None)
-            for drv in drvs - self._builds.keys():
-                self._builds.pop(drv, None)
-        observed = Observed(devices=self._obs, builds=self._builds, building=frozenset(self.building),
-                            control=self.store.rollout_control())
-        return observed, changed, drvs
+        return replace(observed, builds={d: b for d, b in observed.builds.items() if present(b)})
 
     def _touch(self, name: str) -> None:
         """A push or probe of `name` started, changed phase or ended: the next pass re-decides it."""
-        self._touched.add(name)
+        self.inputs.touched.add(name)
         self.wake()
 
     async def step(self) -> Plan:
@@ -359,7 +321,7 @@ class Controller:
             self.fleet = await asyncio.to_thread(self._last_good_fleet)
         now = self.clock()
         desired = self.store.desired()
-        observed, changed, builds_changed = self._observe_changes()
+        observed, changed, builds_changed = self.inputs.update(self.busy, self.building)
         plan = self.planner.plan(desired, observed, self.policy, now, self.limits.schedules(), changed, builds_changed)
         if changed is None:
             self.waiting.clear()
@@ -383,7 +345,7 @@ class Controller:
         for push in plan.pushes():
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
-                self._touched.add(push.device)
+                self.inputs.touched.add(push.device)
                 self._spawn(self._push(push, desired.seen_at))
         # Only devices whose last attempt timed out can need a probe: the planner keeps that set.
         timed_out = {n: observed.devices[n] for n in self.planner.timed_out if n in observed.devices}
@@ -526,7 +488,7 @@ class Controller:
             self.recorder.update(outcome, seen_at)
         finally:
             self.probing.discard(name)
-            self._touched.add(name)
+            self.inputs.touched.add(name)
             if not (isinstance(outcome, Undecided) and outcome.verdict.ask_again):
                 self.recorder.probe_failures.pop(name, None)
             self.wake()
@@ -621,7 +583,3 @@ class Controller:
 def _noop() -> None:
     pass
 
-
-def _present(b: BuildResult) -> bool:
-    """A failed build, or one whose output is still in the store (not garbage-collected)."""
-    return not b.ok or bool(b.toplevel and os.path.exists(b.toplevel))
