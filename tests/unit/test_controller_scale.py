@@ -69,6 +69,7 @@ def ack_and_pass_cost(tmp: str, n: int) -> tuple[int, ...]:
 
         ctrl._next_poll = float("inf")
         ctrl._next_prune = float("inf")
+        ctrl._next_roots = float("inf")  # GC roots sync in a background thread, spaced: not the pass's work
         # Nor are the snapshot and the GC roots' sync it triggers (O(fleet), at most once a second).
         ctrl._last_snapshot = float("inf")
         ctrl._roots_due = False

@@ -270,7 +270,7 @@ def test_delta_cache_encodes_once_and_prunes(tmp_path: os.PathLike[str]) -> None
             f.write(b"hello")
         return Stats()
 
-    cache = DeltaCache(str(tmp_path), fake_encoder, max_entries=2, min_age=0.0)
+    cache = DeltaCache(str(tmp_path), fake_encoder, max_entries=2, min_age=0.0, prune_every=0.0)
     e1 = cache.get([P2, P1], "/nix/store/t1")
     e2 = cache.get([P2, P1, P2], "/nix/store/t1")  # the same holdings: cached
     assert len(calls) == 1 and not e1.cached and e2.cached and e2.path == e1.path
@@ -291,7 +291,7 @@ def test_delta_cache_keeps_streams_in_use(tmp_path: os.PathLike[str]) -> None:
         with open(out, "wb") as f:
             f.write(target.encode())
 
-    cache = DeltaCache(str(tmp_path), encoder, max_entries=2)  # default min_age: minutes
+    cache = DeltaCache(str(tmp_path), encoder, max_entries=2, prune_every=0.0)  # default min_age: minutes
     entries = [cache.get([], f"/nix/store/t{i}") for i in range(6)]
     for e in entries:
         with open(e.path, "rb") as f:

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 Encoder = Callable[[Sequence[str], str, str, Sequence[str], Sequence[str], Sequence[str] | None], Any]
 # Streams of an older encoder or format are not reused after an upgrade.
 CACHE_VERSION = f"{__version__}/{STREAM_VERSION}"
+PRUNE_EVERY = 5.0  # seconds
 
 
 def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None) -> Encoder:
@@ -69,7 +70,7 @@ class DeltaCache:
         cached: bool
 
     def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64,
-                 min_age: float = 600.0) -> None:
+                 min_age: float = 600.0, prune_every: float = PRUNE_EVERY) -> None:
         self.dir = directory
         self.encoder = encoder or nix_encoder()
         self.max_entries = max_entries
@@ -78,6 +79,8 @@ class DeltaCache:
         self.min_age = min_age
         self._lock = threading.Lock()
         self._prune_lock = threading.Lock()
+        self._next_prune = 0.0
+        self.prune_every = prune_every
         self._building: dict[str, threading.Lock] = {}
         os.makedirs(directory, exist_ok=True)
 
@@ -135,6 +138,11 @@ class DeltaCache:
         return None
 
     def _prune(self) -> None:
+        # A prune lists the whole directory, which min_age can make large (a stream per device):
+        # once every `prune_every` seconds, not after every encode.
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + self.prune_every
         with self._prune_lock:  # one at a time: two encodes pruning together saw each other's deletions
             streams = []
             for n in os.listdir(self.dir):

@@ -96,6 +96,7 @@ from reup.loop.web import FleetPage
 log = logging.getLogger(__name__)
 BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
 SNAPSHOT_EVERY = 1.0  # seconds at least between fleet snapshots (the reup_devices gauge, the progress line)
+ROOTS_DUTY = 10  # GC root syncs at most 10% of the time
 SNAPSHOT_DUTY = 20  # and at least this many times a snapshot's own cost (it is O(fleet)): under 5% of the time
 
 
@@ -152,6 +153,7 @@ class Controller:
         self._roots_due = True
         self._chores: set[str] = set()  # background steps running (gcroots, prune)
         self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
+        self._next_roots = 0.0
         self._next_prune = 0.0
         self.planner = IncrementalPlanner()
         self.inputs = PlannerInputs(self.store)  # the planner's inputs, in memory between passes
@@ -389,11 +391,9 @@ class Controller:
     def _background(self, now: float) -> None:
         """Work kept out of the pass, at most one of each at a time: GC roots when the set of distinct
         systems changed, and retention (pruning events, history and old revisions) now and then."""
-        if "gcroots" not in self._chores and self._roots_due:
+        if "gcroots" not in self._chores and self._roots_due and time.monotonic() >= self._next_roots:
             self._roots_due = False
-            needed = {p for p in self.store.toplevels_in_use() if os.path.exists(p)}  # built ones: per system
-            if needed != self._rooted:
-                self._chore("gcroots", self._sync_gcroots(needed))
+            self._chore("gcroots", self._sync_gcroots())
         if "prune" not in self._chores and now >= self._next_prune:
             self._next_prune = now + self.cfg.state.prune_interval
             self._chore("prune", self._prune(now))
@@ -424,13 +424,24 @@ class Controller:
             log.error("executor task failed", exc_info=task.exception())
         self.wake()
 
-    async def _sync_gcroots(self, needed: set[str]) -> None:
+    async def _sync_gcroots(self) -> None:
+        start = time.monotonic()
+
+        def sync() -> set[str]:
+            needed = {p for p in self.store.toplevels_in_use() if os.path.exists(p)}  # built ones: per system
+            if needed != self._rooted:
+                self.gcroots.sync(needed)
+            return needed
+
         try:
-            await asyncio.to_thread(self.gcroots.sync, needed)
-            self._rooted = needed
+            self._rooted = await asyncio.to_thread(sync)
         except Exception as exc:  # roots are a safety net: report, carry on (tried again next pass)
             self._roots_due = True
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
+        finally:
+            # A sync is O(distinct systems): with a system per device the set changes with every
+            # acknowledgement, so syncs are spaced by ROOTS_DUTY times their own duration.
+            self._next_roots = time.monotonic() + min(30.0, ROOTS_DUTY * (time.monotonic() - start))
 
     # --- executors -------------------------------------------------------------------------
 
@@ -548,8 +559,10 @@ class Controller:
                     break
                 snapshot = (self.clock() + max(0.0, self._last_snapshot + self._snapshot_every - time.monotonic())
                             if self._snapshot_due else None)
+                roots = (self.clock() + max(0.0, self._next_roots - time.monotonic())
+                         if self._roots_due and not once else None)
                 wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
-                                       None if once else self._next_probe, snapshot) if w is not None]
+                                       None if once else self._next_probe, snapshot, roots) if w is not None]
                 timeout = max(0.05, min(wakeups) - self.clock()) if wakeups else 3600.0
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 3600.0))
