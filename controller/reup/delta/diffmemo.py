@@ -27,6 +27,8 @@ from typing import Any
 
 from reup.delta.codecs import diff_job
 
+IDLE = 30.0  # seconds without a diff before the pool's workers stop
+
 
 def _timed(fn: Callable[..., Any], *args: Any) -> tuple[float, Any]:
     """Run in a worker: (its CPU seconds, the result)."""
@@ -46,6 +48,10 @@ class DiffMemo(Executor):
         self._owed: dict[int, float] = {}  # worker CPU seconds per submitting thread (an encode)
         self.hits = 0
         self.misses = 0
+        # The pool stops after IDLE seconds without a diff: a controller killed with -9 leaves no idle
+        # workers behind (multiprocessing's forkserver outlives a killed parent), and an idle one holds none.
+        self._idle: threading.Timer | None = None
+        self._running = 0
 
     # --- Executor -------------------------------------------------------------------
 
@@ -64,11 +70,22 @@ class DiffMemo(Executor):
                 self._pool = ProcessPoolExecutor(max_workers=self.workers,
                                                  mp_context=multiprocessing.get_context("forkserver"))
             pool = self._pool
+        with self._lock:
+            self._running += 1
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
         inner = pool.submit(_timed, fn, *args, **kwargs)
         outer: Future[Any] = Future()
         owner = threading.get_ident()
 
         def done(f: Future[tuple[float, Any]]) -> None:
+            with self._lock:
+                self._running -= 1
+                if not self._running:
+                    self._idle = threading.Timer(IDLE, self._stop_if_idle)
+                    self._idle.daemon = True
+                    self._idle.start()
             exc = f.exception()
             if exc is not None:
                 outer.set_exception(exc)
@@ -87,6 +104,14 @@ class DiffMemo(Executor):
         """Worker CPU seconds owed to this thread's diffs (finished ones), reset to zero."""
         with self._lock:
             return self._owed.pop(threading.get_ident(), 0.0)
+
+    def _stop_if_idle(self) -> None:
+        with self._lock:
+            if self._running:
+                return
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._lock:
