@@ -43,7 +43,7 @@ FLAKE = r'''{
     };
     mk = name: derivation {
       name = "nixos-system-${name}"; builder = "/bin/sh"; inherit system base;
-      args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; ln -s $base $out/base; echo ${name} > $out/etc/hostname; printf '#!/bin/sh\\n' > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration" ];
+      args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; ln -s $base $out/base; echo ${name} > $out/etc/hostname; echo @MARK@ > $out/etc/marker; printf '#!/bin/sh\\n' > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration" ];
     };
   in {
     nixosConfigurations = builtins.listToAttrs (map (n: { name = n; value.config.system.build.toplevel = mk n; })
@@ -96,11 +96,11 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
-def write_fleet(repo: str, n: int, shape: str, port: int, host_pub: str, base_version: str) -> list[str]:
+def write_fleet(repo: str, n: int, shape: str, port: int, host_pub: str, base_version: str, mark: str = "0") -> list[str]:
     names = [f"d{i:05d}" for i in range(n)]
     assign = {d: (d if shape == "unique" else f"cfg-{i % 3}") for i, d in enumerate(names)}
     configs = sorted(set(assign.values()))
-    Path(repo, "flake.nix").write_text(FLAKE.replace("@BASE@", base_version))
+    Path(repo, "flake.nix").write_text(FLAKE.replace("@BASE@", base_version).replace("@MARK@", mark))
     Path(repo, "configs.json").write_text(json.dumps(configs))
     lines = ["[rollout]\nconfirm_timeout = 60\n\n"]
     for d in names:
@@ -110,15 +110,16 @@ def write_fleet(repo: str, n: int, shape: str, port: int, host_pub: str, base_ve
     return names
 
 
-def run_size(work: str, n: int, shape: str, timeout: float, max_connections: int) -> dict[str, Any]:
+def run_size(work: str, n: int, shape: str, timeout: float, max_connections: int,
+             latency_max_n: int = 100) -> dict[str, Any]:
     os.makedirs(work, exist_ok=True)
     with open(os.path.join(work, "fakefleet.log"), "w") as fake_log, \
             open(os.path.join(work, "controller.log"), "w") as log:
-        return _run_size(work, n, shape, timeout, max_connections, fake_log, log)
+        return _run_size(work, n, shape, timeout, max_connections, fake_log, log, latency_max_n)
 
 
 def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: int, fake_log: IO[str],
-              log: IO[str]) -> dict[str, Any]:
+              log: IO[str], latency_max_n: int) -> dict[str, Any]:
     keys = os.path.join(work, "keys")
     os.makedirs(keys, exist_ok=True)
     host_pub = generate_key(os.path.join(keys, "host"))
@@ -145,8 +146,12 @@ def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: in
         time.sleep(0.05)
     reup = os.path.join(os.path.dirname(sys.executable), "reup")
     start = time.time()
-    ctrl = subprocess.Popen([reup, "run", "--config", os.path.join(work, "reup.toml")], stderr=log, stdout=log,
-                            cwd=work)
+    # REUP_BENCH_PROFILE=1: the controller runs under cProfile (its main thread: the loop), written to
+    # <work>/controller.prof when it stops, to find what grows with N.
+    profile = ([sys.executable, "-m", "cProfile", "-o", os.path.join(work, "controller.prof")]
+               if os.environ.get("REUP_BENCH_PROFILE") else [])
+    ctrl = subprocess.Popen([*profile, reup, "run", "--config", os.path.join(work, "reup.toml")], stderr=log,
+                            stdout=log, cwd=work)
     phases = []
     try:
         phases.append(measure(ctrl.pid, fake.pid, base, events, work, "fresh", c1, n, start, timeout))
@@ -156,6 +161,15 @@ def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: in
         req = urllib.request.Request(base + "/webhook", data=b"{}", method="POST")
         urllib.request.urlopen(req, timeout=10).read()
         phases.append(measure(ctrl.pid, fake.pid, base, events, work, "update", c2, n, start, timeout))
+        if n <= latency_max_n:
+            # Commit-to-first-acknowledged: a tiny change (a marker file in each system, the shared base
+            # as it was), timed from before `git commit`; the watcher sees the ref change, the webhook too.
+            start = time.time()
+            write_fleet(repo, n, shape, port, host_pub, "2", mark="1")
+            c3 = demofleet.commit(repo, "a tiny change")
+            req = urllib.request.Request(base + "/webhook", data=b"{}", method="POST")
+            urllib.request.urlopen(req, timeout=10).read()
+            phases.append(measure(ctrl.pid, fake.pid, base, events, work, "tiny commit", c3, n, start, timeout))
         metrics = scrape(base)
         rss = peak_rss_mib(ctrl.pid)
     finally:
@@ -183,6 +197,7 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
     log0 = encodes_in_log(work)
     ev0 = os.path.getsize(events) if os.path.exists(events) else 0
     settled = None
+    failures = 0
     while time.time() - start < timeout:
         time.sleep(0.5)
         try:
@@ -194,6 +209,11 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
         if st.get("revision") == commit and st.get("total") == n and acks_since(events, ev0, start) >= n:
             settled = time.time() - start
             break
+        if st.get("revision") == commit:
+            failed = failed_devices(base)  # settled short: some devices failed (the table says how many)
+            if failed and st.get("total", 0) + failed == n and acks_since(events, ev0, start) + failed >= n:
+                failures = failed
+                break
     cpu1, child1 = proc_cpu(pid)
     fake1 = proc_cpu(fake_pid)[0]
     m1 = scrape_or_empty(base)
@@ -209,10 +229,19 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
     def delta(key: str) -> int:
         return int(m1.get(key, 0) - m0.get(key, 0))
 
+    cpus = encode_cpu_ms(encode_lines(work)[log0:])
     return Phase(name, min(acks) if acks else None, max(acks) if acks else None, settled, cpu1 - cpu0,
                  child1 - child0, delta("reup_reconcile_passes_total"), encodes_in_log(work) - log0,
                  delta('reup_device_updates_total{result="committed"}'), rollbacks,
-                 delta('reup_device_updates_total{result="timed_out"}'), {"acks": len(acks), "fake_cpu": fake1 - fake0})
+                 delta('reup_device_updates_total{result="timed_out"}'),
+                 {"acks": len(acks), "fake_cpu": fake1 - fake0, "encode_cpu_ms": cpus, "load": loadavg(),
+                  "failed": failures})
+
+
+def failed_devices(base: str) -> int:
+    """Devices settled without their update (failed, rolled back): a phase that will not complete."""
+    return sum(int(json.loads(get(f"{base}/api/status?state={state}&limit=0")).get("total", 0))
+               for state in ("failed", "rolled_back"))
 
 
 def acks_since(events: str, offset: int, start: float) -> int:
@@ -230,11 +259,30 @@ def scrape_or_empty(base: str) -> dict[str, float]:
     return {}
 
 
-def encodes_in_log(work: str) -> int:
+def encode_lines(work: str) -> list[str]:
     try:
-        return Path(work, "controller.log").read_text(errors="replace").count("delta encoded:")
+        return [line for line in Path(work, "controller.log").read_text(errors="replace").splitlines()
+                if "delta encoded:" in line]
     except OSError:
-        return 0
+        return []
+
+
+def encodes_in_log(work: str) -> int:
+    return len(encode_lines(work))
+
+
+def encode_cpu_ms(lines: list[str]) -> list[float]:
+    """The CPU of each encode (its thread and its diffs' workers), as the controller logs it."""
+    out = []
+    for line in lines:
+        _, sep, rest = line.partition(", cpu ")
+        if sep:
+            out.append(float(rest.split(" ms", 1)[0]))
+    return out
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def fmt(v: float | None, spec: str = ".1f") -> str:
@@ -243,14 +291,20 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| shape | N | phase | first ack s | last ack s | settled s | ctrl CPU s | children CPU s | "
-            "CPU ms/device | fake fleet CPU s | passes | encodes / pushes | rollbacks | timed out | peak RSS MiB | SQLite MiB | series |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "CPU ms/device | fake fleet CPU s | passes | encodes / pushes | encode CPU s | encode ms after the first | "
+            "rollbacks | failed | timed out | peak RSS MiB | SQLite MiB | series | load avg |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         for p in r["phases"]:
+            cpus = p.extra.get("encode_cpu_ms", [])
+            rest = cpus[1:]  # the first encode of a phase makes the shared diffs; the others reuse them
             rows.append(f"| {r['shape']} | {r['n']} | {p.name} | {fmt(p.seconds_first)} | {fmt(p.seconds_last)} | "
                         f"{fmt(p.seconds_settled)} | {p.cpu:.1f} | {p.children_cpu:.1f} | "
-                        f"{1000 * p.cpu / r['n']:.2f} | {p.extra['fake_cpu']:.1f} | {p.passes} | {p.encodes} / {p.pushes} | {p.rollbacks} | "
-                        f"{p.timed_out} | {r['rss_mib']:.0f} | {r['sqlite_mib']:.1f} | {r['series']} |")
+                        f"{1000 * p.cpu / r['n']:.2f} | {p.extra['fake_cpu']:.1f} | {p.passes} | {p.encodes} / {p.pushes} | "
+                        f"{sum(cpus) / 1000:.1f} | {fmt(sum(rest) / len(rest) if rest else None)} | {p.rollbacks} | "
+                        f"{p.extra.get('failed', 0)} | "
+                        f"{p.timed_out} | {r['rss_mib']:.0f} | {r['sqlite_mib']:.1f} | {r['series']} | "
+                        f"{p.extra.get('load', '')} |")
     rows.append("")
     rows.append("Growth exponent of controller CPU between consecutive sizes (1.0 = linear in N):")
     rows.append("")
@@ -275,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unique-sizes", default=None, help="sizes for the unique shape (default: --sizes)")
     p.add_argument("--timeout", type=float, default=1800.0, help="per phase")
     p.add_argument("--max-connections", type=int, default=64)
+    p.add_argument("--latency-max-n", type=int, default=100,
+                   help="sizes up to this also time a tiny commit to its first acknowledgement")
     p.add_argument("--out", default=None, help="write the Markdown table here")
     p.add_argument("--work", default=None, help="keep the runs here (default: a temporary directory)")
     args = p.parse_args(argv)
@@ -285,11 +341,14 @@ def main(argv: list[str] | None = None) -> int:
         sizes = args.unique_sizes if shape == "unique" and args.unique_sizes else args.sizes
         for n in (int(s) for s in sizes.split(",")):
             t = time.time()
-            r = run_size(os.path.join(top, f"{shape}-{n}"), n, shape, args.timeout, args.max_connections)
+            r = run_size(os.path.join(top, f"{shape}-{n}"), n, shape, args.timeout, args.max_connections,
+                         args.latency_max_n)
             results.append(r)
             print(f"{shape} N={n}: {time.time() - t:.0f}s wall", file=sys.stderr, flush=True)
             print(table([r]), file=sys.stderr, flush=True)
-    text = table(results)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    text = f"Measured at commit {commit or '?'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n" + table(results)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

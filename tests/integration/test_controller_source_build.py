@@ -44,6 +44,24 @@ def test_fetch_read_and_watch(tmp_path: os.PathLike[str]) -> None:
     assert GitSource(repo, "main", os.path.join(tmp_path, "mirror.git")).fetch() == c2
 
 
+def test_fetch_itself_is_no_ref_change(tmp_path: os.PathLike[str]) -> None:
+    """Reading the repository's refs (our own fetch) is no change: watchdog reports opens and closes
+    without writes too, and reacting to those made every fetch request the next one (a fetch per pass)."""
+    repo = os.path.join(tmp_path, "fleet")
+    demofleet.init_repo(repo)
+    demofleet.commit(repo, "one", configs={"alpha": "1"}, fleet=FLEET)
+    src = GitSource(repo, "main", os.path.join(tmp_path, "mirror.git"))
+    src.fetch()
+    changed = threading.Event()
+    stop = src.watch(changed.set)
+    try:
+        for _ in range(3):
+            src.fetch()
+        assert not changed.wait(1.0), "a fetch of an unchanged repository was reported as a ref change"
+    finally:
+        stop()
+
+
 @pytest.mark.slow
 def test_evaluate_isolates_errors_and_build_and_roots(tmp_path: os.PathLike[str]) -> None:
     repo = os.path.join(tmp_path, "fleet")

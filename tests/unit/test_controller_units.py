@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -269,7 +270,7 @@ def test_delta_cache_encodes_once_and_prunes(tmp_path: os.PathLike[str]) -> None
             f.write(b"hello")
         return Stats()
 
-    cache = DeltaCache(str(tmp_path), fake_encoder, max_entries=2)
+    cache = DeltaCache(str(tmp_path), fake_encoder, max_entries=2, min_age=0.0, prune_every=0.0)
     e1 = cache.get([P2, P1], "/nix/store/t1")
     e2 = cache.get([P2, P1, P2], "/nix/store/t1")  # the same holdings: cached
     assert len(calls) == 1 and not e1.cached and e2.cached and e2.path == e1.path
@@ -280,6 +281,27 @@ def test_delta_cache_encodes_once_and_prunes(tmp_path: os.PathLike[str]) -> None
         assert f.read() == b"hello"
     cache.get([], "/nix/store/t2")
     assert len([n for n in os.listdir(str(tmp_path)) if n.endswith(".stream")]) == 2
+
+
+def test_delta_cache_keeps_streams_in_use(tmp_path: os.PathLike[str]) -> None:
+    """A stream handed out recently is being sent: however many others were encoded since (every device
+    its own system), it is not pruned under the transfer's feet."""
+
+    def encoder(held: Any, target: str, out: str, staged: Any, avoid: Any, codecs: Any) -> None:
+        with open(out, "wb") as f:
+            f.write(target.encode())
+
+    cache = DeltaCache(str(tmp_path), encoder, max_entries=2, prune_every=0.0)  # default min_age: minutes
+    entries = [cache.get([], f"/nix/store/t{i}") for i in range(6)]
+    for e in entries:
+        with open(e.path, "rb") as f:
+            assert f.read()
+    old = time.time() - 3600
+    for e in entries[:4]:
+        os.utime(e.path, (old, old))
+    cache.get([], "/nix/store/t6")
+    assert sorted(n for n in os.listdir(str(tmp_path)) if n.endswith(".stream")) == sorted(
+        os.path.basename(e.path) for e in [*entries[4:], cache.get([], "/nix/store/t6")])
 
 
 # --- status table ------------------------------------------------------------------------------

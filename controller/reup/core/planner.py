@@ -48,11 +48,11 @@ from reup.core.model import (
     Target,
     Wait,
 )
-from reup.core.rollout import MAX_TRANSIENT, assess, wave_index
+from reup.core.rollout import MAX_TRANSIENT, Gate, assess, wave_index
 from reup.core.windows import WAITING_FOR_WINDOW, Schedule
 
 S = DeviceState
-__all__ = ["MAX_TRANSIENT", "plan", "probes"]
+__all__ = ["MAX_TRANSIENT", "decide", "gated", "plan", "probes"]
 
 
 def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float,
@@ -63,7 +63,7 @@ def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float
     base: dict[str, Decision] = {}
     for name in names:
         target = desired.targets[name]
-        decision = _decide(target, observed.devices.get(name, DeviceObservation(name=name)), observed, now)
+        decision = decide(target, observed.devices.get(name, DeviceObservation(name=name)), observed, now)
         if isinstance(decision.action, Build) and decision.action.drv_path not in builds:
             builds.append(decision.action.drv_path)
         base[name] = decision
@@ -77,22 +77,30 @@ def plan(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float
     decisions: dict[str, Decision] = {}
     for name, decision in base.items():
         if isinstance(decision.action, Push):
-            i = wave_index(policy, desired.targets[name].wave)
-            if gate.halted is not None:
-                decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.halted)
-            elif i > gate.open_index and gate.blocked is not None:
-                decision = Decision(name, S.HALTED, None, "rollout halted: " + gate.blocked)
-            elif i > gate.open_index:
-                wait = Wait(gate.wait_until) if gate.wait_until is not None else None
-                decision = Decision(name, S.PENDING, wait, gate.waiting, blocked_by=gate.stalled)
-            elif schedules and name in schedules and not schedules[name].is_open(now):
-                decision = _outside_window(name, schedules[name], now)
-            elif policy.max_parallel > 0 and in_flight.get(i, 0) >= policy.max_parallel:
-                decision = Decision(name, S.PENDING, None, "waiting for a free slot (rollout.max_parallel)")
-            else:
-                in_flight[i] = in_flight.get(i, 0) + 1
+            decision = gated(decision, wave_index(policy, desired.targets[name].wave), gate, policy, now,
+                             schedules, in_flight)
         decisions[name] = decision
     return Plan(decisions=decisions, builds=tuple(builds), rollout=gate.rollout)
+
+
+def gated(decision: Decision, i: int, gate: Gate, policy: RolloutPolicy, now: float,
+          schedules: Mapping[str, Schedule] | None, in_flight: dict[int, int]) -> Decision:
+    """Rules 8-11 for a device whose own rules say Push (in wave `i`); a push that goes ahead takes a
+    slot of `in_flight` (devices updating per wave)."""
+    name = decision.device
+    if gate.halted is not None:
+        return Decision(name, S.HALTED, None, "rollout halted: " + gate.halted)
+    if i > gate.open_index and gate.blocked is not None:
+        return Decision(name, S.HALTED, None, "rollout halted: " + gate.blocked)
+    if i > gate.open_index:
+        wait = Wait(gate.wait_until) if gate.wait_until is not None else None
+        return Decision(name, S.PENDING, wait, gate.waiting, blocked_by=gate.stalled)
+    if schedules and name in schedules and not schedules[name].is_open(now):
+        return _outside_window(name, schedules[name], now)
+    if policy.max_parallel > 0 and in_flight.get(i, 0) >= policy.max_parallel:
+        return Decision(name, S.PENDING, None, "waiting for a free slot (rollout.max_parallel)")
+    in_flight[i] = in_flight.get(i, 0) + 1
+    return decision
 
 
 def _outside_window(name: str, schedule: Schedule, now: float) -> Decision:
@@ -101,7 +109,8 @@ def _outside_window(name: str, schedule: Schedule, now: float) -> Decision:
                     f"{WAITING_FOR_WINDOW}: transfers only in {schedule.describe()}")
 
 
-def _decide(target: Target, obs: DeviceObservation, observed: Observed, now: float) -> Decision:
+def decide(target: Target, obs: DeviceObservation, observed: Observed, now: float) -> Decision:
+    """Rules 1-7: the device's decision before the rollout rules."""
     name = target.device
     if target.error is not None:
         return Decision(name, S.FAILED, None, target.error)

@@ -19,6 +19,7 @@ made without rollout rules. No I/O, no clock. For the current revision:
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from reup.core.model import (
     Push,
     Rollout,
     RolloutPolicy,
+    Target,
     WaveCounts,
 )
 
@@ -57,48 +59,103 @@ def wave_index(policy: RolloutPolicy, wave: str) -> int:
     return policy.waves.index(wave) if wave in policy.waves else len(policy.waves) - 1
 
 
+@dataclass(frozen=True)
+class Share:
+    """One device's part in the gate's counts: `assess` folds every device's; the incremental planner
+    (planner_incremental.py) takes a changed device's old share out of its `Tally` and puts the new one in."""
+
+    wave: int
+    unsettled: bool = False
+    unreachable: bool = False  # unsettled because unreachable, and not busy (may stall its wave)
+    updating: bool = False
+    committed_at: float | None = None  # running its target (acknowledged then)
+    executed: bool = False
+    failed: bool = False
+    excluded: bool = False  # unreachable for unreachable_after, leaving its wave's count
+    recheck: float | None = None  # when `now` alone changes this share (unreachable_after)
+
+
+def share(name: str, target: Target, obs: DeviceObservation, decision: Decision | None, policy: RolloutPolicy,
+          now: float, cutoff: float, commit: str | None) -> Share:
+    """The device's share of the gate's counts (see the module docstring)."""
+    i = wave_index(policy, target.wave)
+    unsettled = unreachable = False
+    if decision is not None and (decision.state not in SETTLED or decision.state == DeviceState.UNREACHABLE
+                                 or isinstance(decision.action, Push | Build)):
+        unsettled = True
+        unreachable = decision.state == DeviceState.UNREACHABLE and obs.busy is None
+    updating = obs.busy is not None
+    if target.error is None and obs.acked_toplevel == target.toplevel:
+        executed = obs.acked_commit == commit and (obs.acked_at or 0.0) > cutoff
+        return Share(i, unsettled, unreachable, updating, obs.acked_at or 0.0, executed)
+    a = obs.attempt
+    if a is None or a.commit != target.commit or a.toplevel != target.toplevel or a.at <= cutoff:
+        return Share(i, unsettled, unreachable, updating)
+    if a.kind.quarantines or (a.kind == AttemptKind.TRANSIENT and a.failures >= MAX_TRANSIENT):
+        return Share(i, unsettled, unreachable, updating, executed=True, failed=True)
+    if a.kind == AttemptKind.UNREACHABLE:
+        if now - a.since >= policy.unreachable_after:
+            counts = policy.unreachable_counts_as_failure
+            return Share(i, unsettled, unreachable, updating, executed=counts, failed=counts, excluded=not counts)
+        return Share(i, unsettled, unreachable, updating, recheck=a.since + policy.unreachable_after)
+    return Share(i, unsettled, unreachable, updating)
+
+
+class Tally:
+    """The gate's counts per wave, as the sum of the devices' shares (add and remove keep it current)."""
+
+    def __init__(self, n_waves: int) -> None:
+        self.devices = [0] * n_waves
+        self.committed_at: list[list[float]] = [[] for _ in range(n_waves)]  # kept sorted
+        self.failed = [0] * n_waves
+        self.updating = [0] * n_waves
+        self.excluded = [0] * n_waves
+        self.unsettled = [0] * n_waves
+        self.unreachable: list[set[str]] = [set() for _ in range(n_waves)]
+        self.executed = 0
+
+    def add(self, name: str, s: Share, sign: int = 1) -> None:
+        i = s.wave
+        self.devices[i] += sign
+        self.unsettled[i] += sign * s.unsettled
+        if s.unreachable:
+            (self.unreachable[i].add if sign > 0 else self.unreachable[i].discard)(name)
+        self.updating[i] += sign * s.updating
+        if s.committed_at is not None:
+            if sign > 0:
+                bisect.insort(self.committed_at[i], s.committed_at)
+            else:
+                del self.committed_at[i][bisect.bisect_left(self.committed_at[i], s.committed_at)]
+        self.executed += sign * s.executed
+        self.failed[i] += sign * s.failed
+        self.excluded[i] += sign * s.excluded
+
+    def remove(self, name: str, s: Share) -> None:
+        self.add(name, s, -1)
+
+
 def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: float,
            decisions: Mapping[str, Decision]) -> Gate:
-    control = observed.control
-    cutoff = control.resumed_at if control.resumed_commit == desired.commit else -math.inf
-    n_waves = len(policy.waves)
-    devices = [0] * n_waves
-    committed_at: list[list[float]] = [[] for _ in range(n_waves)]
-    failed = [0] * n_waves
-    updating = [0] * n_waves
-    excluded = [0] * n_waves
-    unsettled = [0] * n_waves
-    unreachable: list[list[str]] = [[] for _ in range(n_waves)]
-    executed = 0
+    tally = Tally(len(policy.waves))
+    cutoff = resume_cutoff(desired, observed)
     for name, target in desired.targets.items():
-        i = wave_index(policy, target.wave)
         obs = observed.devices.get(name, DeviceObservation(name))
-        devices[i] += 1
-        d = decisions.get(name)
-        if d is not None and (d.state not in SETTLED or d.state == DeviceState.UNREACHABLE
-                              or isinstance(d.action, Push | Build)):
-            unsettled[i] += 1
-            if d.state == DeviceState.UNREACHABLE and obs.busy is None:
-                unreachable[i].append(name)
-        if obs.busy is not None:
-            updating[i] += 1
-        if target.error is None and obs.acked_toplevel == target.toplevel:
-            committed_at[i].append(obs.acked_at or 0.0)
-            if obs.acked_commit == desired.commit and (obs.acked_at or 0.0) > cutoff:
-                executed += 1
-            continue
-        a = obs.attempt
-        if a is None or a.commit != target.commit or a.toplevel != target.toplevel or a.at <= cutoff:
-            continue
-        if a.kind.quarantines or (a.kind == AttemptKind.TRANSIENT and a.failures >= MAX_TRANSIENT):
-            failed[i] += 1
-            executed += 1
-        elif a.kind == AttemptKind.UNREACHABLE and now - a.since >= policy.unreachable_after:
-            if policy.unreachable_counts_as_failure:
-                failed[i] += 1
-                executed += 1
-            else:
-                excluded[i] += 1
+        tally.add(name, share(name, target, obs, decisions.get(name), policy, now, cutoff, desired.commit))
+    return gate(tally, desired, observed, policy, now)
+
+
+def resume_cutoff(desired: Desired, observed: Observed) -> float:
+    """Outcomes at or before this time do not count (a `reup rollout resume` of this revision)."""
+    control = observed.control
+    return control.resumed_at if control.resumed_commit == desired.commit else -math.inf
+
+
+def gate(tally: Tally, desired: Desired, observed: Observed, policy: RolloutPolicy, now: float) -> Gate:
+    """The gate from the counts: O(waves)."""
+    control = observed.control
+    n_waves = len(policy.waves)
+    devices, committed_at, failed, updating = tally.devices, tally.committed_at, tally.failed, tally.updating
+    excluded, unsettled, unreachable, executed = tally.excluded, tally.unsettled, tally.unreachable, tally.executed
 
     total_failed = sum(failed)
     halted = None
@@ -111,7 +168,7 @@ def assess(desired: Desired, observed: Observed, policy: RolloutPolicy, now: flo
     open_index, wait_until, blocked, waiting, stalled = n_waves - 1, None, None, "", None
     for i, wave in enumerate(policy.waves[:-1]):
         needed = math.ceil(policy.success_ratio * (devices[i] - excluded[i]) - 1e-9)
-        done = sorted(committed_at[i])
+        done = committed_at[i]  # sorted
         if len(done) >= needed:
             baked_at = (done[needed - 1] if needed > 0 else 0.0) + policy.bake_time
             if now >= baked_at:

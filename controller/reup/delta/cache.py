@@ -15,15 +15,19 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reup_receiver.format.wire import DIGEST_SIZE
 from reup_receiver.format.wire import VERSION as STREAM_VERSION
 
 from reup import __version__
 from reup.io.nix import NixExecutor
+
+if TYPE_CHECKING:  # `reup delta` starts light: the diff pool's codecs are imported when encoding
+    from reup.delta.diffmemo import DiffMemo
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,13 @@ log = logging.getLogger(__name__)
 Encoder = Callable[[Sequence[str], str, str, Sequence[str], Sequence[str], Sequence[str] | None], Any]
 # Streams of an older encoder or format are not reused after an upgrade.
 CACHE_VERSION = f"{__version__}/{STREAM_VERSION}"
+PRUNE_EVERY = 5.0  # seconds
 
 
-def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
-    """The real encoder, running its Nix queries through `nix`."""
+def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None) -> Encoder:
+    """The real encoder, running its Nix queries through `nix` and, with `memo` (the controller's), its
+    diffs on that shared pool that remembers them. Its stats carry `cpu_seconds`: the encoding thread's
+    CPU plus its diffs' worker CPU (not its `nix path-info` children)."""
 
     def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
                 codecs: Sequence[str] | None) -> Any:
@@ -46,8 +53,13 @@ def nix_encoder(nix: NixExecutor | None = None) -> Encoder:
 
         allowed = [Codec[c.upper()] for c in codecs if c.upper() in Codec.__members__] if codecs is not None else None
         version = 2 if codecs is None or STREAM_V2 in codecs else 1  # an older receiver reads version 1
-        return encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed,
-                      version=version)
+        start = time.thread_time()
+        if memo is not None:
+            memo.collect()  # what an earlier encode on this thread left
+        stats = encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed,
+                       version=version, pool=memo)
+        stats.cpu_seconds = time.thread_time() - start + (memo.collect() if memo is not None else 0.0)
+        return stats
 
     return encoder
 
@@ -60,11 +72,18 @@ class DeltaCache:
         nar_bytes: int
         cached: bool
 
-    def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64) -> None:
+    def __init__(self, directory: str, encoder: Encoder | None = None, max_entries: int = 64,
+                 min_age: float = 600.0, prune_every: float = PRUNE_EVERY) -> None:
         self.dir = directory
         self.encoder = encoder or nix_encoder()
         self.max_entries = max_entries
+        # A stream used in the last `min_age` seconds may be being sent: never pruned, even when more
+        # than `max_entries` are (a fleet where every device has its own system).
+        self.min_age = min_age
         self._lock = threading.Lock()
+        self._prune_lock = threading.Lock()
+        self._next_prune = 0.0
+        self.prune_every = prune_every
         self._building: dict[str, threading.Lock] = {}
         os.makedirs(directory, exist_ok=True)
 
@@ -96,7 +115,9 @@ class DeltaCache:
             stream_bytes = int(getattr(stats, "stream_bytes", size) or size)
             nar_bytes = int(getattr(stats, "nar_bytes", 0) or 0)
             os.replace(tmp, stream)
-            log.info("delta encoded: %s (%d bytes)", target, stream_bytes)  # the fleet benchmark counts these
+            cpu = getattr(stats, "cpu_seconds", None)  # the fleet benchmark counts these lines and sums the CPU
+            log.info("delta encoded: %s (%d bytes%s)", target, stream_bytes,
+                     f", cpu {1000 * cpu:.1f} ms" if isinstance(cpu, float) else "")
             with open(meta, "w", encoding="utf-8") as f:
                 json.dump({"stream_bytes": stream_bytes, "nar_bytes": nar_bytes, "target": target}, f)
             self._prune()
@@ -120,12 +141,25 @@ class DeltaCache:
         return None
 
     def _prune(self) -> None:
-        streams = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n.endswith(".stream")]
-        streams.sort(key=lambda p: os.path.getmtime(p), reverse=True)
-        for old in streams[self.max_entries:]:
-            for path in (old, old[: -len(".stream")] + ".json"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+        # A prune lists the whole directory, which min_age can make large (a stream per device):
+        # once every `prune_every` seconds, not after every encode.
+        if time.monotonic() < self._next_prune:
+            return
+        self._next_prune = time.monotonic() + self.prune_every
+        with self._prune_lock:  # one at a time: two encodes pruning together saw each other's deletions
+            streams = []
+            for n in os.listdir(self.dir):
+                if n.endswith(".stream"):
+                    with contextlib.suppress(FileNotFoundError):
+                        streams.append((os.path.getmtime(os.path.join(self.dir, n)), os.path.join(self.dir, n)))
+            streams.sort(reverse=True)
+            cutoff = time.time() - self.min_age
+            for mtime, old in streams[self.max_entries:]:
+                if mtime >= cutoff:
+                    continue
+                for path in (old, old[: -len(".stream")] + ".json"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
 
 def _trailer_digest(path: str) -> str:

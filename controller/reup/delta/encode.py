@@ -106,6 +106,7 @@ def encode(
     codecs: Sequence[Codec] | None = None,
     allowed_codecs: Sequence[Codec] | None = None,
     version: int = VERSION,
+    pool: Executor | None = None,
 ) -> DeltaStats:
     """Write to `out` a stream taking a device holding `held` (closures) to `target`.
 
@@ -117,6 +118,8 @@ def encode(
     `codecs` forces the patch codecs (tests and benchmarks); default: the best of
     `allowed_codecs`, what the device reports it can apply (default: all).
     `version` 1 writes the full manifest for receivers without the STREAM_V2 capability.
+    `pool` runs the diffs instead of a pool of this call's own (the controller's
+    diffmemo.DiffMemo, shared by its encodes).
     """
     start = time.monotonic()
     nix = executor or NixExecutor()
@@ -132,7 +135,8 @@ def encode(
     table = _Table(missing)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with _pool(workers) as pool, tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
+    with (contextlib.nullcontext(pool) if pool is not None else _pool(workers)) as pool, \
+            tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
                           held_local, target, codecs, allowed_codecs)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]

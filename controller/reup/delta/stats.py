@@ -17,6 +17,7 @@ class DeltaStats:
     bytes_by_kind: dict[str, int] = field(default_factory=dict)
     ops_by_kind: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # set by the controller's encoder (cache.nix_encoder): thread + diff workers
     peak_rss_bytes: int = 0
 
     def add(self, kind: str, nbytes: int) -> None:

@@ -123,6 +123,9 @@ class GitSource:
 
         class Handler(FileSystemEventHandler):
             def on_any_event(self, event: FileSystemEvent) -> None:
+                # Reads are no change: our own fetch opens the refs, and reacting to that would fetch forever.
+                if event.event_type in ("opened", "closed_no_write"):
+                    return
                 names = [str(event.src_path), str(getattr(event, "dest_path", "") or "")]
                 if any(("refs" in n or n.endswith(("HEAD", "packed-refs"))) and not n.endswith(".lock") for n in names):
                     on_change()

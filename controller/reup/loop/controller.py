@@ -43,6 +43,7 @@ from reup.core.model import (
     Push,
     RolloutPolicy,
     Target,
+    Wait,
 )
 from reup.core.outcomes import (
     BuildDeferred,
@@ -50,8 +51,11 @@ from reup.core.outcomes import (
     Undecided,
     UpdateOutcome,
 )
+from reup.core.planner_incremental import IncrementalPlanner
 from reup.core.shard import Shard, select
+from reup.core.windows import WAITING_FOR_WINDOW
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
+from reup.delta.diffmemo import DiffMemo
 from reup.io.builder import Builder, GcRoots
 from reup.io.gitfetch import SourceRefused, credentials_from
 from reup.io.nix import NixExecutor
@@ -82,14 +86,18 @@ from reup.loop.executors import (
     execute_push,
 )
 from reup.loop.http import HttpServer
+from reup.loop.inputs import PlannerInputs, present
 from reup.loop.metrics import Metrics
 from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
-from reup.loop.transfers import TransferLimits, register_gauges, transfer_status, waiting_for_window
+from reup.loop.transfers import TransferLimits, register_gauges, transfer_status
 from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
 BUILD_BATCH = 100  # derivations per `nix build` when many systems are due at once
+SNAPSHOT_EVERY = 1.0  # seconds at least between fleet snapshots (the reup_devices gauge, the progress line)
+ROOTS_DUTY = 10  # GC root syncs at most 10% of the time
+SNAPSHOT_DUTY = 20  # and at least this many times a snapshot's own cost (it is O(fleet)): under 5% of the time
 
 
 class Controller:
@@ -106,7 +114,9 @@ class Controller:
                                 credentials_from(cfg.source))
         self.builder: SystemBuilder = builder or Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
-        self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix))
+        # One diff pool for every encode, remembering its diffs: devices with their own systems share them.
+        self.diffs = DiffMemo()
+        self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix, self.diffs))
         # Rates and windows (transfers.py): buckets for the transport, schedules for the planner.
         self.limits = TransferLimits(cfg.transfer.max_rate, lambda: self.fleet, clock)
         self.transfers: dict[str, TransferProgress] = {}
@@ -143,7 +153,12 @@ class Controller:
         self._roots_due = True
         self._chores: set[str] = set()  # background steps running (gcroots, prune)
         self._rooted: set[str] | None = None  # the systems the GC roots last synced keep
+        self._next_roots = 0.0
         self._next_prune = 0.0
+        self.planner = IncrementalPlanner()
+        self.inputs = PlannerInputs(self.store)  # the planner's inputs, in memory between passes
+        self._last_snapshot = 0.0
+        self._snapshot_every = SNAPSHOT_EVERY
 
     # --- triggers ---------------------------------------------------------------
 
@@ -292,10 +307,14 @@ class Controller:
     # --- one pass -----------------------------------------------------------------
 
     def observe(self) -> Observed:
+        """Every device's observation, read now (`reup plan`)."""
         observed = self.store.observed(self.busy, self.building)
-        # A build whose output was garbage-collected is not built any more.
-        builds = {d: b for d, b in observed.builds.items() if not b.ok or (b.toplevel and os.path.exists(b.toplevel))}
-        return replace(observed, builds=builds)
+        return replace(observed, builds={d: b for d, b in observed.builds.items() if present(b)})
+
+    def _touch(self, name: str) -> None:
+        """A push or probe of `name` started, changed phase or ended: the next pass re-decides it."""
+        self.inputs.touched.add(name)
+        self.wake()
 
     async def step(self) -> Plan:
         if self._fetch_requested or self.clock() >= self._next_poll:
@@ -304,11 +323,16 @@ class Controller:
             self.fleet = await asyncio.to_thread(self._last_good_fleet)
         now = self.clock()
         desired = self.store.desired()
-        observed = self.observe()
-        plan = planner.plan(desired, observed, self.policy, now, self.limits.schedules())
-        self.waiting.clear()
-        self.waiting.update(waiting_for_window(plan))
-        for device, old, new in self.store.set_states(plan.decisions.values(), now):
+        observed, changed, builds_changed = self.inputs.update(self.busy, self.building)
+        plan = self.planner.plan(desired, observed, self.policy, now, self.limits.schedules(), changed, builds_changed)
+        if changed is None:
+            self.waiting.clear()
+        for name, d in plan.changed.items():  # who waits for a transfer window (status, gauges)
+            if d.reason.startswith(WAITING_FOR_WINDOW):
+                self.waiting[name] = d.action.until if isinstance(d.action, Wait) else None
+            else:
+                self.waiting.pop(name, None)
+        for device, old, new in self.store.set_states(plan.changed.values(), now):
             self._snapshot_due = True
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
         self._rollout_changed(plan, now)
@@ -323,10 +347,13 @@ class Controller:
         for push in plan.pushes():
             if push.device not in self.busy:
                 self.busy[push.device] = DeviceState.PENDING
+                self.inputs.touched.add(push.device)
                 self._spawn(self._push(push, desired.seen_at))
-        self._next_probe = self._start_probes(desired, observed, now)
+        # Only devices whose last attempt timed out can need a probe: the planner keeps that set.
+        timed_out = {n: observed.devices[n] for n in self.planner.timed_out if n in observed.devices}
+        self._next_probe = self._start_probes(desired, replace(observed, devices=timed_out), now)
         self._background(now)
-        if self._snapshot_due:
+        if self._snapshot_due and time.monotonic() >= self._last_snapshot + self._snapshot_every:
             self._emit_snapshot()
         if desired.commit and plan.settled() and not self.tasks and self.store.complete_revision(desired.commit, now):
             log.info("revision %s: rollout settled", desired.commit[:12])
@@ -352,19 +379,21 @@ class Controller:
         self.wake()
 
     def _emit_snapshot(self) -> None:
-        """Every device's state as one event per pass that changed some (the reup_devices gauge follows it)."""
+        """Every device's state as one event (the reup_devices gauge, the progress line follow it), after
+        passes that changed some, spaced by SNAPSHOT_EVERY and by SNAPSHOT_DUTY times its own cost."""
         self._snapshot_due = False
         self._roots_due = True
+        start = time.monotonic()
         self.bus.emit(DevicesSnapshot(self.clock(), self.store.device_rows()))
+        self._snapshot_every = min(30.0, max(SNAPSHOT_EVERY, SNAPSHOT_DUTY * (time.monotonic() - start)))
+        self._last_snapshot = time.monotonic()
 
     def _background(self, now: float) -> None:
         """Work kept out of the pass, at most one of each at a time: GC roots when the set of distinct
         systems changed, and retention (pruning events, history and old revisions) now and then."""
-        if "gcroots" not in self._chores and self._roots_due:
+        if "gcroots" not in self._chores and self._roots_due and time.monotonic() >= self._next_roots:
             self._roots_due = False
-            needed = {p for p in self.store.toplevels_in_use() if os.path.exists(p)}  # built ones: per system
-            if needed != self._rooted:
-                self._chore("gcroots", self._sync_gcroots(needed))
+            self._chore("gcroots", self._sync_gcroots())
         if "prune" not in self._chores and now >= self._next_prune:
             self._next_prune = now + self.cfg.state.prune_interval
             self._chore("prune", self._prune(now))
@@ -395,13 +424,24 @@ class Controller:
             log.error("executor task failed", exc_info=task.exception())
         self.wake()
 
-    async def _sync_gcroots(self, needed: set[str]) -> None:
+    async def _sync_gcroots(self) -> None:
+        start = time.monotonic()
+
+        def sync() -> set[str]:
+            needed = {p for p in self.store.toplevels_in_use() if os.path.exists(p)}  # built ones: per system
+            if needed != self._rooted:
+                self.gcroots.sync(needed)
+            return needed
+
         try:
-            await asyncio.to_thread(self.gcroots.sync, needed)
-            self._rooted = needed
+            self._rooted = await asyncio.to_thread(sync)
         except Exception as exc:  # roots are a safety net: report, carry on (tried again next pass)
             self._roots_due = True
             self.bus.emit(ReconcileError(self.clock(), "gcroots", str(exc)))
+        finally:
+            # A sync is O(distinct systems): with a system per device the set changes with every
+            # acknowledgement, so syncs are spaced by ROOTS_DUTY times their own duration.
+            self._next_roots = time.monotonic() + min(30.0, ROOTS_DUTY * (time.monotonic() - start))
 
     # --- executors -------------------------------------------------------------------------
 
@@ -428,7 +468,7 @@ class Controller:
 
             def on_phase(state: DeviceState) -> None:
                 self.busy[name] = state
-                self.wake()
+                self._touch(name)
 
             def on_sent(stream_bytes: int, nar_bytes: int, seconds: float) -> None:
                 self.bus.emit(TransferFinished(self.clock(), name, stream_bytes, nar_bytes, seconds))
@@ -437,6 +477,7 @@ class Controller:
             self.recorder.update(outcome, seen_at, self.busy.get(name))
         finally:
             self.busy.pop(name, None)
+            self._touch(name)
 
     def _start_probes(self, desired: Desired, observed: Observed, now: float) -> float | None:
         """Start the status probes the planner says are due; returns the next probe time (a wake-up)."""
@@ -458,6 +499,7 @@ class Controller:
             self.recorder.update(outcome, seen_at)
         finally:
             self.probing.discard(name)
+            self.inputs.touched.add(name)
             if not (isinstance(outcome, Undecided) and outcome.verdict.ask_again):
                 self.recorder.probe_failures.pop(name, None)
             self.wake()
@@ -512,9 +554,15 @@ class Controller:
                         await asyncio.wait_for(stopping.wait(), timeout=min(spent, 2.0))
                 if once and not self.tasks and plan.quiescent() and not self._fetch_requested:
                     self.blocked = plan.blocked()
+                    if self._snapshot_due:  # the last state, not held back by the snapshots' spacing
+                        self._emit_snapshot()
                     break
+                snapshot = (self.clock() + max(0.0, self._last_snapshot + self._snapshot_every - time.monotonic())
+                            if self._snapshot_due else None)
+                roots = (self.clock() + max(0.0, self._next_roots - time.monotonic())
+                         if self._roots_due and not once else None)
                 wakeups = [w for w in (plan.next_wakeup(), None if once else self._next_poll,
-                                       None if once else self._next_probe) if w is not None]
+                                       None if once else self._next_probe, snapshot, roots) if w is not None]
                 timeout = max(0.05, min(wakeups) - self.clock()) if wakeups else 3600.0
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=min(timeout, 3600.0))
@@ -541,8 +589,10 @@ class Controller:
         return f
 
     def close(self) -> None:
+        self.diffs.shutdown(wait=False)
         self.store.close()
 
 
 def _noop() -> None:
     pass
+

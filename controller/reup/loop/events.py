@@ -151,6 +151,9 @@ def log_subscriber(logger: logging.Logger = log) -> Subscriber:
     carries the event's fields (`--log-format json` prints them)."""
 
     def emit(event: Event) -> None:
+        if isinstance(event, DevicesSnapshot | ReconcileDone) or (
+                isinstance(event, GitFetched) and event.result == "success"):
+            return  # never logged: not even their fields are copied (a snapshot holds every device)
         extra = {"event": type(event).__name__, **dataclasses.asdict(event)}
         if isinstance(event, DeviceStateChanged):
             said_elsewhere = event.new in ("failed", "rolled_back", "unreachable")

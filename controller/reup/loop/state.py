@@ -81,6 +81,12 @@ class StateDB:
         # write to those tables) is unchanged: a pass reads each table once, however often it asks.
         self._version = 0
         self._rows: tuple[int, list[sqlite3.Row], list[sqlite3.Row]] | None = None
+        # What changed since the loop last asked (`take_changes`): the devices whose planner inputs this
+        # connection wrote, the builds, or everything (a new revision, a reset, another process's write).
+        self._changed: set[str] = set()
+        self._changed_all = True
+        self._builds_changed: set[str] = set()
+        self._data_version: int | None = None
         columns = {r["name"] for r in self.db.execute("PRAGMA table_info(devices)")}
         for column in ("attempt_since", "attempt_at"):  # databases of the first controller version
             if column not in columns:
@@ -156,6 +162,7 @@ class StateDB:
         stmts.append(("INSERT INTO meta(key, value) VALUES('revision', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (commit,)))
         self._desired = None
         self._tx(stmts)
+        self._changed_all = True
 
     def complete_revision(self, commit: str, at: float) -> bool:
         """Mark `commit` fully rolled out; True the first time."""
@@ -199,13 +206,7 @@ class StateDB:
             device_rows, build_rows = self._rows[1], self._rows[2]
         for r in device_rows:
             states[r["name"]] = (r["state"], r["last_error"])
-            attempt = None
-            if r["attempt_kind"]:
-                attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], AttemptKind(r["attempt_kind"]),
-                                  r["attempt_error"] or "",
-                                  r["attempt_failures"], r["retry_at"], r["attempt_since"], r["attempt_at"])
-            devices[r["name"]] = DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy.get(r["name"]),
-                                                   attempt, r["acked_at"])
+            devices[r["name"]] = _observation(r, busy.get(r["name"]))
         builds = {
             r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
             for r in build_rows
@@ -219,6 +220,42 @@ class StateDB:
         return RolloutControl(paused=self.get_meta("rollout_paused") == "1", resumed_commit=resumed.get("commit"),
                               resumed_at=float(resumed.get("at") or 0.0))
 
+    def take_changes(self) -> tuple[set[str] | None, set[str]]:
+        """(devices whose planner inputs changed since the last call, or None: maybe any; build results
+        changed since), for the incremental planner. Another process's write to the database (SQLite's
+        data_version) counts as any."""
+        with self._lock:
+            version = int(self.db.execute("PRAGMA data_version").fetchone()[0])
+            names: set[str] | None = self._changed
+            if self._changed_all or version != self._data_version:
+                names = None
+            builds = self._builds_changed
+            self._changed, self._builds_changed, self._changed_all = set(), set(), False
+            self._data_version = version
+            return names, builds
+
+    def _rows_of(self, select: str, names: Iterable[str], where: str = "", key: str = "name") -> list[sqlite3.Row]:
+        """Rows of `select` for the given keys, by primary key, in chunks (SQLite's variable limit)."""
+        keys = list(names)
+        out: list[sqlite3.Row] = []
+        for i in range(0, len(keys), 500):
+            chunk = keys[i:i + 500]
+            out += self._exec(f"{select} WHERE {where}{key} IN ({','.join('?' * len(chunk))})", chunk)
+        return out
+
+    def observations(self, names: Iterable[str] | None = None) -> dict[str, DeviceObservation]:
+        """The planner's view of the given active devices (all active ones: None), busy left unset."""
+        rows = (self._exec("SELECT * FROM devices WHERE active=1") if names is None
+                else self._rows_of("SELECT * FROM devices", names, "active=1 AND "))
+        return {r["name"]: _observation(r, None) for r in rows}
+
+    def build_results(self, drvs: Iterable[str] | None = None) -> dict[str, BuildResult]:
+        """Build results of the given drv paths (all: None)."""
+        rows = (self._exec("SELECT * FROM builds") if drvs is None
+                else self._rows_of("SELECT * FROM builds", drvs, key="drv_path"))
+        return {r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
+                for r in rows}
+
     def pause_rollout(self, paused: bool, at: float, commit: str | None = None) -> None:
         """`reup rollout pause` (paused) or `resume` (also lifts a halt of `commit` from now on)."""
         self.set_meta("rollout_paused", "1" if paused else "0")
@@ -228,16 +265,19 @@ class StateDB:
     # --- executor outcomes ----------------------------------------------------
 
     def record_build(self, result: BuildResult, seconds: float, at: float) -> None:
+        self._builds_changed.add(result.drv_path)
         self._write(
             "INSERT OR REPLACE INTO builds(drv_path, commit_id, ok, toplevel, error, seconds, finished_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
             (result.drv_path, result.commit, int(result.ok), result.toplevel, result.error, seconds, at),
         )
 
     def forget_build(self, drv_path: str) -> None:
+        self._builds_changed.add(drv_path)
         self._write("DELETE FROM builds WHERE drv_path=?", (drv_path,))
 
     def record_ack(self, device: str, commit: str, toplevel: str, generation: int | None, at: float,
                    stream_bytes: int = 0, nar_bytes: int = 0, result: str = "committed") -> None:
+        self._changed.add(device)
         self._tx([
             ("UPDATE devices SET acked_toplevel=?, acked_commit=?, acked_generation=?, acked_at=?, state='in_sync', "
              "last_error=NULL, updated_at=?, attempt_commit=NULL, attempt_toplevel=NULL, attempt_kind=NULL, "
@@ -256,6 +296,7 @@ class StateDB:
         failures = (int(rows[0]["attempt_failures"]) if same else 0) + 1
         since = float(rows[0]["attempt_since"]) if same and rows[0]["attempt_kind"] == kind else at
         delay = retry_delay(failures) if callable(retry_delay) else retry_delay
+        self._changed.add(device)
         self._tx([
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
              "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
@@ -272,6 +313,7 @@ class StateDB:
         return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
 
     def set_retry(self, device: str, at: float) -> None:
+        self._changed.add(device)
         self._write("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
 
     def device_state(self, device: str) -> str | None:
@@ -282,6 +324,7 @@ class StateDB:
         """On start-up every device gets one immediate attempt (quarantined revisions stay)."""
         kept = [str(k) for k in AttemptKind if k.quarantines]
         self._write(f"UPDATE devices SET retry_at=0 WHERE attempt_kind NOT IN ({','.join('?' * len(kept))})", kept)
+        self._changed_all = True
 
     def set_states(self, decisions: Iterable[Decision], at: float) -> list[tuple[str, str, str]]:
         """Persist each device's planned state; returns (device, old, new) for those that changed."""
@@ -289,8 +332,10 @@ class StateDB:
         with self._lock:
             current = self._observed_states
             self._observed_states = None
-        if current is None:
-            current = {r["name"]: (r["state"], r["last_error"]) for r in self._exec("SELECT name, state, last_error FROM devices")}
+        decisions = list(decisions)
+        if current is None:  # only these devices' rows (a pass of the incremental planner gives the changed ones)
+            current = {r["name"]: (r["state"], r["last_error"]) for r in self._rows_of(
+                "SELECT name, state, last_error FROM devices", [d.device for d in decisions])}
         stmts: list[tuple[str, tuple[Any, ...]]] = []
         for d in decisions:
             old, old_err = current.get(d.device, ("", None))
@@ -415,6 +460,8 @@ class StateDB:
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            if targets:
+                self._changed_all = True  # builds of old revisions went
         return {"events": events, "history": history, "revisions": len(old), "targets": targets}
 
     # --- the fleet page (loop/web.py) -------------------------------------------
@@ -431,6 +478,13 @@ class StateDB:
                           (device, limit))
         return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
 
+
+def _observation(r: sqlite3.Row, busy: DeviceState | None) -> DeviceObservation:
+    attempt = None
+    if r["attempt_kind"]:
+        attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], AttemptKind(r["attempt_kind"]), r["attempt_error"] or "",
+                          r["attempt_failures"], r["retry_at"], r["attempt_since"], r["attempt_at"])
+    return DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy, attempt, r["acked_at"])
 
 
 def _with_pause(rollout: dict[str, Any] | None, paused: bool) -> dict[str, Any] | None:

@@ -30,6 +30,7 @@ class TransferLimits:
         self.fleet = fleet
         self.clock = clock
         self._buckets: dict[tuple[str, str, float], TokenBucket] = {}
+        self._schedules: tuple[Fleet, dict[str, Schedule]] | None = None
 
     def _bucket(self, kind: str, name: str, rate: float) -> TokenBucket:
         key = (kind, name, rate)  # a changed rate in fleet.toml gets a fresh bucket
@@ -57,8 +58,13 @@ class TransferLimits:
         return out
 
     def schedules(self) -> dict[str, Schedule]:
+        """The planner's schedules, made once per fleet (every pass asks; a fleet.toml changes rarely)."""
         fleet = self.fleet()
-        return schedules(fleet) if fleet else {}
+        if fleet is None:
+            return {}
+        if self._schedules is None or self._schedules[0] is not fleet:
+            self._schedules = (fleet, schedules(fleet))
+        return self._schedules[1]
 
     def may_transfer(self, dev: Device) -> bool:
         fleet = self.fleet()
