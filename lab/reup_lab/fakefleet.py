@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import asyncssh
-from reup_receiver.builder import available_codecs
 from reup_receiver.errors import ReceiveError
 from reup_receiver.format.manifest import decode_manifest
 from reup_receiver.format.wire import T_MANIFEST, T_TRAILER, VERSION, RecordReader
+from reup_receiver.patches import available_codecs
 from reup_receiver.protocol import ExitCode, ReceiveAnswer
 
 STORE = "/nix/store"

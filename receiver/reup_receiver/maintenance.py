@@ -12,11 +12,11 @@ import re
 from collections.abc import Iterable
 
 from reup_receiver import confirm, resume
-from reup_receiver.builder import available_codecs
 from reup_receiver.device import Device
 from reup_receiver.errors import NoGeneration
 from reup_receiver.format.wire import VERSION
 from reup_receiver.generations import switch_generation
+from reup_receiver.patches import available_codecs
 from reup_receiver.protocol import STREAM_V2
 
 _HASH_RE = re.compile(rb"[0-9a-df-np-sv-z]{32}")

@@ -9,7 +9,7 @@ import os
 import time
 
 from reup.config.fleet_toml import parse_fleet
-from reup.io.ssh import RolledBackError, classify_exit
+from reup.io.answers import RolledBackError, classify_exit
 from reup.loop.executors import judge_timed_out
 from reup_receiver.device import Device
 from reup_receiver.generations import switch_generation

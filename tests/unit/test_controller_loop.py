@@ -15,7 +15,8 @@ from reup.config.reup_toml import Config, SourceConfig, SshConfig, StateConfig
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import AttemptKind, Device, DeviceState, Fleet, Push, RolloutPolicy, Target
 from reup.core.outcomes import ProbeVerdict, Undecided, Updated, UpdateFailed, UpdateOutcome
-from reup.io.ssh import ConfirmTimeoutError, PushOutcome, RolledBackError
+from reup.io.answers import ConfirmTimeoutError, RolledBackError
+from reup.io.ssh import PushOutcome
 from reup.loop.controller import Controller
 from reup.loop.executors import (
     DeviceExecutor,

@@ -17,7 +17,8 @@ from reup.config.reup_toml import parse_config
 from reup.core.errors import ConfigError
 from reup.core.model import Device, Fleet, Target
 from reup.core.outcomes import ProbeVerdict
-from reup.io.ssh import PushOutcome, parse_receive, parse_status
+from reup.io.answers import parse_receive, parse_status
+from reup.io.ssh import PushOutcome
 from reup.loop.controller import Controller
 from reup.loop.executors import judge_timed_out
 from reup_receiver.protocol import Pending, StatusAnswer, confirm_command, receive_command

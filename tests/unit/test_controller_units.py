@@ -16,19 +16,19 @@ from reup.cli.status import format_status
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import AttemptKind, BuildResult, Decision, DeviceState, Target
 from reup.delta.cache import DeltaCache
+from reup.io.answers import (
+    BrokenBaseError,
+    classify_exit,
+    ordered_bases,
+    parse_receive,
+    parse_status,
+)
 from reup.io.nix import (
     TOPLEVELS_OF_NAMES_APPLY,
     add_root_cmd,
     eval_json_cmd,
     parse_toplevels,
     toplevel_drv_installable,
-)
-from reup.io.ssh import (
-    BrokenBaseError,
-    classify_exit,
-    ordered_bases,
-    parse_receive,
-    parse_status,
 )
 from reup.loop.events import (
     BuildFinished,

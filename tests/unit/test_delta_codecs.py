@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta.codecs import candidates, diff_job, make_patch
-from reup_receiver.builder import apply_patch
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.rewrite import rewrite_bytes
+from reup_receiver.patches import apply_patch
 
 ALPHABET = b"0123456789abcdfghijklmnpqrsvwxyz"
 

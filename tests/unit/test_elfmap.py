@@ -17,12 +17,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta import elfmap as layout
 from reup.delta.codecs import candidates, hdiff, make_patch
-from reup_receiver.builder import apply_elf_map, apply_patch, available_codecs
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfmap, elfx86
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import Buf, put_varint
+from reup_receiver.patches import apply_elf_map, apply_patch, available_codecs
 from support.elves import gcc_pair
 
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reup.delta.codecs import candidates, elf_patch
-from reup_receiver.builder import apply_patch
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import elfx86
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
+from reup_receiver.patches import apply_patch
 from support.elves import gcc_pair
 
 

@@ -15,11 +15,11 @@ import sys
 
 import hdiffpatch
 import pytest
-from reup_receiver.builder import MAX_WHOLE_OUTPUT, apply_patch
 from reup_receiver.errors import Corrupt, Oversized
 from reup_receiver.format import hdiff
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import Codec
+from reup_receiver.patches import MAX_WHOLE_OUTPUT, apply_patch
 
 MiB = 1 << 20
 
@@ -31,7 +31,7 @@ open(sys.argv[1], "wb").write(old); open(sys.argv[2], "wb").write(patch)
 
 # Applies the patch as the receiver does (entry size: the base's), reports VmHWM before and after.
 _APPLY = """import json, sys
-from reup_receiver.builder import apply_patch
+from reup_receiver.patches import apply_patch
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import Codec
 import hdiffpatch

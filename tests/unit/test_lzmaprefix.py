@@ -11,12 +11,12 @@ import random
 import pytest
 from reup.delta import lzmaprefix
 from reup.delta.codecs import candidates
-from reup_receiver.builder import apply_patch, available_codecs
 from reup_receiver.errors import Corrupt
 from reup_receiver.format import lzmaprefix as receiver
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import put_varint
+from reup_receiver.patches import apply_patch, available_codecs
 
 pytestmark = pytest.mark.skipif(not lzmaprefix.AVAILABLE, reason="liblzma not loadable")
 

@@ -253,7 +253,7 @@ def test_damaged_manifests_fail_only_as_refusals(case: tuple[Manifest, set[bytes
 def test_controller_maps_a_refused_short_id_back_to_the_held_path() -> None:
     """The receiver cannot name a path it lacks; the controller finds it by its short id among
     what it believed the device held, and re-encodes without it (not a whole stream)."""
-    from reup.io.ssh import BrokenBaseError, receive_refused
+    from reup.io.answers import BrokenBaseError, receive_refused
 
     payload = manifest_payload(0, encode_body(known_only([NAME]), {NAME}))
     with pytest.raises(MissingBase) as refused:

@@ -7,7 +7,13 @@ import json
 
 import pytest
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
-from reup.io.ssh import BrokenBaseError, RolledBackError, classify_exit, parse_receive, parse_status
+from reup.io.answers import (
+    BrokenBaseError,
+    RolledBackError,
+    classify_exit,
+    parse_receive,
+    parse_status,
+)
 from reup_receiver import errors
 from reup_receiver.protocol import EXITS, ExitCode, ProtocolError, ReceiveAnswer, Retry, retry_class
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import pytest
 from reup.core.model import Device
-from reup.io.ssh import PushOutcome, RolledBackError, SshPusher
+from reup.io.answers import RolledBackError
+from reup.io.ssh import PushOutcome, SshPusher
 from reup_lab import uefivm
 from reup_lab.simdevice import SimDevice, generate_key
 from support import bootkit

@@ -20,30 +20,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import os
-import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
 import asyncssh
 from reup_receiver.protocol import (
-    BLAMES_BASE,
     MAX_ANSWER_BYTES,
-    MAX_STDERR_BYTES,
-    SHORT_ID,
     STATUS_COMMAND,
     ExitCode,
-    ProtocolError,
     ReceiveAnswer,
     ResumePoint,
     Retry,
     StatusAnswer,
     confirm_command,
-    exit_kind,
     receive_command,
     resume_args,
     retry_class,
@@ -53,34 +46,28 @@ from reup.core.delta_base import DeltaBase, after_broken_base
 from reup.core.errors import PermanentError, TemporaryError, UnreachableError
 from reup.core.model import Device, DeviceState
 from reup.io import transfer
+from reup.io.answers import (
+    CHUNK,
+    BrokenBaseError,
+    ConfirmTimeoutError,
+    RolledBackError,
+    bounded,
+    classify_exit,
+    local_deadline,
+    ordered_bases,
+    parse_receive,
+    parse_status,
+    read_answer,
+    read_bounded,
+    receive_refused,
+    talk,
+)
 from reup.io.retry import retrying
 from reup.io.transfer import TokenBucket, TransferProgress
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-CHUNK = 256 * 1024
 
-_STORE_PATH = re.compile(r"(/nix/store/[0-9a-df-np-sv-z]{32}-[^/\s:'\"]+)")
-
-
-class RolledBackError(PermanentError):
-    """The device rolled the new generation back (health check failed, deadline passed)."""
-
-
-class ConfirmTimeoutError(PermanentError):
-    """The confirmation could not be delivered before the deadline: the device rolls back by itself."""
-
-    def __init__(self, message: str, generation: int | None = None) -> None:
-        super().__init__(message)
-        self.generation = generation
-
-
-class BrokenBaseError(PermanentError):
-    """The device lacks something the stream assumed it held; `path` names the store path if known."""
-
-    def __init__(self, message: str, path: str | None) -> None:
-        super().__init__(message)
-        self.path = path
 
 
 @dataclass(frozen=True)
@@ -93,64 +80,6 @@ class PushOutcome:
     seconds: float = 0.0
     installed: tuple[str, ...] = field(default=())
     confirm_deadline: float | None = None  # while pending: the deadline on the controller's monotonic clock
-
-
-# --- pure builders and parsers -------------------------------------------------
-
-
-def parse_status(stdout: str | bytes) -> StatusAnswer:
-    return StatusAnswer.from_json(_json(stdout))
-
-
-def parse_receive(stdout: str | bytes) -> ReceiveAnswer:
-    return ReceiveAnswer.from_json(_json(stdout))
-
-
-def _json(stdout: str | bytes) -> object:
-    try:
-        return json.loads(stdout)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"not JSON: {exc}") from exc
-
-
-def classify_exit(exit_status: int | None, stderr: str) -> Exception:
-    """Map a failed verb to an error class, by the protocol's handling of its exit code."""
-    message = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {exit_status}"
-    handling = retry_class(exit_status)
-    if handling == Retry.UNREACHABLE:
-        return UnreachableError(f"connection lost: {message}")
-    if handling == Retry.TRANSIENT:
-        return TemporaryError(f"{exit_kind(exit_status)}: {message}")
-    if handling == Retry.REENCODE:
-        found = _STORE_PATH.search(message)
-        return BrokenBaseError(message, found.group(1) if found else None)
-    if handling == Retry.ROLLED_BACK:
-        return RolledBackError(f"rolled back by the device: {message}")
-    return PermanentError(message)
-
-
-def receive_refused(exit_status: int | None, stderr: str, held: Sequence[str]) -> Exception:
-    """A failed `receive`: its exit code's error, or a BrokenBaseError when a corrupt or mismatching
-    result names a base the device holds (the encoder then avoids it)."""
-    err = classify_exit(exit_status, stderr)
-    if exit_status in BLAMES_BASE:
-        blamed = [p for p in _STORE_PATH.findall(stderr) if p in held]
-        if blamed:
-            return BrokenBaseError(str(err), blamed[0])
-    if isinstance(err, BrokenBaseError) and err.path is None and (short := SHORT_ID.search(stderr)):
-        named = [p for p in held if os.path.basename(p).startswith(short.group(1))]
-        if len(named) == 1:  # a version-2 stream's known path, by its short id
-            return BrokenBaseError(str(err), named[0])
-    return err
-
-
-def ordered_bases(status: StatusAnswer, have_path: Callable[[str], bool]) -> tuple[str, ...]:
-    """The delta base: what the device holds and the controller still has, its current and newest
-    generations first (the encoder pairs against those first)."""
-    first = [status.current] if status.current else []
-    first += [t for _, t in sorted(status.generations, reverse=True)]
-    ordered = dict.fromkeys([*first, *sorted(status.paths)])
-    return tuple(p for p in ordered if have_path(p))
 
 
 # --- the executor --------------------------------------------------------------
@@ -261,7 +190,7 @@ class SshPusher:
         try:
             proc = await conn.create_process(command, encoding=None)
             proc.stdin.write_eof()
-            exit_status, out, err = await asyncio.wait_for(_bounded(proc, who), self.connect_timeout * 6)
+            exit_status, out, err = await asyncio.wait_for(bounded(proc, who), self.connect_timeout * 6)
         except (OSError, asyncssh.Error, TimeoutError) as exc:
             raise UnreachableError(f"{command}: {exc}") from exc
         if exit_status != 0:
@@ -269,7 +198,7 @@ class SshPusher:
         return out.decode("utf-8", "replace")
 
     async def _status_on(self, dev: Device, conn: asyncssh.SSHClientConnection) -> StatusAnswer:
-        return _answer(dev, parse_status, await self._run(conn, STATUS_COMMAND, dev.name))
+        return read_answer(dev, parse_status, await self._run(conn, STATUS_COMMAND, dev.name))
 
     async def status(self, dev: Device, attempts: int | None = None) -> StatusAnswer:
         async def once() -> StatusAnswer:
@@ -319,7 +248,7 @@ class SshPusher:
                     proc = await conn.create_process(confirm_command(generation, check), encoding=None)
                     proc.stdin.write_eof()
                     exit_status, _out, err = await asyncio.wait_for(
-                        _bounded(proc, dev.name), max(left + 5.0, self.connect_timeout))
+                        bounded(proc, dev.name), max(left + 5.0, self.connect_timeout))
                     if exit_status == 0:
                         return
                     stderr = err.decode("utf-8", "replace").strip()
@@ -400,17 +329,17 @@ class SshPusher:
             proc.stdin.write_eof()
             on_sent(entry.stream_bytes, entry.nar_bytes, time.monotonic() - start)
             on_phase(DeviceState.ACTIVATING)
-            return await _read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", who)
+            return await read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", who)
 
         try:
             proc = await conn.create_process(receive_command(activation, confirm_timeout), encoding=None)
-            exit_status, out, err_bytes = await _talk(proc, who, exchange(proc))
+            exit_status, out, err_bytes = await talk(proc, who, exchange(proc))
         except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
             raise UnreachableError(f"transfer interrupted: {exc}") from exc
         stderr = err_bytes.decode("utf-8", "replace")
         if exit_status != 0:
             raise receive_refused(exit_status, stderr, held)
-        return _answer(who, parse_receive, out.decode("utf-8", "replace")), entry
+        return read_answer(who, parse_receive, out.decode("utf-8", "replace")), entry
 
     # --- byte-level resume, rates and windows (transfer.py) ---
 
@@ -449,78 +378,14 @@ class SshPusher:
             progress.waiting_for_window = False
             on_sent(entry.stream_bytes - offset, entry.nar_bytes, time.monotonic() - start)
             on_phase(DeviceState.ACTIVATING)
-            rest = await _read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", dev.name)
+            rest = await read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", dev.name)
             return answer or (rest.splitlines()[-1] if rest.strip() else b"")
 
         try:
             proc = await conn.create_process(command, encoding=None)
-            exit_status, answer, err = await _talk(proc, dev.name, exchange(proc))
+            exit_status, answer, err = await talk(proc, dev.name, exchange(proc))
         except (OSError, asyncssh.Error, TimeoutError, BrokenPipeError) as exc:
             raise UnreachableError(f"transfer interrupted at byte {progress.position}: {exc}") from exc
         if exit_status != 0:
             raise receive_refused(exit_status, err.decode("utf-8", "replace"), held)
-        return _answer(dev, parse_receive, answer.decode("utf-8", "replace")), entry
-
-
-# --- bounded reading of a device's output -----------------------------------------------------------
-
-
-class AnswerTooLarge(TemporaryError):
-    """A device sent more than the protocol's bound on one answer (or on its stderr)."""
-
-
-async def _read_bounded(stream: asyncssh.SSHReader[bytes], limit: int, what: str, who: str) -> bytes:
-    buf = bytearray()
-    while chunk := await stream.read(CHUNK):
-        buf += chunk
-        if len(buf) > limit:
-            raise AnswerTooLarge(f"{who}: the device sent more than {limit} bytes of {what}: cut off")
-    return bytes(buf)
-
-
-async def _talk(proc: asyncssh.SSHClientProcess[bytes], who: str,
-                exchange: Awaitable[_T]) -> tuple[int | None, _T, bytes]:
-    """(exit status, what `exchange` returned, stderr) of a verb: `exchange` writes the verb's stdin
-    and reads its stdout (each bounded), while the device's stderr is read beside it up to the
-    protocol's bound. Every verb goes through here (status, confirm, both receive paths), so a device
-    that streams endlessly on either stream is cut off (the channel closed) and our memory stays
-    bounded; an exchange that fails otherwise (a paused transfer) lets the verb finish first."""
-    err_task = asyncio.ensure_future(_read_bounded(proc.stderr, MAX_STDERR_BYTES, "stderr", who))
-    main = asyncio.ensure_future(exchange)
-    try:
-        done, _ = await asyncio.wait({err_task, main}, return_when=asyncio.FIRST_EXCEPTION)
-        for task in done:
-            if isinstance(task.exception(), AnswerTooLarge):
-                await task  # raises it: cut off now, whatever the other stream is doing
-        await asyncio.wait({main})
-        err = await err_task  # to the end of the verb's stderr (bounded), even after a failed exchange
-    except BaseException:
-        proc.close()
-        for task in (err_task, main):
-            task.cancel()
-        raise
-    await proc.wait_closed()
-    return proc.exit_status, main.result(), err
-
-
-async def _bounded(proc: asyncssh.SSHClientProcess[bytes], who: str) -> tuple[int | None, bytes, bytes]:
-    """(exit status, stdout, stderr) of a verb whose stdin is already closed."""
-    return await _talk(proc, who, _read_bounded(proc.stdout, MAX_ANSWER_BYTES, "answer", who))
-
-
-def _answer(dev: Device | str, parse: Callable[[str], _T], text: str) -> _T:
-    """A device's answer read with the protocol's validating reader; garbage is a temporary error
-    that names the device (it may be a receiver mid-upgrade or a damaged one), never an internal one."""
-    try:
-        return parse(text)
-    except ProtocolError as exc:
-        name = dev if isinstance(dev, str) else dev.name
-        raise TemporaryError(f"{name}: malformed answer from the device: {exc}") from exc
-
-
-def local_deadline(remaining: float | None, device_deadline: float | None) -> float:
-    """The confirmation deadline on the controller's monotonic clock: the device's remaining seconds
-    (what a receiver reports) or, from an older receiver, its deadline on its own clock."""
-    if remaining is not None:
-        return time.monotonic() + remaining
-    return time.monotonic() + ((device_deadline or 0.0) - time.time())
+        return read_answer(dev, parse_receive, answer.decode("utf-8", "replace")), entry

@@ -51,7 +51,8 @@ from reup.core.outcomes import (
     UpdateFailed,
     UpdateOutcome,
 )
-from reup.io.ssh import ConfirmTimeoutError, PushOutcome, RolledBackError, SentHook
+from reup.io.answers import ConfirmTimeoutError, RolledBackError
+from reup.io.ssh import PushOutcome, SentHook
 from reup.io.transfer import TransferPaused
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ bsdiff4's own format compresses its control, diff and extra blocks with bzip2;
 LZMA2 tuned per block (literal context bits off for the byte-difference
 block) is measurably smaller on executables. Decoding needs only bsdiff4's
 core and the standard library's lzma. The encoder (reup.delta.codecs) calls
-`pack`; the receiver (builder.apply_patch) calls `apply`.
+`pack`; the receiver (patches.apply_patch) calls `apply`.
 
 Layout: dict_log u8, new_size varint, len(ctrl) varint, len(diff) varint,
 then the three raw LZMA2 streams (the extra block's runs to the end). The

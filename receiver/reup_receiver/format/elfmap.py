@@ -28,7 +28,7 @@ executable section), the map (count varint, then per segment the start address a
 a varint delta from the previous start and the shift as a zigzag varint), then the
 inner patch. Memory on the receiver (`apply`): the normalised old file, the inner
 codec's output and a write buffer; the new file is restored while it is written.
-Encoder: reup.delta.elfmap (`pack` with its map); receiver: builder.apply_patch (`apply`).
+Encoder: reup.delta.elfmap (`pack` with its map); receiver: patches.apply_patch (`apply`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ Layout: inner codec u8, mode u8 (bit 0: branches, bit 1: RIP-relative), then for
 (offset, length) varints of their executable ranges; then the inner patch between
 the normalised files. Memory on the receiver: the old file, one normalised copy of
 it and the new file, so the encoder uses this codec up to `MAX_FILE` bytes.
-Encoder: reup.delta.codecs (`pack`); receiver: builder.apply_patch (`apply`).
+Encoder: reup.delta.codecs (`pack`); receiver: patches.apply_patch (`apply`).
 """
 
 from __future__ import annotations

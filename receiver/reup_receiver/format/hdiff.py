@@ -7,7 +7,7 @@ declared for the entry and the base the device holds (docs/device-invariants.md,
 resources"). Only the format the encoder writes (reup.delta.codecs.hdiff: "HDIFF13&", the
 compression's name, NUL, then HDiffPatch's packed integers) is accepted.
 
-Called by builder.apply_patch (the caller has already checked `size` against the documented
+Called by patches.apply_patch (the caller has already checked `size` against the documented
 output limit).
 """
 

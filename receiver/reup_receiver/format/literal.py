@@ -33,7 +33,7 @@ from reup_receiver.errors import Corrupt, Unsupported
 from reup_receiver.format import elfstream
 from reup_receiver.format.wire import Buf
 
-MAX_WINDOW = 1 << 31  # zstd-prefix patches: further bounded by base + new size (builder.apply_patch)
+MAX_WINDOW = 1 << 31  # zstd-prefix patches: further bounded by base + new size (patches.apply_patch)
 MAX_LITERAL_WINDOW = 1 << 25  # the encoder's literal stream never uses more (reup.delta.literal)
 LITERAL_ZSTD, LITERAL_LZMA_X86, LITERAL_LZMA_ELF = 0, 1, 2
 LZMA_CODECS = (LITERAL_LZMA_X86, LITERAL_LZMA_ELF)

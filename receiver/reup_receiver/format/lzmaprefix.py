@@ -14,7 +14,7 @@ exactly such a chunk.
 
 Layout: dictionary size varint (at least old + new: the decoder allocates it, so it
 is bounded by the base and the declared size), then the raw LZMA2 chunks, ending
-with the end marker. Receiver: builder.apply_patch (`apply`), output streamed.
+with the end marker. Receiver: patches.apply_patch (`apply`), output streamed.
 """
 
 from __future__ import annotations
