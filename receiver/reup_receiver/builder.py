@@ -42,7 +42,7 @@ from reup_receiver.format.model import (
 )
 from reup_receiver.format.nar import NarHasher, walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes, rewrite_chunks
-from reup_receiver.format.solid import MAX_PREFIX, SolidFrame, SolidLzma
+from reup_receiver.format.solid import MAX_PREFIX, DoesNotDecode, SolidFrame, SolidLzma
 from reup_receiver.patches import MAX_PATCH_OUTPUT, apply_elf_map, apply_patch, check_patch_size
 
 READ_CHUNK = 1 << 20
@@ -393,7 +393,13 @@ class PathBuilder:
                 for chunk in chunks:
                     sink.write(chunk)
             elif e.method == Method.PATCH and e.codec in SOLID_CODECS:
-                self._solid_for(e, sink.label).complete(sink, e.size, e.data_len)
+                try:
+                    self._solid_for(e, sink.label).complete(sink, e.size, e.data_len)
+                except DoesNotDecode as exc:
+                    # The dictionary is the base's old files: a changed base file is a base the
+                    # device does not have (as a hash mismatch inside a mirror is, below).
+                    label = self.resolve(self.mirror_source, b"")[1] if self.mirror_source is not None else sink.label
+                    raise MissingBase(f"base path differs (its solid frame does not decode): {label}", label) from exc
             elif e.method == Method.PATCH:
                 self._patch(e, sink, patch)
             else:

@@ -18,6 +18,7 @@ from reup_lab.nixenv import nix_env
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.model import KIND_MIRROR, PATCH_CODECS, SOLID_CODECS, Codec
 from reup_receiver.format.wire import T_ENTRY, T_TRAILER, RecordReader
+from reup_receiver.protocol import ExitCode
 from support.receiverkit import (
     copy_root,
     device_nar_hash,
@@ -141,7 +142,8 @@ def test_changed_base_file_is_refused(gens: tuple[str, str], root_a: str, tmp_pa
                 fh.write(b"#" * size)
     before = snapshot(root_a)
     run = receive(root_a, stream)
-    assert run.returncode != 0
+    # missing-base naming the path: the controller re-encodes without that base
+    assert run.returncode == ExitCode.MISSING_BASE, run.stderr
     assert "pylib" in run.stderr
     assert snapshot(root_a) == before
 
@@ -153,7 +155,7 @@ def _solid_codecs(stream: bytes) -> set[Codec]:
     while (rec := reader.next())[0] != T_TRAILER:
         tag, payload = rec
         if tag == T_ENTRY and payload[0] == KIND_MIRROR:
-            mirror = EntryCoder([b"?"] * 65536).decode(payload)  # source indices unchecked here
+            mirror = EntryCoder([b"?"] * 65536, version=2).decode(payload)  # source indices unchecked here
             found |= {f.codec for f in mirror.mirror if f.codec in SOLID_CODECS}
     return found
 

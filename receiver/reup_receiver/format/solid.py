@@ -44,6 +44,11 @@ MAX_LZMA_DICT_LOG = 24  # 16 MiB: the dictionary plus the frame's new content (8
 MAX_LZMA_DATA = 9 << 20  # compressed bytes of one frame: 8 MiB of content never needs more
 
 
+class DoesNotDecode(Corrupt):
+    """A frame that does not decode against its dictionary: the device's old files (the base)
+    may differ from what the encoder saw, so the builder blames the mirror's base."""
+
+
 class SolidFrame:
     """The decoder of one mirrored path's solid frame."""
 
@@ -60,7 +65,7 @@ class SolidFrame:
         try:
             zstd_feed(self.dobj, data, sink)
         except zstandard.ZstdError as exc:
-            raise Corrupt(f"solid data does not decompress: {exc}") from exc
+            raise DoesNotDecode(f"solid data does not decompress: {exc}") from exc
 
     def complete(self, sink: Sink, size: int, data_len: int) -> None:
         """A SOLID file's DATA is in; its content was written as it arrived."""
@@ -128,7 +133,7 @@ class SolidLzma:
                 elif self.dec.needs_input:
                     break
         except lzma.LZMAError as exc:
-            raise Corrupt(f"solid LZMA frame does not decompress: {exc}") from exc
+            raise DoesNotDecode(f"solid LZMA frame does not decompress: {exc}") from exc
         if left:
             raise Corrupt(f"solid LZMA frame ended {left} bytes early")
 
@@ -141,6 +146,6 @@ class SolidLzma:
         try:
             rest = self.dec.decompress(b"", max_length=1) if not self.dec.eof else b""
         except lzma.LZMAError as exc:
-            raise Corrupt(f"solid LZMA frame does not decompress: {exc}") from exc
+            raise DoesNotDecode(f"solid LZMA frame does not decompress: {exc}") from exc
         if rest or not self.dec.eof or self.dec.unused_data:
             raise Corrupt("solid LZMA frame holds more than its files")
