@@ -322,6 +322,18 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
+BEGIN, END = "<!-- bench-fleet: begin -->", "<!-- bench-fleet: end -->"
+
+
+def splice(document: str | None, text: str) -> str:
+    """The results document with `text` between its markers (the prose around them is kept), or
+    `text` alone for a new file or one without markers."""
+    if document is None or BEGIN not in document or END not in document.split(BEGIN, 1)[1]:
+        return text
+    head, rest = document.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{text}{END}{rest.split(END, 1)[1]}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="100,1000,3000,10000")
@@ -351,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     text = f"Measured at commit {commit or '?'}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n" + table(results)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        out.write_text(splice(out.read_text() if out.exists() else None, text))
     if not args.work:
         shutil.rmtree(top, ignore_errors=True)
     return 0
