@@ -55,16 +55,21 @@ def encode_manifest(m: Manifest) -> bytes:
         for ref in p.references:
             put_varint(body, ref)
         body.append((1 if p.carried else 0) | (2 if p.replace else 0))
+    put_manifest_tail(body, m)
+    packed = zstandard.ZstdCompressor(level=19).compress(bytes(body))
+    if len(packed) < len(body):
+        return STREAM_BYTES.pack(m.stream_bytes) + bytes([MANIFEST_ZSTD]) + packed
+    return STREAM_BYTES.pack(m.stream_bytes) + bytes([MANIFEST_RAW]) + bytes(body)
+
+
+def put_manifest_tail(body: bytearray, m: Manifest) -> None:
+    """Toplevel, rewrites and literal codec: the same in both versions (read_manifest_tail)."""
     put_varint(body, m.toplevel)
     put_varint(body, len(m.rewrites))
     for old, new in m.rewrites:
         put_varint(body, old)
         put_varint(body, new)
     body.append(m.literal)
-    packed = zstandard.ZstdCompressor(level=19).compress(bytes(body))
-    if len(packed) < len(body):
-        return STREAM_BYTES.pack(m.stream_bytes) + bytes([MANIFEST_ZSTD]) + packed
-    return STREAM_BYTES.pack(m.stream_bytes) + bytes([MANIFEST_RAW]) + bytes(body)
 
 
 def decode_manifest(payload: bytes) -> Manifest:

@@ -25,6 +25,7 @@ from reup_receiver.format.manifest import (
     MAX_MANIFEST_BODY,
     decompress_bounded,
     get_store_name,
+    put_manifest_tail,
     put_store_name,
     read_manifest_tail,
 )
@@ -145,12 +146,7 @@ def encode_body(m: Manifest, holdings: Collection[bytes]) -> bytes:
         for ref in sorted(p.references):
             put_varint(body, ref - prev - 1)  # sorted, distinct: gaps
             prev = ref
-    put_varint(body, m.toplevel)
-    put_varint(body, len(m.rewrites))
-    for old, new in m.rewrites:
-        put_varint(body, old)
-        put_varint(body, new)
-    body.append(m.literal)
+    put_manifest_tail(body, m)
     return bytes(body)
 
 
