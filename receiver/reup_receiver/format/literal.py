@@ -77,18 +77,52 @@ def zstd_feed(dobj: zstandard.ZstdDecompressionObj, data: bytes, sink: Sink) -> 
             sink.write(out)
 
 
+class LzmaCutter:
+    """A raw LZMA2 decoder over one buffer of compressed bytes, cut into consecutive files.
+
+    The decoder gets the bytes in slices as it asks (it would copy input it cannot use yet), and
+    is never called past its end (decompress() there raises EOFError). Used by the literal
+    groups here and by SOLID_LZMA frames (solid.py); LZMAError propagates to the caller."""
+
+    def __init__(self, dec: lzma.LZMADecompressor, src: bytes | bytearray, pos: int = 0) -> None:
+        self.dec, self.src, self.pos = dec, src, pos
+
+    def cut(self, sink: Sink, size: int) -> int:
+        """Write the next `size` bytes to `sink`; what is left unwritten (0 unless the data ended)."""
+        left = size
+        while left and not self.dec.eof:
+            data: bytes | bytearray = b""
+            if self.dec.needs_input and self.pos < len(self.src):
+                data = self.src[self.pos : self.pos + _IN_STEP]
+                self.pos += len(data)
+            out = self.dec.decompress(data, max_length=min(STEP, left))
+            if out:
+                sink.write(out)
+                left -= len(out)
+            elif self.dec.needs_input and self.pos >= len(self.src):
+                break
+        return left
+
+    def used_up(self) -> bool:
+        """Whether the data ended exactly with the last file cut: no byte decodes beyond it."""
+        unread = self.src[self.pos :]
+        self.src, self.pos = b"", 0
+        if self.dec.eof:
+            return not unread and not self.dec.unused_data
+        rest = self.dec.decompress(unread, max_length=1)
+        return not rest and self.dec.eof and not self.dec.unused_data
+
+
 class LiteralStream:
     def __init__(self, codec: int) -> None:
         if codec not in (LITERAL_ZSTD, *LZMA_CODECS):
             raise Unsupported(f"unknown literal codec {codec}")
         self.codec = codec
         self.zstd = zstandard.ZstdDecompressor(max_window_size=MAX_LITERAL_WINDOW).decompressobj()
-        self.group: lzma.LZMADecompressor | None = None
+        self.group: LzmaCutter | None = None
         self.pending = bytearray()  # compressed bytes of a group still arriving
         self.elf_map: dict[int, list[tuple[int, int]]] = {}  # LZMA_ELF: the group's executables
         self.index = 0  # the next file's position among the group's non-empty files
-        self.src: bytes | bytearray = b""  # the current group's compressed bytes
-        self.src_pos = 0  # how many of them the decoder has
 
     def feed(self, sink: Sink, data: bytes) -> None:
         """DATA of the current literal file."""
@@ -113,9 +147,8 @@ class LiteralStream:
             if not 16 <= dict_log <= MAX_DICT_LOG:
                 raise Corrupt(f"literal group: bad dictionary size 2^{dict_log}")
             self.elf_map = elfstream.get_map(head) if self.codec == LITERAL_LZMA_ELF else {}
-            self.group = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log, self.codec))
-            # The decoder gets the group's bytes in slices as it asks (it copies input it cannot use yet).
-            self.src, self.src_pos, self.index = self.pending, head.pos, 0
+            dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma_filters(dict_log, self.codec))
+            self.group, self.index = LzmaCutter(dec, self.pending, head.pos), 0
             self.pending = bytearray()
         if size == 0:
             return
@@ -133,19 +166,8 @@ class LiteralStream:
 
     def _cut(self, sink: Sink, size: int) -> None:
         assert self.group is not None
-        left = size
         try:
-            while left and not self.group.eof:  # decompress() past the end raises EOFError
-                data: bytes | bytearray = b""
-                if self.group.needs_input and self.src_pos < len(self.src):
-                    data = self.src[self.src_pos : self.src_pos + _IN_STEP]
-                    self.src_pos += len(data)
-                out = self.group.decompress(data, max_length=min(STEP, left))
-                if out:
-                    sink.write(out)
-                    left -= len(out)
-                elif self.group.needs_input and self.src_pos >= len(self.src):
-                    break
+            left = self.group.cut(sink, size)
         except lzma.LZMAError as exc:
             raise Corrupt(f"literal group does not decompress: {exc}") from exc
         if left:
@@ -155,17 +177,13 @@ class LiteralStream:
         group = self.group
         if group is None:
             return
-        unread = self.src[self.src_pos :]
-        self.src, self.src_pos = b"", 0
         if self.elf_map and max(self.elf_map) >= self.index:
             raise Corrupt("literal group: executable map names a file the group does not have")
-        if group.eof and unread:
-            raise Corrupt("literal group holds more data than its files")
         try:
-            rest = group.decompress(unread, max_length=1) if not group.eof else b""
+            exact = group.used_up()
         except lzma.LZMAError as exc:
             raise Corrupt(f"literal group does not decompress: {exc}") from exc
-        if rest or not group.eof or group.unused_data:
+        if not exact:
             raise Corrupt("literal group holds more data than its files")
 
     def finish(self) -> None:

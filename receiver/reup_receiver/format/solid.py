@@ -35,7 +35,7 @@ import lzma
 import zstandard
 
 from reup_receiver.errors import Corrupt, Oversized
-from reup_receiver.format.literal import STEP, Sink, zstd_feed
+from reup_receiver.format.literal import LzmaCutter, Sink, zstd_feed
 from reup_receiver.format.lzmaprefix import load_dictionary
 
 MAX_PREFIX = 8 << 20
@@ -88,8 +88,7 @@ class SolidLzma:
             raise Corrupt(f"solid dictionary of {len(prefix)} bytes (allowed: 1 to {MAX_PREFIX})")
         self.prefix = prefix
         self.pending = bytearray()  # the frame, while its first file's DATA arrives
-        self.dec: lzma.LZMADecompressor | None = None
-        self.frame = b""  # compressed bytes not yet given to the decoder
+        self.frame: LzmaCutter | None = None
         self.started = False
 
     def feed(self, sink: Sink, data: bytes) -> None:
@@ -114,24 +113,15 @@ class SolidLzma:
         if not 16 <= dict_log <= MAX_LZMA_DICT_LOG:
             raise Corrupt(f"solid LZMA frame: dictionary of 2^{dict_log} bytes "
                           f"(allowed: 2^16 to 2^{MAX_LZMA_DICT_LOG})")
-        self.dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma2_filters(dict_log))
-        load_dictionary(self.dec, self.prefix, "solid LZMA")
+        dec = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=lzma2_filters(dict_log))
+        load_dictionary(dec, self.prefix, "solid LZMA")
         self.prefix = b""
-        self.frame = bytes(self.pending[1:])
-        self.pending = bytearray()
+        self.frame, self.pending = LzmaCutter(dec, self.pending, 1), bytearray()
 
     def _cut(self, sink: Sink, size: int) -> None:
-        assert self.dec is not None
-        left = size
+        assert self.frame is not None
         try:
-            while left and not self.dec.eof:  # decompress() past the end raises EOFError
-                out = self.dec.decompress(self.frame, max_length=min(STEP, left))
-                self.frame = b""
-                if out:
-                    sink.write(out)
-                    left -= len(out)
-                elif self.dec.needs_input:
-                    break
+            left = self.frame.cut(sink, size)
         except lzma.LZMAError as exc:
             raise DoesNotDecode(f"solid LZMA frame does not decompress: {exc}") from exc
         if left:
@@ -141,11 +131,11 @@ class SolidLzma:
         """The path ends: the frame must be used up exactly."""
         if self.pending:
             raise Corrupt("solid LZMA data that no file used")
-        if self.dec is None:
+        if self.frame is None:
             return
         try:
-            rest = self.dec.decompress(b"", max_length=1) if not self.dec.eof else b""
+            exact = self.frame.used_up()
         except lzma.LZMAError as exc:
             raise DoesNotDecode(f"solid LZMA frame does not decompress: {exc}") from exc
-        if rest or not self.dec.eof or self.dec.unused_data:
+        if not exact:
             raise Corrupt("solid LZMA frame holds more than its files")
