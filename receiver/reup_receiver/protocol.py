@@ -16,7 +16,7 @@ import json
 import math
 import re
 import shlex
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any
@@ -152,6 +152,13 @@ STATUS_COMMAND = "status"
 # In status `codecs`: the receiver reads stream version 2 (compact manifest, short ids,
 # format/manifest2.py). The controller sends version 1 to a receiver that does not list it.
 STREAM_V2 = "stream_v2"
+
+
+def stream_version(codecs: Sequence[str] | None) -> int:
+    """The stream version for a device that listed `codecs` in its status (None: not known, the newest)."""
+    return 2 if codecs is None or STREAM_V2 in codecs else 1
+
+
 # A version-2 stream names known paths by a prefix of their store hash; a `missing-base` refusal
 # for one that does not resolve says "short id <prefix>", and the controller maps it back to
 # the held path with that prefix, to re-encode without it.

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from reup_receiver.format.model import Codec
-from reup_receiver.protocol import STREAM_V2
+from reup_receiver.protocol import STREAM_V2, stream_version
 
 from reup.delta.encode import encode
 from reup.io.nix import resolve_store_path
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reup delta: {exc}", file=sys.stderr)
         return 2
     names = [n.strip() for n in args.codecs.split(",")] if args.codecs else None
-    version = 2 if names is None or STREAM_V2 in names else 1  # the device's capability, as in its status
+    version = stream_version(names)  # the device's capability, as in its status
     try:
         allowed = [Codec[n.upper()] for n in names if n != STREAM_V2] if names is not None else None
     except KeyError as exc:

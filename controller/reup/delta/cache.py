@@ -47,12 +47,12 @@ def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None) ->
     def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
                 codecs: Sequence[str] | None) -> Any:
         from reup_receiver.format.model import Codec
-        from reup_receiver.protocol import STREAM_V2
+        from reup_receiver.protocol import stream_version
 
         from reup.delta.encode import encode
 
         allowed = [Codec[c.upper()] for c in codecs if c.upper() in Codec.__members__] if codecs is not None else None
-        version = 2 if codecs is None or STREAM_V2 in codecs else 1  # an older receiver reads version 1
+        version = stream_version(codecs)  # an older receiver reads version 1
         start = time.thread_time()
         if memo is not None:
             memo.collect()  # what an earlier encode on this thread left
