@@ -190,6 +190,13 @@ class PathBuilder:
         self.links: set[bytes] = set()  # relpaths of the symlinks made so far
         self.mirror_source: int | None = None  # table index of the MIRROR's source path
 
+    def mirror_blame(self, why: str) -> MissingBase | None:
+        """The error naming the mirror's base path as the one that differs (None: no mirror)."""
+        if self.mirror_source is None:
+            return None
+        label = self.resolve(self.mirror_source, b"")[1]
+        return MissingBase(f"base path differs ({why}): {label}", label)
+
     def label(self, relpath: bytes) -> str:
         return os.fsdecode(self.name + (b"/" + relpath if relpath else b""))
 
@@ -398,8 +405,7 @@ class PathBuilder:
                 except DoesNotDecode as exc:
                     # The dictionary is the base's old files: a changed base file is a base the
                     # device does not have (as a hash mismatch inside a mirror is, below).
-                    label = self.resolve(self.mirror_source, b"")[1] if self.mirror_source is not None else sink.label
-                    raise MissingBase(f"base path differs (its solid frame does not decode): {label}", label) from exc
+                    raise self.mirror_blame("its solid frame does not decode") or exc from exc
             elif e.method == Method.PATCH:
                 self._patch(e, sink, patch)
             else:

@@ -190,11 +190,10 @@ def _read_paths(reader: RecordReader, m: Manifest, device: Device) -> None:
         finally:
             builder.close()
         if nar_hash != entry.nar_hash or nar_size != entry.nar_size:
-            if reader.version >= 2 and builder.mirror_source is not None:
+            if reader.version >= 2 and (blame := builder.mirror_blame("NAR hash of its mirror")):
                 # Mirrored copies carry no file hash in version 2: blame the base, as a file
                 # mismatch inside a mirror does, so the controller re-encodes without it.
-                label = resolve(builder.mirror_source, b"")[1]
-                raise MissingBase(f"base path differs (NAR hash of its mirror): {label}", label)
+                raise blame
             raise HashMismatch(f"NAR hash mismatch: {device.store_path(os.fsdecode(entry.name))}")
         _stage_done(device, _record(m, index, device, table))
         built.add(index)
