@@ -43,7 +43,6 @@ from reup.core.model import (
     Push,
     RolloutPolicy,
     Target,
-    Wait,
 )
 from reup.core.outcomes import (
     BuildDeferred,
@@ -53,7 +52,6 @@ from reup.core.outcomes import (
 )
 from reup.core.planner_incremental import IncrementalPlanner
 from reup.core.shard import Shard, select
-from reup.core.windows import WAITING_FOR_WINDOW
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
 from reup.delta.diffmemo import DiffMemo
 from reup.io.builder import Builder, GcRoots
@@ -90,7 +88,7 @@ from reup.loop.inputs import PlannerInputs, present
 from reup.loop.metrics import Metrics
 from reup.loop.record import OutcomeRecorder
 from reup.loop.state import StateDB
-from reup.loop.transfers import TransferLimits, register_gauges, transfer_status
+from reup.loop.transfers import TransferLimits, register_gauges, transfer_status, waiting_for_window
 from reup.loop.web import FleetPage
 
 log = logging.getLogger(__name__)
@@ -327,11 +325,9 @@ class Controller:
         plan = self.planner.plan(desired, observed, self.policy, now, self.limits.schedules(), changed, builds_changed)
         if changed is None:
             self.waiting.clear()
-        for name, d in plan.changed.items():  # who waits for a transfer window (status, gauges)
-            if d.reason.startswith(WAITING_FOR_WINDOW):
-                self.waiting[name] = d.action.until if isinstance(d.action, Wait) else None
-            else:
-                self.waiting.pop(name, None)
+        for name in plan.changed:  # who waits for a transfer window (status, gauges), as re-decided
+            self.waiting.pop(name, None)
+        self.waiting.update(waiting_for_window(plan.changed))
         for device, old, new in self.store.set_states(plan.changed.values(), now):
             self._snapshot_due = True
             self.bus.emit(DeviceStateChanged(now, device, old, new, plan.decisions[device].reason))
@@ -499,10 +495,9 @@ class Controller:
             self.recorder.update(outcome, seen_at)
         finally:
             self.probing.discard(name)
-            self.inputs.touched.add(name)
             if not (isinstance(outcome, Undecided) and outcome.verdict.ask_again):
                 self.recorder.probe_failures.pop(name, None)
-            self.wake()
+            self._touch(name)
 
     async def _build_batch(self, drvs: list[str], commit: str) -> None:
         try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from reup.core.model import Device, Fleet, Plan, Wait
+from reup.core.model import Decision, Device, Fleet, Wait
 from reup.core.windows import WAITING_FOR_WINDOW, Schedule, schedule_for, schedules
 from reup.io.transfer import TokenBucket, TransferProgress
 
@@ -72,10 +72,10 @@ class TransferLimits:
         return known is None or schedule_for(known, fleet or Fleet()).is_open(self.clock())
 
 
-def waiting_for_window(plan: Plan) -> dict[str, float | None]:
+def waiting_for_window(decisions: Mapping[str, Decision]) -> dict[str, float | None]:
     """Devices the planner holds until a window opens, with the opening (None: none within a week)."""
     return {name: d.action.until if isinstance(d.action, Wait) else None
-            for name, d in plan.decisions.items() if d.reason.startswith(WAITING_FOR_WINDOW)}
+            for name, d in decisions.items() if d.reason.startswith(WAITING_FOR_WINDOW)}
 
 
 def transfer_status(progress: Mapping[str, TransferProgress], waiting: Mapping[str, float | None]
