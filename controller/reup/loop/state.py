@@ -208,8 +208,7 @@ class StateDB:
             states[r["name"]] = (r["state"], r["last_error"])
             devices[r["name"]] = _observation(r, busy.get(r["name"]))
         builds = {
-            r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
-            for r in build_rows
+            r["drv_path"]: _build_result(r) for r in build_rows
         }
         with self._lock:
             self._observed_states = states  # the pass's set_states compares with these, unless a write came between
@@ -234,6 +233,15 @@ class StateDB:
             self._data_version = version
             return names, builds
 
+    def _mark(self, device: str | None = None, build: str | None = None) -> None:
+        """Note a write to a device's planner inputs or a build result, for the next take_changes
+        (under the lock it swaps them under: an executor thread's mark is never lost)."""
+        with self._lock:
+            if device is not None:
+                self._changed.add(device)
+            if build is not None:
+                self._builds_changed.add(build)
+
     def _rows_of(self, select: str, names: Iterable[str], where: str = "", key: str = "name") -> list[sqlite3.Row]:
         """Rows of `select` for the given keys, by primary key, in chunks (SQLite's variable limit)."""
         keys = list(names)
@@ -253,8 +261,7 @@ class StateDB:
         """Build results of the given drv paths (all: None)."""
         rows = (self._exec("SELECT * FROM builds") if drvs is None
                 else self._rows_of("SELECT * FROM builds", drvs, key="drv_path"))
-        return {r["drv_path"]: BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
-                for r in rows}
+        return {r["drv_path"]: _build_result(r) for r in rows}
 
     def pause_rollout(self, paused: bool, at: float, commit: str | None = None) -> None:
         """`reup rollout pause` (paused) or `resume` (also lifts a halt of `commit` from now on)."""
@@ -265,19 +272,19 @@ class StateDB:
     # --- executor outcomes ----------------------------------------------------
 
     def record_build(self, result: BuildResult, seconds: float, at: float) -> None:
-        self._builds_changed.add(result.drv_path)
+        self._mark(build=result.drv_path)
         self._write(
             "INSERT OR REPLACE INTO builds(drv_path, commit_id, ok, toplevel, error, seconds, finished_at) VALUES(?, ?, ?, ?, ?, ?, ?)",
             (result.drv_path, result.commit, int(result.ok), result.toplevel, result.error, seconds, at),
         )
 
     def forget_build(self, drv_path: str) -> None:
-        self._builds_changed.add(drv_path)
+        self._mark(build=drv_path)
         self._write("DELETE FROM builds WHERE drv_path=?", (drv_path,))
 
     def record_ack(self, device: str, commit: str, toplevel: str, generation: int | None, at: float,
                    stream_bytes: int = 0, nar_bytes: int = 0, result: str = "committed") -> None:
-        self._changed.add(device)
+        self._mark(device)
         self._tx([
             ("UPDATE devices SET acked_toplevel=?, acked_commit=?, acked_generation=?, acked_at=?, state='in_sync', "
              "last_error=NULL, updated_at=?, attempt_commit=NULL, attempt_toplevel=NULL, attempt_kind=NULL, "
@@ -296,7 +303,7 @@ class StateDB:
         failures = (int(rows[0]["attempt_failures"]) if same else 0) + 1
         since = float(rows[0]["attempt_since"]) if same and rows[0]["attempt_kind"] == kind else at
         delay = retry_delay(failures) if callable(retry_delay) else retry_delay
-        self._changed.add(device)
+        self._mark(device)
         self._tx([
             ("UPDATE devices SET attempt_commit=?, attempt_toplevel=?, attempt_kind=?, attempt_error=?, "
              "attempt_failures=?, retry_at=?, last_error=?, updated_at=?, attempt_since=?, attempt_at=? WHERE name=?",
@@ -313,7 +320,7 @@ class StateDB:
         return int(rows[0]["generation"]) if rows and rows[0]["generation"] is not None else None
 
     def set_retry(self, device: str, at: float) -> None:
-        self._changed.add(device)
+        self._mark(device)
         self._write("UPDATE devices SET retry_at=? WHERE name=?", (at, device))
 
     def device_state(self, device: str) -> str | None:
@@ -477,6 +484,10 @@ class StateDB:
         rows = self._exec("SELECT * FROM (SELECT * FROM events WHERE device=? ORDER BY id DESC LIMIT ?) ORDER BY id",
                           (device, limit))
         return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
+
+
+def _build_result(r: sqlite3.Row) -> BuildResult:
+    return BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
 
 
 def _observation(r: sqlite3.Row, busy: DeviceState | None) -> DeviceObservation:
