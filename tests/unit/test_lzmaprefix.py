@@ -12,8 +12,7 @@ import pytest
 from reup.delta import lzmaprefix
 from reup.delta.codecs import candidates
 from reup_receiver.errors import Corrupt
-from reup_receiver.format import lzmaprefix as receiver
-from reup_receiver.format.literal import MemorySink
+from reup_receiver.format.literal import STEP, MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import put_varint
 from reup_receiver.patches import apply_patch, available_codecs
@@ -47,7 +46,7 @@ def test_round_trip_uses_the_old_file() -> None:
 
 def test_large_output_streams_in_steps() -> None:
     old = random.Random(2).randbytes(1 << 20)
-    new = old[1000:] + old[:1000] + bytes(3 * receiver.STEP)  # compresses to little, expands past STEP
+    new = old[1000:] + old[:1000] + bytes(3 * STEP)  # compresses to little, expands past the output step
     assert applied(old, lzmaprefix.pack(old, new), len(new)) == new
 
 

@@ -82,7 +82,8 @@ class LzmaCutter:
 
     The decoder gets the bytes in slices as it asks (it would copy input it cannot use yet), and
     is never called past its end (decompress() there raises EOFError). Used by the literal
-    groups here and by SOLID_LZMA frames (solid.py); LZMAError propagates to the caller."""
+    groups here, SOLID_LZMA frames (solid.py) and LZMA_PREFIX patches (lzmaprefix.py);
+    LZMAError propagates to the caller."""
 
     def __init__(self, dec: lzma.LZMADecompressor, src: bytes | bytearray, pos: int = 0) -> None:
         self.dec, self.src, self.pos = dec, src, pos

@@ -23,11 +23,10 @@ import lzma
 from collections.abc import Iterator
 
 from reup_receiver.errors import Corrupt
-from reup_receiver.format.literal import Sink
+from reup_receiver.format.literal import LzmaCutter, Sink
 from reup_receiver.format.wire import Buf
 
 CHUNK = 1 << 16  # an uncompressed LZMA2 chunk holds at most 64 KiB
-STEP = 1 << 20  # output per decompress call
 MIN_DICT = 4096
 SLACK = 1 << 16
 
@@ -64,16 +63,9 @@ def apply(old: bytes, patch: bytes, size: int, sink: Sink, exact: bool = True) -
         raise Corrupt(f"lzma-prefix patch: dictionary of {dsize} bytes for {len(old)} + {size}")
     dec = lzma.LZMADecompressor(lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": dsize}])
     load_dictionary(dec, old, "lzma-prefix patch")
-    written = 0
-    out = dec.decompress(bytes(buf.data[buf.pos :]), max_length=STEP)
-    while True:
-        written += len(out)
-        if written > size:
-            raise Corrupt(f"lzma-prefix patch: more than the declared {size} bytes")
-        if out:
-            sink.write(out)
-        if dec.eof or dec.needs_input:
-            break
-        out = dec.decompress(b"", max_length=STEP)
-    if not dec.eof or (exact and written != size) or dec.unused_data:
-        raise Corrupt(f"lzma-prefix patch: {written} bytes{'' if dec.eof else ' and truncated'}, declared {size}")
+    cutter = LzmaCutter(dec, patch, buf.pos)
+    left = cutter.cut(sink, size)  # never more than `size` bytes
+    if left and (exact or not dec.eof):
+        raise Corrupt(f"lzma-prefix patch: {size - left} bytes{'' if dec.eof else ' and truncated'}, declared {size}")
+    if not cutter.used_up():
+        raise Corrupt(f"lzma-prefix patch: does not end after its {size - left} bytes (declared {size})")
