@@ -44,7 +44,7 @@ def round_trip(tmp: str, files: list[bytes], elf: bool = True) -> tuple[int, int
             fh.write(data)
         paths.append(os.fsencode(p))
     enc = LiteralEncoder(elf)
-    enc.plan([(p, len(d)) for p, d in zip(paths, files, strict=True)])
+    enc.plan([(p, len(d), b"") for p, d in zip(paths, files, strict=True)])
     dec = LiteralStream(enc.codec)
     wire = 0
     for path, data in zip(paths, files, strict=True):
@@ -82,7 +82,7 @@ def test_group_with_extra_data_is_rejected(tmp_path: os.PathLike[str]) -> None:
     with open(p, "wb") as fh:
         fh.write(os.urandom(300_000))
     enc = LiteralEncoder()
-    enc.plan([(os.fsencode(p), 300_000)])
+    enc.plan([(os.fsencode(p), 300_000, b"")])
     chunk = enc.data(os.fsencode(p))
     dec = LiteralStream(enc.codec)
     dec.feed(MemorySink(), chunk)
@@ -128,7 +128,7 @@ def test_elf_corruption_is_refused_or_differs(tmp_path: os.PathLike[str]) -> Non
     with open(p, "wb") as fh:
         fh.write(exe)
     enc = LiteralEncoder()
-    enc.plan([(p, len(exe))])
+    enc.plan([(p, len(exe), b"")])
     chunk = enc.data(p)
     for pos in (2, len(chunk) // 3, len(chunk) - 3):
         bad = bytearray(chunk)
@@ -152,7 +152,7 @@ def test_elf_output_in_bounded_steps(tmp_path: os.PathLike[str]) -> None:
     with open(p, "wb") as fh:
         fh.write(exe)
     enc = LiteralEncoder()
-    enc.plan([(p, len(exe))])
+    enc.plan([(p, len(exe), b"")])
     chunk = enc.data(p)
     writes: list[bytes] = []
 

@@ -28,6 +28,7 @@ from reup.io.nix import NixExecutor
 
 if TYPE_CHECKING:  # `reup delta` starts light: the diff pool's codecs are imported when encoding
     from reup.delta.diffmemo import DiffMemo
+    from reup.delta.literalmemo import LiteralMemo
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ CACHE_VERSION = f"{__version__}/{STREAM_VERSION}"
 PRUNE_EVERY = 5.0  # seconds
 
 
-def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None) -> Encoder:
+def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None,
+                literals: LiteralMemo | None = None) -> Encoder:
     """The real encoder, running its Nix queries through `nix` and, with `memo` (the controller's), its
-    diffs on that shared pool that remembers them. Its stats carry `cpu_seconds`: the encoding thread's
+    diffs on that shared pool that remembers them; with `literals`, literal groups of paths an earlier
+    stream carried are compressed once. Its stats carry `cpu_seconds`: the encoding thread's
     CPU plus its diffs' worker CPU (not its `nix path-info` children)."""
 
     def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
@@ -57,7 +60,7 @@ def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None) ->
         if memo is not None:
             memo.collect()  # what an earlier encode on this thread left
         stats = encode(held, target, out, staged=staged, executor=nix, avoid=avoid, allowed_codecs=allowed,
-                       version=version, pool=memo)
+                       version=version, pool=memo, literal_memo=literals)
         stats.cpu_seconds = time.thread_time() - start + (memo.collect() if memo is not None else 0.0)
         return stats
 

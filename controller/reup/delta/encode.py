@@ -52,6 +52,7 @@ from reup_receiver.format.wire import (
     stream_size,
 )
 
+from reup.delta.literalmemo import LiteralMemo
 from reup.delta.stats import DeltaStats
 from reup.delta.strategy import FileCoder, FileCoding, MirrorPlan, StoreFile
 from reup.io.nix import NixExecutor, PathInfo
@@ -75,6 +76,17 @@ def toposort(infos: dict[str, PathInfo], paths: Iterable[str]) -> list[str]:
     for p in sorted(wanted, key=lambda q: (os.path.basename(q)[33:], q)):
         visit(p)
     return order
+
+
+def seen_first(infos: dict[str, PathInfo], ordered: Sequence[str], seen: Callable[[str], bool]) -> set[str]:
+    """The paths of `ordered` (dependencies first) that an earlier stream carried, and all their
+    dependencies among `ordered` too: sent first, they keep the order valid."""
+    wanted = set(ordered)
+    first: set[str] = set()
+    for p in ordered:
+        if seen(p) and all(r in first or r not in wanted or r == p for r in infos[p].references):
+            first.add(p)
+    return first
 
 
 class _Table:
@@ -107,6 +119,7 @@ def encode(
     allowed_codecs: Sequence[Codec] | None = None,
     version: int = VERSION,
     pool: Executor | None = None,
+    literal_memo: LiteralMemo | None = None,
 ) -> DeltaStats:
     """Write to `out` a stream taking a device holding `held` (closures) to `target`.
 
@@ -119,7 +132,8 @@ def encode(
     `allowed_codecs`, what the device reports it can apply (default: all).
     `version` 1 writes the full manifest for receivers without the STREAM_V2 capability.
     `pool` runs the diffs instead of a pool of this call's own (the controller's
-    diffmemo.DiffMemo, shared by its encodes).
+    diffmemo.DiffMemo, shared by its encodes). With `literal_memo` (the controller's), paths an
+    earlier stream carried go first and their literal groups are shared (literalmemo.py).
     """
     start = time.monotonic()
     nix = executor or NixExecutor()
@@ -129,6 +143,8 @@ def encode(
     for p in avoid:
         held_closure.pop(p, None)
     missing = toposort(target_closure, (p for p in target_closure if p not in held_closure))
+    seen = seen_first(target_closure, missing, literal_memo.seen) if literal_memo is not None else set()
+    missing = [p for p in missing if p in seen] + [p for p in missing if p not in seen]
     staged_set = set(staged)
 
     stats = DeltaStats(paths=len(missing), nar_bytes=sum(target_closure[p].nar_size for p in missing))
@@ -138,13 +154,14 @@ def encode(
     with (contextlib.nullcontext(pool) if pool is not None else _pool(workers)) as pool, \
             tempfile.TemporaryFile(dir=out_path.parent) as body_fh:
         coder = FileCoder(held_closure, target_closure, missing, stats, pool, InlineExecutor(),
-                          held_local, target, codecs, allowed_codecs)
+                          held_local, target, codecs, allowed_codecs, literal_memo)
         plans = [(i, _plan_path(p, coder)) for i, p in enumerate(missing) if p not in staged_set]
         for _, plan in plans:
             if plan.mirror is not None:
                 coder.solidify(plan.mirror, plan.decisions())
-        coder.literal.plan([(d.file.host, d.file.size) for _, plan in plans for d in plan.decisions()
-                            if coder.is_literal(d)])
+        literal = [(missing[i], d) for i, plan in plans for d in plan.decisions() if coder.is_literal(d)]
+        coder.literal.plan([(d.file.host, d.file.size, d.sha) for _, d in literal],
+                           shared=sum(1 for p, _ in literal if p in seen))
         body = RecordWriter(body_fh, header=False)
         entries = _Entries(table, store_dir, version)
         for i, plan in plans:
@@ -172,6 +189,8 @@ def encode(
             final.copy_from(body_fh)
             final.trailer()
         assert final.size == manifest.stream_bytes
+    if literal_memo is not None:
+        literal_memo.note(missing)
     stats.add("manifest", len(payload))
     stats.stream_bytes = final.size
     stats.bytes_by_kind["framing"] = final.size - sum(stats.bytes_by_kind.values())

@@ -36,6 +36,7 @@ from reup_receiver.format.rewrite import rewrite_bytes
 from reup.delta import solid
 from reup.delta.codecs import DiffResult, diff_job, literal_estimate
 from reup.delta.literal import LiteralEncoder
+from reup.delta.literalmemo import LiteralMemo
 from reup.delta.pairing import (
     Graph,
     pair_files,
@@ -148,6 +149,7 @@ class FileCoder:
         target_root: str,
         codecs: Sequence[Codec] | None = None,
         allowed: Sequence[Codec] | None = None,
+        literal_memo: LiteralMemo | None = None,
     ) -> None:
         self.codecs = codecs
         self.allowed = allowed
@@ -169,7 +171,7 @@ class FileCoder:
             os.path.basename(o)[:HASH_LEN].encode(): os.path.basename(n)[:HASH_LEN].encode()
             for o, n in self.rewrite_paths.items()
         }
-        self.literal = LiteralEncoder(elf=allowed is None or Codec.LITERAL_ELF in allowed)
+        self.literal = LiteralEncoder(elf=allowed is None or Codec.LITERAL_ELF in allowed, memo=literal_memo)
 
     def file_pairs(self, new_path: str, new_files: Sequence[StoreFile]) -> dict[bytes, bytes]:
         old = self.pairs.get(new_path)

@@ -54,6 +54,7 @@ from reup.core.planner_incremental import IncrementalPlanner
 from reup.core.shard import Shard, select
 from reup.delta.cache import DeltaCache, Encoder, nix_encoder
 from reup.delta.diffmemo import DiffMemo
+from reup.delta.literalmemo import LiteralMemo
 from reup.io.builder import Builder, GcRoots
 from reup.io.gitfetch import SourceRefused, credentials_from
 from reup.io.nix import NixExecutor
@@ -112,9 +113,11 @@ class Controller:
                                 credentials_from(cfg.source))
         self.builder: SystemBuilder = builder or Builder(self.nix, log_dir=os.path.join(state_dir, "logs"))
         self.gcroots = GcRoots(self.nix, os.path.join(state_dir, "gcroots"))
-        # One diff pool for every encode, remembering its diffs: devices with their own systems share them.
+        # One diff pool for every encode, remembering its diffs, and the compressed literal groups of
+        # paths already sent: devices with their own systems share both.
         self.diffs = DiffMemo()
-        self.deltas = DeltaCache(os.path.join(state_dir, "deltas"), encoder or nix_encoder(self.nix, self.diffs))
+        self.deltas = DeltaCache(os.path.join(state_dir, "deltas"),
+                                 encoder or nix_encoder(self.nix, self.diffs, LiteralMemo()))
         # Rates and windows (transfers.py): buckets for the transport, schedules for the planner.
         self.limits = TransferLimits(cfg.transfer.max_rate, lambda: self.fleet, clock)
         self.transfers: dict[str, TransferProgress] = {}
