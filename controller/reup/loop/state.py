@@ -7,15 +7,14 @@ outcome) and events. Written by the reconcile loop (controller.py) after each
 executor outcome, so that after `kill -9` a restart carries on from here; read by
 `reup status`, `/api/status` and the planner's inputs (`desired`, `observed`).
 Thread-safe: one connection guarded by a lock (the HTTP server reads from its thread).
+The connection and schema are in sqlite_store.py, the read-only reports (status pages,
+history, events) in state_reports.py; this module adds the writes and the planner's inputs.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -33,53 +32,15 @@ from reup.core.model import (
     RolloutControl,
     Target,
 )
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS revisions(
-  commit_id TEXT PRIMARY KEY, seen_at REAL NOT NULL, fleet_error TEXT, completed_at REAL);
-CREATE TABLE IF NOT EXISTS targets(
-  commit_id TEXT NOT NULL, device TEXT NOT NULL, wave TEXT NOT NULL, drv_path TEXT, toplevel TEXT,
-  error TEXT, PRIMARY KEY(commit_id, device));
-CREATE TABLE IF NOT EXISTS builds(
-  drv_path TEXT PRIMARY KEY, commit_id TEXT NOT NULL, ok INTEGER NOT NULL, toplevel TEXT, error TEXT,
-  seconds REAL, finished_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS devices(
-  name TEXT PRIMARY KEY, wave TEXT NOT NULL DEFAULT 'default', state TEXT NOT NULL DEFAULT 'pending',
-  target_toplevel TEXT, target_commit TEXT,
-  acked_toplevel TEXT, acked_commit TEXT, acked_generation INTEGER, acked_at REAL,
-  last_error TEXT, updated_at REAL,
-  attempt_commit TEXT, attempt_toplevel TEXT, attempt_kind TEXT, attempt_error TEXT,
-  attempt_failures INTEGER NOT NULL DEFAULT 0, retry_at REAL NOT NULL DEFAULT 0,
-  active INTEGER NOT NULL DEFAULT 1, attempt_since REAL NOT NULL DEFAULT 0, attempt_at REAL NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS history(
-  id INTEGER PRIMARY KEY, device TEXT NOT NULL, commit_id TEXT, toplevel TEXT, generation INTEGER,
-  result TEXT NOT NULL, error TEXT, stream_bytes INTEGER, nar_bytes INTEGER, at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS events(
-  id INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, device TEXT, data TEXT);
-CREATE INDEX IF NOT EXISTS history_device ON history(device, commit_id);
-CREATE INDEX IF NOT EXISTS history_at ON history(at);
-CREATE INDEX IF NOT EXISTS events_device ON events(device);
-CREATE INDEX IF NOT EXISTS events_at ON events(at);
-CREATE INDEX IF NOT EXISTS devices_active ON devices(active, name);
-"""
+from reup.loop.state_reports import StateReports
 
 
-class StateDB:
+class StateDB(StateReports):
     def __init__(self, state_dir: str) -> None:
-        os.makedirs(state_dir, exist_ok=True)
-        self.path = os.path.join(state_dir, "reup.sqlite")
-        self._lock = threading.RLock()
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        super().__init__(state_dir)
         self._desired: Desired | None = None  # the current revision's targets: they change only in record_revision
-        self._observed_states: dict[str, tuple[str, str | None]] | None = None  # from observed(), for set_states
         # Rows of devices and builds as observed() last read them, valid while `_version` (bumped by every
         # write to those tables) is unchanged: a pass reads each table once, however often it asks.
-        self._version = 0
         self._rows: tuple[int, list[sqlite3.Row], list[sqlite3.Row]] | None = None
         # What changed since the loop last asked (`take_changes`): the devices whose planner inputs this
         # connection wrote, the builds, or everything (a new revision, a reset, another process's write).
@@ -87,53 +48,8 @@ class StateDB:
         self._changed_all = True
         self._builds_changed: set[str] = set()
         self._data_version: int | None = None
-        columns = {r["name"] for r in self.db.execute("PRAGMA table_info(devices)")}
-        for column in ("attempt_since", "attempt_at"):  # databases of the first controller version
-            if column not in columns:
-                self.db.execute(f"ALTER TABLE devices ADD COLUMN {column} REAL NOT NULL DEFAULT 0")
 
-    def close(self) -> None:
-        with self._lock:
-            self.db.close()
-
-    def _exec(self, sql: str, args: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self.db.execute(sql, tuple(args)).fetchall()
-
-    def _write(self, sql: str, args: Iterable[Any] = ()) -> None:
-        """A write to `devices` or `builds` (what `observed` caches)."""
-        with self._lock:
-            self._version += 1
-            self.db.execute(sql, tuple(args))
-
-    def _tx(self, statements: list[tuple[str, tuple[Any, ...]]]) -> None:
-        with self._lock:
-            self._version += 1
-            self._observed_states = None  # every write of a state or error goes through here
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    self.db.execute(sql, args)
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
-            self.db.execute("COMMIT")
-
-    # --- meta and revisions ---------------------------------------------------
-
-    def get_meta(self, key: str) -> str | None:
-        rows = self._exec("SELECT value FROM meta WHERE key=?", (key,))
-        return str(rows[0]["value"]) if rows else None
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._exec("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
-
-    def revision(self) -> tuple[str, float] | None:
-        commit = self.get_meta("revision")
-        if commit is None:
-            return None
-        rows = self._exec("SELECT seen_at FROM revisions WHERE commit_id=?", (commit,))
-        return commit, float(rows[0]["seen_at"]) if rows else 0.0
+    # --- revisions ------------------------------------------------------------
 
     def has_targets(self, commit: str) -> bool:
         return bool(self._exec("SELECT 1 FROM revisions WHERE commit_id=?", (commit,)))
@@ -357,92 +273,7 @@ class StateDB:
             self._tx(stmts)
         return changed
 
-    def log_event(self, kind: str, device: str | None, data: Mapping[str, Any], at: float | None = None) -> None:
-        self._exec("INSERT INTO events(at, kind, device, data) VALUES(?, ?, ?, ?)",
-                   (at if at is not None else time.time(), kind, device, json.dumps(data, default=str)))
-
-    # --- read side --------------------------------------------------------------
-
-    def history(self, device: str | None = None) -> list[dict[str, Any]]:
-        if device is None:
-            rows = self._exec("SELECT * FROM history ORDER BY id")
-        else:
-            rows = self._exec("SELECT * FROM history WHERE device=? ORDER BY id", (device,))
-        return [dict(r) for r in rows]
-
-    def device_events(self, device: str) -> list[dict[str, Any]]:
-        """The device's history: state changes, update outcomes and errors, oldest first."""
-        rows = self._exec("SELECT * FROM events WHERE device=? ORDER BY id", (device,))
-        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
-
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        rows = self._exec("SELECT * FROM events" + (" WHERE kind=?" if kind else "") + " ORDER BY id", (kind,) if kind else ())
-        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
-
-    def status(self, *, offset: int = 0, limit: int | None = None, state: str | None = None,
-               wave: str | None = None) -> dict[str, Any]:
-        """The fleet's state for `reup status` and `/api/status`: a page of devices (by name; `offset`,
-        `limit`), optionally only those in `state` and/or `wave`; `total` counts the matching devices."""
-        rev = self.revision()
-        paused = self.get_meta("rollout_paused") == "1"
-        fleet_error = None
-        if rev is not None:
-            rows = self._exec("SELECT fleet_error FROM revisions WHERE commit_id=?", (rev[0],))
-            fleet_error = rows[0]["fleet_error"] if rows else None
-        where, args = "active=1", list[str]()
-        if state is not None:
-            where, args = where + " AND state=?", [*args, state]
-        if wave is not None:
-            where, args = where + " AND wave=?", [*args, wave]
-        page = f" LIMIT {int(limit)} OFFSET {max(0, int(offset))}" if limit is not None else (
-            f" LIMIT -1 OFFSET {int(offset)}" if offset else "")
-        devices = [
-            {
-                "name": r["name"],
-                "state": r["state"],
-                "wave": r["wave"],
-                "target": r["target_toplevel"],
-                "acknowledged": r["acked_toplevel"],
-                "commit": r["target_commit"],
-                "acknowledged_commit": r["acked_commit"],
-                "generation": r["acked_generation"],
-                "last_error": r["last_error"],
-                "updated_at": r["updated_at"],
-            }
-            for r in self._exec(f"SELECT * FROM devices WHERE {where} ORDER BY name{page}", args)
-        ]
-        total = len(devices) if limit is None and not offset else int(
-            self._exec(f"SELECT COUNT(*) AS n FROM devices WHERE {where}", args)[0]["n"])
-        return {
-            "revision": rev[0] if rev else None,
-            "revision_seen_at": rev[1] if rev else None,
-            "fleet_error": fleet_error,
-            # The pause as `reup rollout pause` left it, even before a controller's next pass.
-            "rollout": _with_pause(json.loads(self.get_meta("rollout") or "null"), paused),
-            "paused": paused,
-            "refused": json.loads(self.get_meta("refused") or "null"),
-            "total": total,
-            "offset": offset,
-            "devices": devices,
-        }
-
-    # --- fleet scale: aggregates and retention ---------------------------------------
-
-    def device_rows(self) -> tuple[tuple[str, str, str, str], ...]:
-        """(name, state, wave, acknowledged generation) of each active device, by name."""
-        rows = self._exec("SELECT name, state, wave, acked_generation FROM devices WHERE active=1 ORDER BY name")
-        return tuple((r[0], r[1], r[2], str(r[3] or "")) for r in rows)
-
-    def state_counts(self) -> dict[tuple[str, str], int]:
-        """{(state, wave): devices} of the active devices, counted by SQLite (the reup_devices gauge)."""
-        rows = self._exec("SELECT state, wave, COUNT(*) AS n FROM devices WHERE active=1 GROUP BY state, wave")
-        return {(str(r["state"]), str(r["wave"])): int(r["n"]) for r in rows}
-
-    def toplevels_in_use(self) -> set[str]:
-        """Each distinct system some active device targets or acknowledged (what GC roots keep)."""
-        rows = self._exec("SELECT target_toplevel AS p FROM devices WHERE active=1 AND target_toplevel IS NOT NULL "
-                          "UNION SELECT acked_toplevel FROM devices WHERE active=1 AND acked_toplevel IS NOT NULL")
-        return {str(r["p"]) for r in rows}
+    # --- retention ------------------------------------------------------------
 
     def prune(self, now: float, *, keep_days: float = 30.0, keep_revisions: int = 100) -> dict[str, int]:
         """Drop events and history older than `keep_days`, and the targets (and builds) of revisions beyond
@@ -471,20 +302,6 @@ class StateDB:
                 self._changed_all = True  # builds of old revisions went
         return {"events": events, "history": history, "revisions": len(old), "targets": targets}
 
-    # --- the fleet page (loop/web.py) -------------------------------------------
-
-    def bytes_sent(self) -> dict[str, int]:
-        """{device: stream bytes of its last update that sent any}."""
-        rows = self._exec("SELECT device, stream_bytes FROM history WHERE id IN (SELECT MAX(id) FROM history "
-                          "WHERE stream_bytes IS NOT NULL AND stream_bytes > 0 GROUP BY device)")
-        return {str(r["device"]): int(r["stream_bytes"]) for r in rows}
-
-    def recent_device_events(self, device: str, limit: int = 50) -> list[dict[str, Any]]:
-        """The device's last `limit` events, oldest first."""
-        rows = self._exec("SELECT * FROM (SELECT * FROM events WHERE device=? ORDER BY id DESC LIMIT ?) ORDER BY id",
-                          (device, limit))
-        return [{**dict(r), "data": json.loads(r["data"] or "{}")} for r in rows]
-
 
 def _build_result(r: sqlite3.Row) -> BuildResult:
     return BuildResult(r["drv_path"], r["commit_id"], bool(r["ok"]), r["toplevel"], r["error"])
@@ -496,7 +313,3 @@ def _observation(r: sqlite3.Row, busy: DeviceState | None) -> DeviceObservation:
         attempt = Attempt(r["attempt_commit"], r["attempt_toplevel"], AttemptKind(r["attempt_kind"]), r["attempt_error"] or "",
                           r["attempt_failures"], r["retry_at"], r["attempt_since"], r["attempt_at"])
     return DeviceObservation(r["name"], r["acked_toplevel"], r["acked_commit"], busy, attempt, r["acked_at"])
-
-
-def _with_pause(rollout: dict[str, Any] | None, paused: bool) -> dict[str, Any] | None:
-    return None if rollout is None else {**rollout, "paused": paused}
