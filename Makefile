@@ -35,7 +35,7 @@ bench: setup
 
 # One controller against N simulated devices in one process (bench/fleet.py); long: run it alone.
 bench-fleet: setup
-	$(PY) -m bench.fleet --sizes 100,1000,3000 --unique-sizes 100,1000 --out bench/fleet-results.md
+	$(PY) -m bench.fleet --sizes 100,1000,3000 --unique-sizes 100,1000,3000 --out bench/fleet-results.md
 
 demo: setup
 	$(VENV)/bin/reup demo

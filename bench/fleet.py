@@ -38,11 +38,11 @@ FLAKE = r'''{
   outputs = { self }: let
     system = "x86_64-linux";
     base = derivation {
-      name = "base-@BASE@"; builder = "/bin/sh"; inherit system;
+      name = "base-@BASE@"; builder = "/bin/sh"; inherit system; salt = "@SALT@";
       args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/lib; seq 1 20000 | sed 's/$/ base @BASE@/' > $out/lib/libbase.txt" ];
     };
     mk = name: derivation {
-      name = "nixos-system-${name}"; builder = "/bin/sh"; inherit system base;
+      name = "nixos-system-${name}"; builder = "/bin/sh"; inherit system base; salt = "@SALT@";
       args = [ "-c" "PATH=/usr/bin:/bin; mkdir -p $out/bin $out/etc; ln -s $base $out/base; echo ${name} > $out/etc/hostname; echo @MARK@ > $out/etc/marker; printf '#!/bin/sh\\n' > $out/bin/switch-to-configuration; chmod +x $out/bin/switch-to-configuration" ];
     };
   in {
@@ -96,11 +96,15 @@ def scrape(base: str) -> dict[str, float]:
     return out
 
 
-def write_fleet(repo: str, n: int, shape: str, port: int, host_pub: str, base_version: str, mark: str = "0") -> list[str]:
+def write_fleet(repo: str, n: int, shape: str, port: int, host_pub: str, base_version: str, mark: str = "0",
+                salt: str = "") -> list[str]:
+    """The fleet repo's files; `salt` (one per run) makes every run's systems new to the Nix store, so
+    that evaluation and builds are measured for real, never found from an earlier run."""
     names = [f"d{i:05d}" for i in range(n)]
     assign = {d: (d if shape == "unique" else f"cfg-{i % 3}") for i, d in enumerate(names)}
     configs = sorted(set(assign.values()))
-    Path(repo, "flake.nix").write_text(FLAKE.replace("@BASE@", base_version).replace("@MARK@", mark))
+    Path(repo, "flake.nix").write_text(FLAKE.replace("@BASE@", base_version).replace("@MARK@", mark)
+                                       .replace("@SALT@", salt))
     Path(repo, "configs.json").write_text(json.dumps(configs))
     lines = ["[rollout]\nconfirm_timeout = 60\n\n"]
     for d in names:
@@ -127,7 +131,8 @@ def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: in
     repo = os.path.join(work, "fleet")
     demofleet.init_repo(repo)
     port = free_port()
-    write_fleet(repo, n, shape, port, host_pub, "1")
+    salt = os.urandom(6).hex()
+    write_fleet(repo, n, shape, port, host_pub, "1", salt=salt)
     c1 = demofleet.commit(repo, "fleet")
     events = os.path.join(work, "device-events.jsonl")
     ready = os.path.join(work, "fakefleet.pid")
@@ -155,7 +160,7 @@ def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: in
     phases = []
     try:
         phases.append(measure(ctrl.pid, fake.pid, base, events, work, "fresh", c1, n, start, timeout))
-        write_fleet(repo, n, shape, port, host_pub, "2")
+        write_fleet(repo, n, shape, port, host_pub, "2", salt=salt)
         c2 = demofleet.commit(repo, "update the shared base")
         start = time.time()
         req = urllib.request.Request(base + "/webhook", data=b"{}", method="POST")
@@ -165,7 +170,7 @@ def _run_size(work: str, n: int, shape: str, timeout: float, max_connections: in
             # Commit-to-first-acknowledged: a tiny change (a marker file in each system, the shared base
             # as it was), timed from before `git commit`; the watcher sees the ref change, the webhook too.
             start = time.time()
-            write_fleet(repo, n, shape, port, host_pub, "2", mark="1")
+            write_fleet(repo, n, shape, port, host_pub, "2", mark="1", salt=salt)
             c3 = demofleet.commit(repo, "a tiny change")
             req = urllib.request.Request(base + "/webhook", data=b"{}", method="POST")
             urllib.request.urlopen(req, timeout=10).read()
@@ -230,12 +235,37 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
         return int(m1.get(key, 0) - m0.get(key, 0))
 
     cpus = encode_cpu_ms(encode_lines(work)[log0:])
+    evaluated, built, builds = eval_and_builds(work, commit, start)
     return Phase(name, min(acks) if acks else None, max(acks) if acks else None, settled, cpu1 - cpu0,
                  child1 - child0, delta("reup_reconcile_passes_total"), encodes_in_log(work) - log0,
                  delta('reup_device_updates_total{result="committed"}'), rollbacks,
                  delta('reup_device_updates_total{result="timed_out"}'),
                  {"acks": len(acks), "fake_cpu": fake1 - fake0, "encode_cpu_ms": cpus, "load": loadavg(),
-                  "failed": failures})
+                  "failed": failures, "evaluated": evaluated, "built": built, "builds": builds})
+
+
+def log_time(line: str) -> float:
+    """A controller log line's time (logging's default asctime, local time, milliseconds)."""
+    stamp, _, millis = line[:23].partition(",")
+    return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+
+
+def eval_and_builds(work: str, commit: str, start: float) -> tuple[float | None, float | None, int]:
+    """(seconds from `start` to `commit`'s targets recorded, to the last build of the phase finished,
+    derivations built in the phase), from the controller's log."""
+    evaluated, built, builds = None, None, 0
+    try:
+        lines = Path(work, "controller.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None, None, 0
+    for line in lines:
+        if f"revision {commit[:12]}: " in line and line.endswith(" devices"):
+            evaluated = log_time(line) - start
+        elif evaluated is not None and "reup.loop.events: build /nix/store/" in line:
+            built, builds = log_time(line) - start, builds + 1
+        elif evaluated is not None and "reup.loop.events: revision " in line:
+            break  # the next commit's phase
+    return evaluated, built, builds
 
 
 def failed_devices(base: str) -> int:
@@ -290,15 +320,18 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| shape | N | phase | first ack s | last ack s | settled s | ctrl CPU s | children CPU s | "
+    rows = ["| shape | N | phase | evaluated s | built s (drvs) | first ack s | last ack s | settled s | ctrl CPU s | "
+            "children CPU s | "
             "CPU ms/device | fake fleet CPU s | passes | encodes / pushes | encode CPU s | encode ms after the first | "
             "rollbacks | failed | timed out | peak RSS MiB | SQLite MiB | series | load avg |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         for p in r["phases"]:
             cpus = p.extra.get("encode_cpu_ms", [])
             rest = cpus[1:]  # the first encode of a phase makes the shared diffs; the others reuse them
-            rows.append(f"| {r['shape']} | {r['n']} | {p.name} | {fmt(p.seconds_first)} | {fmt(p.seconds_last)} | "
+            built = fmt(p.extra.get("built")) + f" ({p.extra.get('builds', 0)})"
+            rows.append(f"| {r['shape']} | {r['n']} | {p.name} | {fmt(p.extra.get('evaluated'))} | {built} | "
+                        f"{fmt(p.seconds_first)} | {fmt(p.seconds_last)} | "
                         f"{fmt(p.seconds_settled)} | {p.cpu:.1f} | {p.children_cpu:.1f} | "
                         f"{1000 * p.cpu / r['n']:.2f} | {p.extra['fake_cpu']:.1f} | {p.passes} | {p.encodes} / {p.pushes} | "
                         f"{sum(cpus) / 1000:.1f} | {fmt(sum(rest) / len(rest) if rest else None)} | {p.rollbacks} | "

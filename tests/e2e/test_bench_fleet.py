@@ -22,6 +22,9 @@ def test_bench_fleet_reduced(tmp_path: os.PathLike[str], shape: str) -> None:
         assert p.extra["acks"] == n and p.pushes == n and p.rollbacks == 0 and p.timed_out == 0, p
         assert p.seconds_first is not None and p.seconds_last is not None and p.seconds_first <= p.seconds_last
         assert p.passes >= 1 and p.cpu > 0
+        # Every run's systems are new to the store (a salt per run): evaluated, then really built.
+        assert p.extra["evaluated"] is not None and 0 <= p.extra["evaluated"] <= p.extra["built"] <= p.seconds_settled
+        assert p.extra["builds"] == (3 if shape == "shared" else n), p  # one per distinct system
         # Shared configurations: one encode per configuration; unique systems: one per device.
         assert p.encodes == (3 if shape == "shared" else n), p
     assert 0 < r["sqlite_mib"] < 10 and r["series"] > 20
