@@ -98,7 +98,7 @@ def test_not_a_compile_of_the_source_gets_no_recipe() -> None:
     other = _built(_source(random.Random(6), 20))
     assert pycsolid.recipe(other, src, 0) is None
     assert pycsolid.recipe(b"\0" * 4 + _built(src)[4:], src, 0) is None  # another magic
-    assert pycsolid.source_relpath(b"a/__pycache__/m.%s.opt-2.pyc" % pyc.sys.implementation.cache_tag.encode()) \
+    assert pycsolid.source_relpath(b"a/__pycache__/m.%s.opt-2.pyc" % sys.implementation.cache_tag.encode()) \
         == (b"a/m.py", 2)
     assert pycsolid.source_relpath(b"a/__pycache__/m.cpython-27.pyc") is None
 
