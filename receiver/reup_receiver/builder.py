@@ -24,6 +24,7 @@ from reup_receiver.errors import (
     UnsafeWrite,
     Unsupported,
 )
+from reup_receiver.format import pyc
 from reup_receiver.format.literal import LiteralStream
 from reup_receiver.format.model import (
     F_EXECUTABLE,
@@ -38,6 +39,7 @@ from reup_receiver.format.model import (
     Codec,
     Entry,
     Method,
+    solid_frame_codec,
     split_relpath,
 )
 from reup_receiver.format.nar import NarHasher, walk_nar_order
@@ -219,7 +221,7 @@ class PathBuilder:
                 raise Corrupt(f"{self.label(b'')}: a mirror must be the path's first entry")
             self.pending = _Peek(self._expand(e))
             self.mirror_source = e.source
-            used = {spec.codec for spec in e.mirror if spec.codec in SOLID_CODECS}
+            used = {solid_frame_codec(spec.codec) for spec in e.mirror if spec.codec in SOLID_CODECS}
             if len(used) > 1:
                 raise Corrupt(f"{self.label(b'')}: a mirror's solid files must share one codec")
             if e.flags & F_SOLID_TREE or used:
@@ -299,13 +301,14 @@ class PathBuilder:
         """The path's solid frame for a file coded with `e.codec` (made at its first file)."""
         if self.solid_prefix is None:
             raise Corrupt(f"{label}: solid data outside a mirror with solid files")
+        assert e.codec is not None
+        codec = solid_frame_codec(e.codec)
         if self.solid_codec is None:
-            self.solid_codec = e.codec
-        if e.codec != self.solid_codec:
+            self.solid_codec = codec
+        if codec != self.solid_codec:
             raise Corrupt(f"{label}: a mirror's solid files must share one codec")
         if self.solid is None:
-            assert e.codec is not None
-            self.solid = self._solid_frame(e.codec)
+            self.solid = self._solid_frame(codec)
         return self.solid
 
     def _solid_prefix(self, m: Entry) -> bytes:
@@ -399,6 +402,16 @@ class PathBuilder:
                     chunks = rewrite_chunks(chunks, self.rewrites)
                 for chunk in chunks:
                     sink.write(chunk)
+            elif e.method == Method.PATCH and e.codec == Codec.SOLID_PYC:
+                frame = self._solid_for(e, sink.label)
+                if not isinstance(frame, SolidLzma):  # pragma: no cover - _solid_for checked the codec
+                    raise Corrupt(f"{sink.label}: a pyc recipe outside a SOLID_LZMA frame")
+                try:
+                    frame.complete_pyc(sink, e.size, e.data_len)
+                except (DoesNotDecode, pyc.Mismatch) as exc:
+                    # Another compiler than the encoder's: blamed like a base that does not decode,
+                    # so the controller encodes again without it instead of sending this again.
+                    raise self.mirror_blame(f"{exc}") or exc from exc
             elif e.method == Method.PATCH and e.codec in SOLID_CODECS:
                 try:
                     self._solid_for(e, sink.label).complete(sink, e.size, e.data_len)
@@ -416,6 +429,8 @@ class PathBuilder:
         try:
             sink.close()
         except HashMismatch as exc:
+            if e.codec == Codec.SOLID_PYC:  # the device's compile differs: as above
+                raise self.mirror_blame("a regenerated .pyc differs") or exc from exc
             if self.pending is None or e.method == Method.LITERAL:
                 raise
             # A mirror trusts the base tree's shape: a changed base file is a base the

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from reup_receiver import confirm, resume
 from reup_receiver.device import Device
 from reup_receiver.errors import NoGeneration
+from reup_receiver.format import pyc
+from reup_receiver.format.model import Codec
 from reup_receiver.format.wire import VERSION
 from reup_receiver.generations import switch_generation
 from reup_receiver.patches import available_codecs
@@ -24,6 +26,7 @@ _HASH_RE = re.compile(rb"[0-9a-df-np-sv-z]{32}")
 
 def status(device: Device) -> dict[str, object]:
     current = device.current()
+    codecs = available_codecs()
     return {
         "current": current[1] if current else None,
         "generation": current[0] if current else None,
@@ -33,7 +36,8 @@ def status(device: Device) -> dict[str, object]:
         "pending": confirm.pending(device),
         "last_rollback": confirm.last_rollback(device),
         "format": VERSION,
-        "codecs": [*(c.name.lower() for c in available_codecs()), STREAM_V2],
+        "codecs": [*(c.name.lower() for c in codecs), STREAM_V2,
+                   *([pyc.identity()] if Codec.SOLID_PYC in codecs else [])],
         "resume": resume.status_field(device),
     }
 

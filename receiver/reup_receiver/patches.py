@@ -10,6 +10,7 @@ from __future__ import annotations
 import zstandard
 
 from reup_receiver.errors import Corrupt, Oversized, Unsupported
+from reup_receiver.format import pyc
 from reup_receiver.format.literal import MAX_WINDOW, MemorySink, Sink, zstd_feed
 from reup_receiver.format.model import PATCH_CODECS, SOLID_CODECS, Codec, Entry
 
@@ -18,6 +19,8 @@ def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
     # The standard library and zstandard suffice for these.
     out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF, Codec.ELF_MAP, Codec.LZMA_PREFIX]
+    if not pyc.usable():  # SOLID_PYC compiles with this receiver's own interpreter
+        out.remove(Codec.SOLID_PYC)
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
                           (Codec.HDIFFPATCH, "hdiffpatch")):
         try:

@@ -159,6 +159,17 @@ def stream_version(codecs: Sequence[str] | None) -> int:
     return 2 if codecs is None or STREAM_V2 in codecs else 1
 
 
+# In status `codecs`, beside `solid_pyc`: "pyc-<16 hex>", the identity of the interpreter the
+# receiver compiles .pyc recipes with (format/pyc.py `identity`). The controller uses SOLID_PYC
+# only when it equals its own.
+PYC_TOKEN = re.compile(r"pyc-[0-9a-f]{16}")
+
+
+def pyc_identity(codecs: Sequence[str] | None) -> str | None:
+    """The compiler identity a device listed in its status codecs (None: none)."""
+    return next((c for c in codecs or () if PYC_TOKEN.fullmatch(c)), None)
+
+
 # A version-2 stream names known paths by a prefix of their store hash; a `missing-base` refusal
 # for one that does not resolve says "short id <prefix>", and the controller maps it back to
 # the held path with that prefix, to re-encode without it.

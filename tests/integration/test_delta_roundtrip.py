@@ -22,6 +22,7 @@ import pytest
 from reup.delta.encode import encode
 from reup.delta.stats import DeltaStats
 from reup_lab.nixenv import nix_env
+from reup_receiver.format import pyc
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.manifest import decode_manifest
 from reup_receiver.format.manifest2 import decode_manifest_v2
@@ -248,7 +249,8 @@ def test_cli_stats_and_cache(gens: Gens, tmp_path: os.PathLike[str]) -> None:
 
 def test_only_codecs_the_device_reports_are_used(gens: Gens, root_a: str, tmp_path: os.PathLike[str]) -> None:
     reported = receive(root_a, None, "--status").json()["codecs"]
-    assert set(reported) == {c.name.lower() for c in Codec} | {STREAM_V2}  # this venv has every codec
+    # this venv has every codec, and compiles .pyc recipes with this interpreter
+    assert set(reported) == {c.name.lower() for c in Codec} | {STREAM_V2, pyc.identity()}
     device_codecs = [Codec.ZSTD_PREFIX, Codec.BSDIFF4]  # a device without HDiffPatch or LZMA bsdiff
     stream, stats = run_encode(tmp_path, [gens.a], gens.b, allowed_codecs=device_codecs)
     used = {k for k in stats.ops_by_kind if k.startswith("patch:")}

@@ -12,9 +12,11 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
+from reup.delta import pycsolid
 from reup.delta.encode import encode
 from reup.delta.stats import DeltaStats
 from reup_lab.nixenv import nix_env
+from reup_receiver.format import pyc
 from reup_receiver.format.entries import EntryCoder
 from reup_receiver.format.model import KIND_MIRROR, PATCH_CODECS, SOLID_CODECS, Codec
 from reup_receiver.format.wire import T_ENTRY, T_TRAILER, RecordReader
@@ -165,7 +167,7 @@ def test_lzma_frame_for_new_receivers_zstd_for_old(gens: tuple[str, str], root_a
     """A receiver that lists solid_lzma gets the smaller LZMA2 frame; one that lists only
     solid (older) gets the zstd frame; both apply and verify."""
     a, b = gens
-    new_stream, _ = _encode(tmp_path, a, b)
+    new_stream, _ = _encode(tmp_path, a, b, allowed_codecs=[c for c in Codec if c != Codec.SOLID_PYC])
     old_stream, old_stats = _encode(tmp_path, a, b, allowed_codecs=[*PATCH_CODECS, Codec.SOLID])
     assert _solid_codecs(new_stream) == {Codec.SOLID_LZMA}
     assert _solid_codecs(old_stream) == {Codec.SOLID}
@@ -176,3 +178,60 @@ def test_lzma_frame_for_new_receivers_zstd_for_old(gens: tuple[str, str], root_a
         run = receive(root, stream)
         assert run.returncode == 0, run.stderr
         assert nix_verify(root, b).returncode == 0
+
+
+def test_pyc_files_are_compiled_on_the_device(gens: tuple[str, str], root_a: str,
+                                              tmp_path: os.PathLike[str]) -> None:
+    """A receiver listing this interpreter's pyc identity gets the .pyc files as recipes
+    (SOLID_PYC): a smaller stream, which applies and verifies."""
+    a, b = gens
+    reported = receive(root_a, None, "--status").json()["codecs"]
+    allowed = pycsolid.allowed_codecs(reported)
+    assert pyc.identity() in reported and allowed is not None and Codec.SOLID_PYC in allowed
+    stream, _ = _encode(tmp_path, a, b, allowed_codecs=allowed)
+    without, _ = _encode(tmp_path, a, b, allowed_codecs=[c for c in allowed if c != Codec.SOLID_PYC])
+    assert _solid_codecs(stream) == {Codec.SOLID_LZMA, Codec.SOLID_PYC}
+    assert Codec.SOLID_PYC not in _solid_codecs(without)
+    assert len(stream) < len(without)
+    run = receive(root_a, stream)
+    assert run.returncode == 0, run.stderr
+    assert nix_verify(root_a, b).returncode == 0
+
+
+@pytest.mark.parametrize("how", ["same length", "other length"])
+def test_device_compiling_otherwise_blames_the_base(gens: tuple[str, str], root_a: str, tmp_path: os.PathLike[str],
+                                                    monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """A device whose compile differs from the encoder's (here: the encoder's is altered) refuses
+    with missing-base naming the mirror's base, keeps its generation, and the re-encode without
+    that base (what the controller does on exit 14) applies: no stream is sent twice."""
+    a, b = gens
+    real_regenerate, real_recipe = pyc.regenerate, pycsolid.recipe
+
+    def longer(source: bytes, dfile: str, optimize: int, flags: int, want: int = -1) -> bytes:
+        base = real_regenerate(source, dfile, optimize, flags, want)  # the device's is one byte shorter
+        return base[:16] + b"\0" + base[16:]
+
+    def other_name(target: bytes, source: bytes, optimize: int) -> bytes | None:
+        r = real_recipe(target, source, optimize)  # the device compiles another co_filename
+        return None if r is None else r[: pyc.HEADER.size + 1] + b"m" + r[pyc.HEADER.size + 2 :]
+
+    if how == "same length":
+        monkeypatch.setattr(pycsolid, "recipe", other_name)
+    else:
+        monkeypatch.setattr(pyc, "regenerate", longer)
+    stream, _ = _encode(tmp_path, a, b)
+    monkeypatch.undo()
+    assert Codec.SOLID_PYC in _solid_codecs(stream)
+    before = snapshot(root_a)
+    run = receive(root_a, stream)
+    assert run.returncode == ExitCode.MISSING_BASE, run.stderr
+    base = next(p for p in _closure(a) if "pylib" in p)
+    assert os.path.basename(base) in run.stderr, run.stderr
+    # same length: the file's hash, or in version 2 (mirrored files without one) the path's NAR hash
+    assert ("base path differs" if how == "same length" else "another length") in run.stderr, run.stderr
+    assert snapshot(root_a) == before
+    again, _ = _encode(tmp_path, a, b, avoid=[base])
+    assert Codec.SOLID_PYC not in _solid_codecs(again)
+    run = receive(root_a, again)
+    assert run.returncode == 0, run.stderr
+    assert nix_verify(root_a, b).returncode == 0

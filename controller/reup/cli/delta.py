@@ -13,10 +13,10 @@ import sys
 import time
 from typing import Any
 
-from reup_receiver.format.model import Codec
-from reup_receiver.protocol import STREAM_V2, stream_version
+from reup_receiver.protocol import stream_version
 
 from reup.delta.encode import encode
+from reup.delta.pycsolid import allowed_codecs
 from reup.io.nix import resolve_store_path
 
 
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.codecs.split(",")] if args.codecs else None
     version = stream_version(names)  # the device's capability, as in its status
     try:
-        allowed = [Codec[n.upper()] for n in names if n != STREAM_V2] if names is not None else None
+        allowed = allowed_codecs(names, strict=True)
     except KeyError as exc:
         print(f"reup delta: unknown codec {exc}", file=sys.stderr)
         return 2

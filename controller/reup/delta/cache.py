@@ -49,12 +49,12 @@ def nix_encoder(nix: NixExecutor | None = None, memo: DiffMemo | None = None,
 
     def encoder(held: Sequence[str], target: str, out: str, staged: Sequence[str], avoid: Sequence[str],
                 codecs: Sequence[str] | None) -> Any:
-        from reup_receiver.format.model import Codec
         from reup_receiver.protocol import stream_version
 
         from reup.delta.encode import encode
+        from reup.delta.pycsolid import allowed_codecs
 
-        allowed = [Codec[c.upper()] for c in codecs if c.upper() in Codec.__members__] if codecs is not None else None
+        allowed = allowed_codecs(codecs)
         version = stream_version(codecs)  # an older receiver reads version 1
         start = time.thread_time()
         if memo is not None:

@@ -33,7 +33,7 @@ from reup_receiver.format.model import (
 from reup_receiver.format.nar import walk_nar_order
 from reup_receiver.format.rewrite import rewrite_bytes
 
-from reup.delta import solid
+from reup.delta import pycsolid, solid
 from reup.delta.codecs import DiffResult, diff_job, literal_estimate
 from reup.delta.literal import LiteralEncoder
 from reup.delta.literalmemo import LiteralMemo
@@ -293,21 +293,37 @@ class FileCoder:
             return
         prefix = rewrite_bytes(prefix, self.rewrites)
         contents = [_read(d.file.host) for d, _ in chosen]
-        frames = [(sum(map(len, p)), c, p) for c, p in (
+        frames = [(sum(map(len, p)), c, p, [c] * len(p)) for c, p in (
             (Codec.SOLID, solid.frame_parts(prefix, contents) if Codec.SOLID in solid_ok else None),
             (Codec.SOLID_LZMA, solid.lzma_parts(prefix, contents) if Codec.SOLID_LZMA in solid_ok else None),
         ) if p is not None]
+        frames += self._pyc_frame(prefix, [d for d, _ in chosen], contents, solid_ok)
         if not frames:
             plan.solid_tree = False
             return
-        size, codec, parts = min(frames, key=lambda f: (f[0], f[1]))
+        size, _, parts, codecs = min(frames, key=lambda f: (f[0], f[1]))
         if size >= sum(cost for _, cost in chosen):
             plan.solid_tree = False
             return
-        for (d, _), part in zip(chosen, parts, strict=True):
+        for (d, _), part, codec in zip(chosen, parts, codecs, strict=True):
             d.solid, d.solid_codec = part, codec
             if id(d) not in mirrored:
                 d.source = (plan.old, d.file.relpath)  # named on the wire, never read
+
+    @staticmethod
+    def _pyc_frame(prefix: bytes, files: Sequence[FileCoding], contents: Sequence[bytes],
+                   solid_ok: Sequence[Codec]) -> list[tuple[int, Codec, list[bytes], list[Codec]]]:
+        """The SOLID_LZMA frame with the .pyc files as recipes (pycsolid.py), if any is one."""
+        if Codec.SOLID_PYC not in solid_ok or Codec.SOLID_LZMA not in solid_ok or not files:
+            return []
+        made = pycsolid.recipes(files[0].file.path, [d.file.relpath for d in files], contents)
+        if not any(r is not None for r in made):
+            return []
+        parts = solid.lzma_parts(prefix, [c if r is None else r for c, r in zip(contents, made, strict=True)])
+        if parts is None:
+            return []
+        codecs = [Codec.SOLID_LZMA if r is None else Codec.SOLID_PYC for r in made]
+        return [(sum(map(len, parts)), Codec.SOLID_PYC, parts, codecs)]
 
     @staticmethod
     def _old_host(old: str, d: FileCoding) -> bytes:

@@ -35,9 +35,15 @@ class Codec(enum.IntEnum):
     LITERAL_ELF = 8  # never in an entry: the receiver reads literal codec 2, LZMA_ELF (literal.py)
     ELF_MAP = 9  # an inner patch between x86-64 executables with references mapped old -> new (elfmap.py)
     LZMA_PREFIX = 10  # raw LZMA2 with the source preloaded as dictionary (lzmaprefix.py)
+    SOLID_PYC = 11  # not a patch: a .pyc compiled on the device from a recipe in the SOLID_LZMA frame (pyc.py)
 
 
-SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA)
+SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA, Codec.SOLID_PYC)
+
+
+def solid_frame_codec(codec: Codec) -> Codec:
+    """The frame a solid file's codec belongs to: SOLID_PYC files are parts of a SOLID_LZMA frame."""
+    return Codec.SOLID_LZMA if codec == Codec.SOLID_PYC else codec
 # The codecs a single patch may use; the SOLID ones code a mirror's files together, and
 # LITERAL_ELF is only a capability in --status.
 PATCH_CODECS = tuple(c for c in Codec if c not in (*SOLID_CODECS, Codec.LITERAL_ELF))

@@ -10,6 +10,9 @@ the next part of a single zstd frame compressed against that dictionary and
 flushed at the file's end, so a file is complete when its DATA has arrived, and
 later files can refer to earlier ones. The file's SHA-256 is checked as always.
 
+SOLID_PYC files (pyc.py) are parts of a SOLID_LZMA frame whose content is a recipe the
+receiver compiles, not the file's bytes.
+
 SOLID_LZMA codes the same files as one raw LZMA2 stream whose window starts
 filled with that dictionary (LZMA models text and bytecode ~10% tighter than
 zstd). Python's lzma has no preset-dictionary call, so the receiver feeds the
@@ -35,7 +38,8 @@ import lzma
 import zstandard
 
 from reup_receiver.errors import Corrupt, Oversized
-from reup_receiver.format.literal import LzmaCutter, Sink, zstd_feed
+from reup_receiver.format import pyc
+from reup_receiver.format.literal import LzmaCutter, MemorySink, Sink, zstd_feed
 from reup_receiver.format.lzmaprefix import load_dictionary
 
 MAX_PREFIX = 8 << 20
@@ -105,6 +109,19 @@ class SolidLzma:
         elif not self.started:
             raise Corrupt("solid LZMA file before its frame")
         self._cut(sink, size)
+
+    def complete_pyc(self, sink: Sink, size: int, data_len: int) -> None:
+        """A SOLID_PYC file (pyc.py): cut its recipe from the frame, then compile it."""
+        if data_len:
+            self._start()
+        elif not self.started:
+            raise Corrupt("solid LZMA file before its frame")
+        head = MemorySink()
+        self._cut(head, pyc.HEADER.size)
+        recipe = pyc.parse_header(bytes(head.out), size)  # bounds the body before it is cut
+        body = MemorySink()
+        self._cut(body, recipe.body_len)
+        sink.write(pyc.build(recipe, bytes(body.out), size))
 
     def _start(self) -> None:
         if self.started or len(self.pending) < 2:
