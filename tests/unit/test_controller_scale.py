@@ -68,14 +68,14 @@ def ack_and_pass_cost(tmp: str, n: int) -> tuple[int, ...]:
             await ctrl.step()
 
         ctrl._next_poll = float("inf")
-        ctrl._next_prune = float("inf")
-        ctrl._next_roots = float("inf")  # GC roots sync in a background thread, spaced: not the pass's work
+        ctrl.chores.next_prune = float("inf")
+        ctrl.chores.next_roots = float("inf")  # GC roots sync in a background thread, spaced: not the pass's work
         # Nor are the snapshot and the GC roots' sync it triggers (O(fleet), at most once a second).
-        ctrl._last_snapshot = float("inf")
-        ctrl._roots_due = False
+        ctrl.chores.last_snapshot = float("inf")
+        ctrl.chores.roots_due = False
         with counting(ctrl.store) as handled:  # the pass that handles the acknowledgement
             asyncio.run(one_pass())
-        ctrl._last_snapshot = 0.0
+        ctrl.chores.last_snapshot = 0.0
         asyncio.run(one_pass())  # settles the snapshot flag left by the acknowledgement
         with counting(ctrl.store) as pas:
             asyncio.run(one_pass())
@@ -110,7 +110,7 @@ def test_a_pass_after_an_acknowledgement_decides_that_device_alone(tmp_path: os.
             desired = ctrl.store.desired()
             push = Push("d00003", desired.commit or "", desired.targets["d00003"].toplevel or "")
             ctrl.recorder.update(Updated(push, 2), desired.seen_at)
-            ctrl._next_poll = ctrl._next_prune = float("inf")
+            ctrl._next_poll = ctrl.chores.next_prune = float("inf")
 
             async def one_pass(c: Controller) -> None:
                 c._wake = asyncio.Event()
