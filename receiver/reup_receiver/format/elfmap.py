@@ -21,8 +21,18 @@ afterwards as for any patch.
 Intra-function jumps keep their displacement when a function moves whole, so mode
 6 rewrites calls and RIP-relative operands only; mode 3 rewrites every branch.
 
+Not every E8 byte is a call: a byte of an immediate or a displacement that happens to
+be E8 would have its next 4 bytes rewritten too, and differently in each file. Mode
+bit 8 (codec ELF_MAP2 only, `FILTERED_MODES`) converts a branch's field only where its
+top byte is 00 or FF (a displacement within +-16 MiB, as xz's x86 BCJ filter tests),
+in 25-bit arithmetic sign-extended to 32 bits, so a converted field keeps that top
+byte and the receiver's scan takes the same decisions on the normalised file; every
+matched opcode still consumes its 4-byte field, converted or not. On libzstd 1.5.5 ->
+1.5.6 this made normalising the calls pay (mode 14: 4% smaller than mode 2).
+
 Layout: inner codec u8, mode u8 (2: RIP-relative operands as in elfx86; 3: and the
-branches E8/E9/0F 8x rel32; 6: and the calls E8 only), old ranges, new ranges
+branches E8/E9/0F 8x rel32; 6: and the calls E8 only; 11 and 14: 3 and 6 with the
+branches filtered), old ranges, new ranges
 (each: count varint, then offset, length and virtual address varints of an
 executable section), the map (count varint, then per segment the start address as
 a varint delta from the previous start and the shift as a zigzag varint), then the
@@ -97,18 +107,35 @@ class Map:
 # Each match is an opcode (as in elfx86) and the 4-byte field after it; scanning goes on
 # after the field, so bytes a rewrite changed are never looked at again.
 RIP, BRANCHES_RIP, CALLS_RIP = 2, 3, 6  # mode bits: 1 branches, 2 RIP-relative, 4 calls only
-MODES = (RIP, BRANCHES_RIP, CALLS_RIP)
+FILTERED = 8  # mode bit: branch fields only where their top byte is 00/FF, 25-bit arithmetic
+BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED = BRANCHES_RIP | FILTERED, CALLS_RIP | FILTERED
+MODES = (RIP, BRANCHES_RIP, CALLS_RIP)  # codec ELF_MAP
+FILTERED_MODES = (BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED)  # codec ELF_MAP2 takes these too
 _OPCODES = {RIP: elfx86._RIP, BRANCHES_RIP: elfx86._BRANCH + b"|" + elfx86._RIP, CALLS_RIP: b"\xe8|" + elfx86._RIP}
 _FIELDS = {mode: re.compile(b"(?:" + pattern + b")....", re.DOTALL) for mode, pattern in _OPCODES.items()}
+# Filtered modes: the same alternatives in the same order; group 1 is set where a branch matched.
+_FIELDS.update({mode | FILTERED: re.compile(b"(" + branch + b")....|(?:" + elfx86._RIP + b")....", re.DOTALL)
+                for mode, branch in ((BRANCHES_RIP, elfx86._BRANCH), (CALLS_RIP, b"\xe8"))})
+_HALF25, _MASK25 = 1 << 24, (1 << 25) - 1
+
+
+def _wrap25(value: int) -> int:
+    """`value` mod 2^25 as a sign-extended 32-bit field: its top byte is 00 or FF."""
+    return (((value + _HALF25) & _MASK25) - _HALF25) & _MASK
 
 
 # The loops below are the hot path (a 30 MB executable has ~0.5 M references): struct
 # in place, no per-field slices or calls beyond the scan.
 _U32 = struct.Struct("<I")
+_S32 = struct.Struct("<i")
+_TOPS = (0, 0xFF)  # a filtered branch field's top byte
 
 
 def map_old(buf: bytearray, ranges: Ranges, mode: int, layout: Map) -> None:
     """In place: each reference -> the new address of its target (mod 2^32)."""
+    if mode & FILTERED:
+        _map_old_filtered(buf, ranges, mode, layout)
+        return
     unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
     starts, shifts, find = layout.starts, layout.shifts, bisect.bisect_right
     for start, length, va in ranges:
@@ -121,8 +148,45 @@ def map_old(buf: bytearray, ranges: Ranges, mode: int, layout: Map) -> None:
             pack(buf, end - 4, (target + shifts[i] if i >= 0 else target) & _MASK)
 
 
+def _map_old_filtered(buf: bytearray, ranges: Ranges, mode: int, layout: Map) -> None:
+    """`map_old` for the filtered modes: branch fields with top byte 00/FF, in 25 bits."""
+    unpack, pack, rx = _S32.unpack_from, _U32.pack_into, _FIELDS[mode]
+    starts, shifts, find = layout.starts, layout.shifts, bisect.bisect_right
+    for start, length, va in ranges:
+        bias = va - start
+        for m in rx.finditer(buf, start, start + length):
+            end = m.end()
+            branch = m.start(1) >= 0
+            if branch and buf[end - 1] not in _TOPS:
+                continue  # not converted (its field is consumed all the same)
+            target = end + bias + unpack(buf, end - 4)[0]
+            i = find(starts, target) - 1
+            if i >= 0:
+                target += shifts[i]
+            pack(buf, end - 4, _wrap25(target) if branch else target & _MASK)
+
+
+
+def _step(buf: bytes | bytearray, m: re.Match[bytes], bias: int, sign: int) -> int | None:
+    """A filtered mode's field after `_shift_new`'s step, or None if it stays as it is."""
+    end = m.end()
+    if m.start(1) < 0:
+        value: int = _U32.unpack_from(buf, end - 4)[0]
+        return (value + sign * (end + bias)) & _MASK
+    if buf[end - 1] not in _TOPS:
+        return None
+    return _wrap25(_S32.unpack_from(buf, end - 4)[0] + sign * (end + bias))
+
+
 def _shift_new(buf: bytearray, ranges: Ranges, mode: int, sign: int) -> None:
     """In place: field + sign * (vaddr of the next byte), mod 2^32, for every reference."""
+    if mode & FILTERED:
+        for start, length, va in ranges:
+            for m in _FIELDS[mode].finditer(buf, start, start + length):
+                value = _step(buf, m, va - start, sign)
+                if value is not None:
+                    _U32.pack_into(buf, m.end() - 4, value)
+        return
     unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
     for start, length, va in ranges:
         bias = va - start
@@ -198,7 +262,7 @@ def get_map(buf: Buf) -> Map:
 def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple[int, int]],
          diff: Callable[[bytes, bytes], bytes]) -> bytes:
     """Header + `diff(normalised old, normalised new)`; `segments` (start, shift) is the map."""
-    if mode not in MODES:
+    if mode not in MODES + FILTERED_MODES:
         raise ValueError(f"unknown mode {mode}")
     old_ranges, new_ranges = code_ranges(old), code_ranges(new)
     out = bytearray([inner, mode])
@@ -229,16 +293,22 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
             pending.extend(view[done:take])
             done = take
 
-    unpack, rx = _U32.unpack_from, _FIELDS[mode]
+    unpack, rx, filtered = _U32.unpack_from, _FIELDS[mode], bool(mode & FILTERED)
     for start, length, va in ranges:
         bias = va - start
         for m in rx.finditer(data, start, start + length):
             end = m.end()
+            if filtered:
+                value = _step(data, m, bias, -1)
+                if value is None:
+                    continue  # left as it is: written with the bytes around it
+            else:
+                value = (unpack(data, end - 4)[0] - end - bias) & _MASK
             if len(pending) < STEP and end - done <= STEP:
                 pending += view[done : end - 4]  # the common case, inlined
             else:
                 emit(end - 4)
-            pending += _U32.pack((unpack(data, end - 4)[0] - end - bias) & _MASK)
+            pending += _U32.pack(value)
             done = end
     emit(len(data))
     if pending:
@@ -246,9 +316,10 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
 
 
 def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callable[[int, bytes, bytes], bytes],
-          sink: Sink, size: int | None = None) -> None:
+          sink: Sink, size: int | None = None, modes: Sequence[int] = MODES) -> None:
     """Write the new file to `sink`; `apply_inner(codec, old, patch)` applies the inner patch;
-    `size`, the size the entry declares, must be the result's exactly.
+    `size`, the size the entry declares, must be the result's exactly; `modes`: those the
+    codec allows (ELF_MAP: `MODES`, ELF_MAP2: and `FILTERED_MODES`).
 
     A bytearray `old` is taken over: normalised in place, copied to bytes for the inner
     codec and emptied, so the base and its normalised copy are never both held while
@@ -259,7 +330,7 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
         raise Corrupt("elf-map patch: base file above the codec's size limit")
     buf = Buf(cast(bytes, patch), "elf-map patch")  # Buf only takes a memoryview of it
     inner, mode = buf.u8(), buf.u8()
-    if mode not in MODES:
+    if mode not in modes:
         raise Corrupt(f"elf-map patch: unknown mode {mode}")
     old_ranges = _get_ranges(buf, len(old))
     new_ranges = _get_ranges(buf, MAX_FILE)
