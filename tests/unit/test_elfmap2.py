@@ -1,7 +1,8 @@
-"""ELF_MAP2 (reup_receiver.format.elfmap, filtered modes) and the symbol map (reup.delta.elfsyms,
-reup.delta.elfmap): real gcc-built ELF round trips, the exact inverse on adversarial bytes,
-the older codec refusing the new modes, offered only to receivers that list ELF_MAP2,
-symbols (PLT stubs too) mapped to their new addresses, receiver memory bounded."""
+"""ELF_MAP2 (reup_receiver.format.elfmap, filtered modes; elftables, the address tables) and the
+symbol map (reup.delta.elfsyms, reup.delta.elfmap): real gcc-built ELF round trips, the exact
+inverse on adversarial bytes, the older codec refusing the new modes, offered only to receivers
+that list ELF_MAP2, symbols (PLT stubs too) and table entries mapped to their new addresses,
+tables overlapping code refused, receiver memory bounded."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from reup.delta import elfmap as layout
 from reup.delta import elfsyms
 from reup.delta.codecs import candidates, make_patch
 from reup_receiver.errors import Corrupt
-from reup_receiver.format import elfmap
+from reup_receiver.format import elfmap, elftables
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.patches import apply_elf_map, apply_patch, available_codecs
@@ -153,7 +154,7 @@ def test_offered_only_to_receivers_that_list_it(elves: tuple[bytes, bytes]) -> N
     old, new = elves
     assert Codec.ELF_MAP2 in available_codecs()
     offered = [p for c, p in candidates(old, new) if c == Codec.ELF_MAP2]
-    assert offered and all(p[1] == elfmap.CALLS_RIP_FILTERED for p in offered)
+    assert offered and all(p[1] == elfmap.CALLS_RIP_TABLES for p in offered)  # gcc's tables invert
     assert all(applied(old, p, len(new)) == new for p in offered)
     older = [c for c in PATCH_CODECS if c != Codec.ELF_MAP2]
     assert Codec.ELF_MAP2 not in [c for c, _ in candidates(old, new, allowed=older)]
@@ -177,3 +178,56 @@ def test_apply_memory_is_bounded(elves: tuple[bytes, bytes], tmp_path: Path) -> 
         tracemalloc.stop()
     assert out.read_bytes() == new
     assert peak <= 2 * len(new) + elfmap.STEP + (2 << 20), peak
+
+
+def _section(data: bytes, name: bytes) -> tuple[int, int, int]:
+    """(addr, offset, size) of a section."""
+    return next((addr, off, size) for n, _, addr, off, size in elftables.sections(data) if n == name)
+
+
+def test_tables_move_with_the_code(elves: tuple[bytes, bytes]) -> None:
+    """After map_old, an unchanged function's unwind entry and symbol read as in the new file."""
+    old, new = elves
+    mode = elfmap.CALLS_RIP_TABLES
+    segments = layout.layout_map(old, new, mode)
+    normal_old = elfmap.normalise_old(old, elfmap.code_ranges(old), mode, elfmap.Map(segments))
+    normal_new = elfmap.normalise_new(new, elfmap.code_ranges(new), mode)
+    _, off_old, size_old = _section(old, b".eh_frame_hdr")
+    _, off_new, size_new = _section(new, b".eh_frame_hdr")
+    pcs_old = {bytes(normal_old[i : i + 4]) for i in range(off_old + 12, off_old + size_old, 8)}
+    pcs_new = {bytes(normal_new[i : i + 4]) for i in range(off_new + 12, off_new + size_new, 8)}
+    assert len(pcs_old & pcs_new) >= len(pcs_new) // 2  # the 260 unchanged functions at least
+    plain_old = {bytes(old[i : i + 4]) for i in range(off_old + 12, off_old + size_old, 8)}
+    plain_new = {bytes(new[i : i + 4]) for i in range(off_new + 12, off_new + size_new, 8)}
+    assert len(pcs_old & pcs_new) > len(plain_old & plain_new)
+
+
+def test_tables_restore_exactly_even_when_damaged(elves: tuple[bytes, bytes]) -> None:
+    """The tables' transform is a bijection whatever their bytes: damaged records, lengths
+    and counts included; the encoder's check says yes for gcc's output."""
+    _, new = elves
+    ranges = elfmap.code_ranges(new)
+    assert elfmap.tables_apply(new, ranges)
+    rnd = random.Random(7)
+    for name in (b".eh_frame", b".eh_frame_hdr"):
+        _, off, size = _section(new, name)
+        for _ in range(30):
+            damaged = bytearray(new)
+            for _ in range(rnd.randrange(1, 6)):
+                at = off + rnd.randrange(size)
+                damaged[at] = rnd.choice([0, 0xFF, rnd.randrange(256)])
+            data = bytes(damaged)
+            assert elfmap.tables_apply(data, ranges)
+            normal = elfmap.normalise_new(data, ranges, elfmap.CALLS_RIP_TABLES)
+            sink = MemorySink()
+            elfmap.write_restored(bytes(normal), ranges, elfmap.CALLS_RIP_TABLES, sink)
+            assert bytes(sink.out) == data
+
+
+def test_tables_overlapping_code_are_refused(elves: tuple[bytes, bytes]) -> None:
+    _, new = elves
+    _, off, size = _section(new, b".eh_frame")
+    ranges = [*elfmap.code_ranges(new), (off + size // 2, 16, 0x400000)]
+    assert not elfmap.tables_apply(new, ranges)
+    with pytest.raises(Corrupt, match="overlap"):
+        elfmap.write_restored(new, ranges, elfmap.CALLS_RIP_TABLES, MemorySink())

@@ -134,9 +134,12 @@ def map_modes(old: bytes, new: bytes, ok: frozenset[Codec] | set[Codec] = frozen
     1% below mode 2); where most code really changed (zstd 1.5.5 -> 1.5.6) RIP-relative
     only (mode 2) does best. Files up to ELF_MAX try both, larger ones mode 6.
     Filtering the calls (mode 14, ELF_MAP2) keeps stray E8 bytes out: on zstd it beats
-    mode 2 by 3%, so there mode 14 takes mode 6's place.
+    mode 2 by 3%, so there mode 14 takes mode 6's place, and with the address tables
+    mapped (mode 30, where they invert exactly) by 6%.
     """
     calls = elfmap.CALLS_RIP_FILTERED if Codec.ELF_MAP2 in ok else elfmap.CALLS_RIP
+    if calls == elfmap.CALLS_RIP_FILTERED and elfmap.tables_apply(new, elfmap.code_ranges(new)):
+        calls = elfmap.CALLS_RIP_TABLES
     if calls == elfmap.CALLS_RIP and Codec.ELF_MAP not in ok:
         return []
     if max(len(old), len(new)) <= ELF_MAX:
@@ -148,7 +151,7 @@ def make_patch(codec: Codec, old: bytes, new: bytes) -> bytes:
     if codec == Codec.ELF_MAP:
         return map_patch(old, new)
     if codec == Codec.ELF_MAP2:
-        return map_patch(old, new, elfmap.CALLS_RIP_FILTERED)
+        return map_patch(old, new, map_modes(old, new, {Codec.ELF_MAP2})[0])
     if codec == Codec.LZMA_PREFIX:
         return lzmaprefix.pack(old, new)
     if codec == Codec.ELF_X86:
@@ -201,7 +204,7 @@ def candidates(old: bytes, new: bytes, only: Sequence[Codec] | None = None,
             (not out or min(len(p) for _, p in out) * LZMA_WORTH >= len(new)):
         out.append((Codec.LZMA_PREFIX, lzmaprefix.pack(old, new)))
         if modes:  # and with the references mapped (RIP-relative and filtered calls, else RIP only)
-            mode = elfmap.CALLS_RIP_FILTERED if modes[0] & elfmap.FILTERED else elfmap.RIP
+            mode = modes[0] if modes[0] & elfmap.FILTERED else elfmap.RIP
             out.append((map_codec(mode), map_patch(old, new, mode, Codec.LZMA_PREFIX)))
     if not out and Codec.ZSTD_PREFIX in ok and len(old) >= 8:
         out.append((Codec.ZSTD_PREFIX, zstd_prefix(old, new, ZSTD_PREFIX_LEVEL_LARGE)))

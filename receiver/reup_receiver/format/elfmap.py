@@ -50,7 +50,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from reup_receiver.errors import Corrupt
-from reup_receiver.format import elfx86
+from reup_receiver.format import elftables, elfx86
 from reup_receiver.format.literal import Sink
 from reup_receiver.format.wire import Buf, put_varint
 
@@ -58,26 +58,12 @@ MAX_FILE = elfx86.MAX_FILE
 MAX_RANGES = elfx86.MAX_RANGES
 MAX_SEGMENTS = 1 << 16  # ruff (30 MB) needs 1.4 K; bounds the receiver's map to a few MB
 _MASK = 0xFFFFFFFF
-_PT_LOAD = 1
 STEP = 1 << 20  # bytes per write of the restored file
 
 Ranges = list[tuple[int, int, int]]  # (file offset, length, virtual address)
 
 
-def loads(data: bytes) -> list[tuple[int, int, int]]:
-    """(offset, vaddr, filesz) of a little-endian ELF64's PT_LOAD segments; [] for anything else."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return []
-    phoff, = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    if phentsize < 56 or phoff + phnum * phentsize > len(data):
-        return []
-    out = []
-    for i in range(phnum):
-        p_type, _flags, off, vaddr, _paddr, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * phentsize)
-        if p_type == _PT_LOAD:
-            out.append((off, vaddr, filesz))
-    return out
+loads = elftables.loads  # (offset, vaddr, filesz) of the PT_LOAD segments
 
 
 def code_ranges(data: bytes) -> Ranges:
@@ -108,14 +94,17 @@ class Map:
 # after the field, so bytes a rewrite changed are never looked at again.
 RIP, BRANCHES_RIP, CALLS_RIP = 2, 3, 6  # mode bits: 1 branches, 2 RIP-relative, 4 calls only
 FILTERED = 8  # mode bit: branch fields only where their top byte is 00/FF, 25-bit arithmetic
+TABLES = 16  # mode bit: and the address tables of elftables.py
 BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED = BRANCHES_RIP | FILTERED, CALLS_RIP | FILTERED
+CALLS_RIP_TABLES = CALLS_RIP_FILTERED | TABLES
 MODES = (RIP, BRANCHES_RIP, CALLS_RIP)  # codec ELF_MAP
-FILTERED_MODES = (BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED)  # codec ELF_MAP2 takes these too
+FILTERED_MODES = (BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED, CALLS_RIP_TABLES)  # codec ELF_MAP2 takes these too
 _OPCODES = {RIP: elfx86._RIP, BRANCHES_RIP: elfx86._BRANCH + b"|" + elfx86._RIP, CALLS_RIP: b"\xe8|" + elfx86._RIP}
 _FIELDS = {mode: re.compile(b"(?:" + pattern + b")....", re.DOTALL) for mode, pattern in _OPCODES.items()}
-# Filtered modes: the same alternatives in the same order; group 1 is set where a branch matched.
-_FIELDS.update({mode | FILTERED: re.compile(b"(" + branch + b")....|(?:" + elfx86._RIP + b")....", re.DOTALL)
-                for mode, branch in ((BRANCHES_RIP, elfx86._BRANCH), (CALLS_RIP, b"\xe8"))})
+# Filtered modes scan as their unfiltered ones. A branch's last opcode byte (E8, E9, 80..8F)
+# is never a RIP operand's (FF 15/25, or a ModRM 05..3D), so it tells the two apart.
+_FIELDS.update({mode: _FIELDS[mode & (FILTERED - 1)] for mode in FILTERED_MODES})
+_BRANCH_LAST = frozenset(b"\xe8\xe9" + bytes(range(0x80, 0x90)))
 _HALF25, _MASK25 = 1 << 24, (1 << 25) - 1
 
 
@@ -135,6 +124,8 @@ def map_old(buf: bytearray, ranges: Ranges, mode: int, layout: Map) -> None:
     """In place: each reference -> the new address of its target (mod 2^32)."""
     if mode & FILTERED:
         _map_old_filtered(buf, ranges, mode, layout)
+        if mode & TABLES:
+            elftables.map_old(buf, layout)
         return
     unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
     starts, shifts, find = layout.starts, layout.shifts, bisect.bisect_right
@@ -156,7 +147,7 @@ def _map_old_filtered(buf: bytearray, ranges: Ranges, mode: int, layout: Map) ->
         bias = va - start
         for m in rx.finditer(buf, start, start + length):
             end = m.end()
-            branch = m.start(1) >= 0
+            branch = buf[end - 5] in _BRANCH_LAST
             if branch and buf[end - 1] not in _TOPS:
                 continue  # not converted (its field is consumed all the same)
             target = end + bias + unpack(buf, end - 4)[0]
@@ -167,25 +158,23 @@ def _map_old_filtered(buf: bytearray, ranges: Ranges, mode: int, layout: Map) ->
 
 
 
-def _step(buf: bytes | bytearray, m: re.Match[bytes], bias: int, sign: int) -> int | None:
-    """A filtered mode's field after `_shift_new`'s step, or None if it stays as it is."""
-    end = m.end()
-    if m.start(1) < 0:
-        value: int = _U32.unpack_from(buf, end - 4)[0]
-        return (value + sign * (end + bias)) & _MASK
-    if buf[end - 1] not in _TOPS:
-        return None
-    return _wrap25(_S32.unpack_from(buf, end - 4)[0] + sign * (end + bias))
+def _shift_new_filtered(buf: bytearray, ranges: Ranges, mode: int, sign: int) -> None:
+    """`_shift_new` for the filtered modes: a branch field with top byte 00/FF in 25 bits."""
+    unpack, spack, pack, rx = _S32.unpack_from, _S32.pack_into, _U32.pack_into, _FIELDS[mode]
+    for start, length, va in ranges:
+        bias = va - start
+        for m in rx.finditer(buf, start, start + length):
+            end = m.end()
+            if buf[end - 5] not in _BRANCH_LAST:
+                pack(buf, end - 4, (unpack(buf, end - 4)[0] + sign * (end + bias)) & _MASK)
+            elif buf[end - 1] in _TOPS:
+                spack(buf, end - 4, ((unpack(buf, end - 4)[0] + sign * (end + bias) + _HALF25) & _MASK25) - _HALF25)
 
 
 def _shift_new(buf: bytearray, ranges: Ranges, mode: int, sign: int) -> None:
     """In place: field + sign * (vaddr of the next byte), mod 2^32, for every reference."""
     if mode & FILTERED:
-        for start, length, va in ranges:
-            for m in _FIELDS[mode].finditer(buf, start, start + length):
-                value = _step(buf, m, va - start, sign)
-                if value is not None:
-                    _U32.pack_into(buf, m.end() - 4, value)
+        _shift_new_filtered(buf, ranges, mode, sign)
         return
     unpack, pack, rx = _U32.unpack_from, _U32.pack_into, _FIELDS[mode]
     for start, length, va in ranges:
@@ -206,12 +195,47 @@ def normalise_new(data: bytes, ranges: Ranges, mode: int) -> bytearray:
     """Each reference -> the address of its target (mod 2^32)."""
     buf = bytearray(data)
     _shift_new(buf, ranges, mode, 1)
+    if mode & TABLES:
+        elftables.normalise_new(buf)
     return buf
 
 
 def restore_new(buf: bytearray, ranges: Ranges, mode: int) -> None:
     """The inverse of `normalise_new`, in place."""
+    tables = _tables(bytes(buf), ranges, mode)
     _shift_new(buf, ranges, mode, -1)
+    for off, part in tables:
+        buf[off : off + len(part)] = part
+
+
+def _tables(data: bytes, ranges: Ranges, mode: int) -> list[tuple[int, bytes]]:
+    """The restored table sections (mode bit TABLES); Corrupt where they overlap each other
+    or the code ranges (the encoder never sends such a file)."""
+    if not mode & TABLES:
+        return []
+    out = elftables.restored(data)
+    spans = sorted([(off, off + len(part)) for off, part in out] + [(off, off + size) for off, size, _ in ranges])
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
+        raise Corrupt("elf-map patch: address tables overlap the code")
+    return out
+
+
+def tables_apply(new: bytes, ranges: Ranges) -> bool:
+    """Whether mode bit TABLES inverts exactly on `new` (the encoder's check): the section
+    headers, their names and the two tables lie outside the code (so the receiver reads
+    them alike from the normalised file) and the tables' transform restores their bytes."""
+    shoff, = struct.unpack_from("<Q", new, 0x28) if len(new) >= 64 else (0,)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", new, 0x3A) if len(new) >= 64 else (0, 0, 0)
+    names = [(off, off + size) for name, _, _, off, size in elftables.sections(new) if name == b".shstrtab"]
+    spans = sorted([(off, off + size) for off, size, _ in ranges] + [(shoff, shoff + shnum * shentsize)] + names
+                   + [(off, off + size) for off, size in elftables.regions(new)])
+    if shstrndx >= shnum or any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
+        return False
+    normal = bytearray(new)
+    elftables.normalise_new(normal)
+    if elftables.regions(normal) != elftables.regions(new):
+        return False
+    return all(new[off : off + len(part)] == part for off, part in elftables.restored(bytes(normal)))
 
 
 def _put_ranges(out: bytearray, ranges: Ranges) -> None:
@@ -282,6 +306,7 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
     view = memoryview(data)
     pending = bytearray()
     done = 0
+    tables = _tables(data, ranges, mode)  # outside the code ranges: only `emit` writes them
 
     def emit(upto: int) -> None:
         nonlocal done
@@ -290,20 +315,30 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
                 sink.write(bytes(pending))
                 pending.clear()
             take = min(upto, done + STEP - len(pending))
-            pending.extend(view[done:take])
+            for off, part in tables:
+                if off < take and done < off + len(part):
+                    if done < off:
+                        take = off  # up to the table, then the table's restored bytes
+                    else:
+                        take = min(take, off + len(part))
+                        pending.extend(part[done - off : take - off])
+                        break
+            else:
+                pending.extend(view[done:take])
             done = take
 
-    unpack, rx, filtered = _U32.unpack_from, _FIELDS[mode], bool(mode & FILTERED)
+    unpack, sunpack, rx, filtered = _U32.unpack_from, _S32.unpack_from, _FIELDS[mode], bool(mode & FILTERED)
     for start, length, va in ranges:
+        emit(start)  # the inlined copy below then never crosses a table
         bias = va - start
         for m in rx.finditer(data, start, start + length):
             end = m.end()
-            if filtered:
-                value = _step(data, m, bias, -1)
-                if value is None:
-                    continue  # left as it is: written with the bytes around it
-            else:
+            if not filtered or data[end - 5] not in _BRANCH_LAST:
                 value = (unpack(data, end - 4)[0] - end - bias) & _MASK
+            elif data[end - 1] in _TOPS:
+                value = _wrap25(sunpack(data, end - 4)[0] - end - bias)
+            else:
+                continue  # left as it is: written with the bytes around it
             if len(pending) < STEP and end - done <= STEP:
                 pending += view[done : end - 4]  # the common case, inlined
             else:
