@@ -200,6 +200,14 @@ def test_tables_move_with_the_code(elves: tuple[bytes, bytes]) -> None:
     plain_old = {bytes(old[i : i + 4]) for i in range(off_old + 12, off_old + size_old, 8)}
     plain_new = {bytes(new[i : i + 4]) for i in range(off_new + 12, off_new + size_new, 8)}
     assert len(pcs_old & pcs_new) > len(plain_old & plain_new)
+    # .symtab entries (name as a difference, value mapped) of unchanged functions match too.
+    _, off_old, size_old = _section(old, b".symtab")
+    _, off_new, size_new = _section(new, b".symtab")
+    entries_old = {bytes(normal_old[i : i + 24]) for i in range(off_old, off_old + size_old, 24)}
+    entries_new = {bytes(normal_new[i : i + 24]) for i in range(off_new, off_new + size_new, 24)}
+    plain_old = {bytes(old[i : i + 24]) for i in range(off_old, off_old + size_old, 24)}
+    plain_new = {bytes(new[i : i + 24]) for i in range(off_new, off_new + size_new, 24)}
+    assert len(entries_old & entries_new) > len(plain_old & plain_new)
 
 
 def test_tables_restore_exactly_even_when_damaged(elves: tuple[bytes, bytes]) -> None:
@@ -209,7 +217,7 @@ def test_tables_restore_exactly_even_when_damaged(elves: tuple[bytes, bytes]) ->
     ranges = elfmap.code_ranges(new)
     assert elfmap.tables_apply(new, ranges)
     rnd = random.Random(7)
-    for name in (b".eh_frame", b".eh_frame_hdr"):
+    for name in (b".eh_frame", b".eh_frame_hdr", b".symtab"):
         _, off, size = _section(new, name)
         for _ in range(30):
             damaged = bytearray(new)

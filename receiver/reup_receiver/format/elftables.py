@@ -6,15 +6,17 @@ the unwind table's sorted (pc, FDE) pairs (`.eh_frame_hdr`) and each FDE's pc-re
 start and CIE pointer (`.eh_frame`) change too, although what they describe did not.
 On the old file (`map_old`) each such address becomes the new address of what it names,
 through elfmap's map; on the new file (`normalise_new`) the pc-relative and relative ones
-become absolute and each FDE offset of `.eh_frame_hdr` the distance from the previous
-one; an entry that did not change then reads the same on both sides. On libzstd 1.5.5 ->
-1.5.6 this took 3.5% off the patch.
+become absolute; on both, each FDE offset of `.eh_frame_hdr` and each `.symtab` name
+offset become the distance from the previous one (a name added or dropped shifts all
+later ones). An entry that did not change then reads the same on both sides. On libzstd
+1.5.5 -> 1.5.6 this took 4% off the patch (165,135 -> 158,623 B), on ruff 0.6.8 -> 0.6.9
+10%.
 
 The old file needs no inverse (the receiver maps its own copy as the encoder did). The
-new file's two sections are restored by `restored`, which reads only fields the transform
-keeps (section headers, `.eh_frame` record lengths, the `.eh_frame_hdr` encodings and
-count), so the inverse is exact; every transform is a bijection of its field (a CIE
-pointer stays non-zero). `regions` names the two sections; the encoder uses the bit only
+new file's changed sections are restored by `restored`, which reads only fields the
+transform keeps (section headers, `.eh_frame` record lengths, the `.eh_frame_hdr`
+encodings and count), so the inverse is exact; every transform is a bijection of its field (a CIE
+pointer stays non-zero). `regions` names the changed sections; the encoder uses the bit only
 where they do not overlap the code ranges and read the same in the normalised file, and
 the receiver refuses a patch where they overlap. Called by reup_receiver.format.elfmap.
 """
@@ -69,9 +71,29 @@ def sections(data: bytes | bytearray) -> list[Section]:
     return out
 
 
+def _changed(name: bytes, sh_type: int) -> bool:
+    """Whether `normalise_new` changes a section: the unwind tables and `.symtab`."""
+    return name in (b".eh_frame_hdr", b".eh_frame") or sh_type == _SHT_SYMTAB
+
+
 def regions(data: bytes | bytearray) -> list[tuple[int, int]]:
-    """(offset, size) of `.eh_frame_hdr` and `.eh_frame`, the sections `normalise_new` changes."""
-    return sorted((off, size) for name, _, _, off, size in sections(data) if name in (b".eh_frame_hdr", b".eh_frame"))
+    """(offset, size) of the sections `normalise_new` changes."""
+    return sorted((off, size) for name, sh_type, _, off, size in sections(data) if _changed(name, sh_type))
+
+
+def _name_steps(buf: bytearray, off: int, size: int, sign: int) -> None:
+    """`.symtab` st_name -> the difference from the previous entry's (raw values, so the
+    restore runs in order): linkers lay `.strtab` out in symbol order, so a name that was
+    added or dropped moves every later offset but changes only its own difference."""
+    previous = 0
+    for at in range(off, off + size - 23, 24):
+        value, = struct.unpack_from("<I", buf, at)
+        if sign > 0:
+            struct.pack_into("<I", buf, at, (value - previous) & _M32)
+            previous = value
+        else:
+            previous = (value + previous) & _M32
+            struct.pack_into("<I", buf, at, previous)
 
 
 def _cie_pointer(value: int, pos: int) -> int:
@@ -144,6 +166,8 @@ def map_old(buf: bytearray, where: Callable[[int], int]) -> None:
                 shndx, value = struct.unpack_from("<HQ", buf, at + 6)
                 if value and 0 < shndx < _SHN_LORESERVE:
                     struct.pack_into("<Q", buf, at + 8, where(value) & _M64)
+            if sh_type == _SHT_SYMTAB:
+                _name_steps(buf, off, size, 1)
         elif sh_type == _SHT_RELA:
             for at in range(off, off + size - 23, 24):
                 r_offset, r_info, addend = struct.unpack_from("<QQQ", buf, at)
@@ -159,26 +183,33 @@ def map_old(buf: bytearray, where: Callable[[int], int]) -> None:
             _eh_frame_hdr(buf, addr, off, size, lambda v, va: where(va + _signed(v)), 1)
 
 
-def _new(buf: bytearray, sign: int) -> None:
-    for name, _, addr, off, size in sections(buf):
-        if name == b".eh_frame":
-            _eh_frame(buf, addr, off, size, lambda v, va: v + sign * va, sign)
-        elif name == b".eh_frame_hdr":
-            _eh_frame_hdr(buf, addr, off, size, lambda v, va: v + sign * va, sign)
+def _new(buf: bytearray, section: Section, base: int, sign: int) -> None:
+    """One section's new-file transform (`sign` 1) or its inverse (-1); `base`: the file
+    offset of buf[0]."""
+    name, sh_type, addr, off, size = section
+    if sh_type == _SHT_SYMTAB:
+        _name_steps(buf, off - base, size, sign)
+    elif name == b".eh_frame":
+        _eh_frame(buf, addr, off - base, size, lambda v, va: v + sign * va, sign)
+    elif name == b".eh_frame_hdr":
+        _eh_frame_hdr(buf, addr, off - base, size, lambda v, va: v + sign * va, sign)
 
 
 def normalise_new(buf: bytearray) -> None:
-    """In place: pc-relative unwind fields -> absolute, FDE offsets -> differences."""
-    _new(buf, 1)
+    """In place: pc-relative unwind fields -> absolute, FDE offsets and symbol names ->
+    differences."""
+    for section in sections(buf):
+        if _changed(section[0], section[1]):
+            _new(buf, section, 0, 1)
 
 
 def restored(data: bytes) -> list[tuple[int, bytes]]:
-    """(offset, bytes) of the two sections as they were before `normalise_new`, in file order."""
+    """(offset, bytes) of the changed sections as they were before `normalise_new`, in file order."""
     out = []
-    for name, _, addr, off, size in sorted(sections(data), key=lambda s: s[3]):
-        if name in (b".eh_frame", b".eh_frame_hdr"):
+    for section in sorted(sections(data), key=lambda s: s[3]):
+        if _changed(section[0], section[1]):
+            off, size = section[3], section[4]
             copy = bytearray(data[off : off + size])
-            fn = _eh_frame if name == b".eh_frame" else _eh_frame_hdr
-            fn(copy, addr, 0, size, lambda v, va: v - va, -1)
+            _new(copy, section, off, -1)
             out.append((off, bytes(copy)))
     return out
