@@ -239,3 +239,13 @@ def test_tables_overlapping_code_are_refused(elves: tuple[bytes, bytes]) -> None
     assert not elfmap.tables_apply(new, ranges)
     with pytest.raises(Corrupt, match="overlap"):
         elfmap.write_restored(new, ranges, elfmap.CALLS_RIP_TABLES, MemorySink())
+
+
+def test_pack_falls_back_to_the_code_where_tables_would_not_invert(
+        elves: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    old, new = elves
+    assert mapped(old, new, Codec.HDIFFPATCH, elfmap.CALLS_RIP_TABLES)[1] == elfmap.CALLS_RIP_TABLES
+    monkeypatch.setattr(elfmap, "tables_apply", lambda *args: False)
+    patch = mapped(old, new, Codec.HDIFFPATCH, elfmap.CALLS_RIP_TABLES)
+    assert patch[1] == elfmap.CALLS_RIP_FILTERED
+    assert applied(old, patch, len(new)) == new

@@ -137,9 +137,8 @@ def map_modes(old: bytes, new: bytes, ok: frozenset[Codec] | set[Codec] = frozen
     mode 2 by 3%, so there mode 14 takes mode 6's place, and with the address tables
     mapped (mode 30, where they invert exactly) by 6%.
     """
-    calls = elfmap.CALLS_RIP_FILTERED if Codec.ELF_MAP2 in ok else elfmap.CALLS_RIP
-    if calls == elfmap.CALLS_RIP_FILTERED and elfmap.tables_apply(new, elfmap.code_ranges(new)):
-        calls = elfmap.CALLS_RIP_TABLES
+    # (elfmap.pack falls back from 30 to 14 where the tables would not invert exactly.)
+    calls = elfmap.CALLS_RIP_TABLES if Codec.ELF_MAP2 in ok else elfmap.CALLS_RIP
     if calls == elfmap.CALLS_RIP and Codec.ELF_MAP not in ok:
         return []
     if max(len(old), len(new)) <= ELF_MAX:

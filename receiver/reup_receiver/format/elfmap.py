@@ -220,10 +220,11 @@ def _tables(data: bytes, ranges: Ranges, mode: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def tables_apply(new: bytes, ranges: Ranges) -> bool:
+def tables_apply(new: bytes, ranges: Ranges, normal: bytes | bytearray | None = None) -> bool:
     """Whether mode bit TABLES inverts exactly on `new` (the encoder's check): the section
-    headers, their names and the two tables lie outside the code (so the receiver reads
-    them alike from the normalised file) and the tables' transform restores their bytes."""
+    headers, their names and the tables lie outside the code (so the receiver reads them
+    alike from the normalised file) and the tables' transform restores their bytes;
+    `normal`: `new` normalised in a TABLES mode, if already at hand."""
     shoff, = struct.unpack_from("<Q", new, 0x28) if len(new) >= 64 else (0,)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", new, 0x3A) if len(new) >= 64 else (0, 0, 0)
     names = [(off, off + size) for name, _, _, off, size in elftables.sections(new) if name == b".shstrtab"]
@@ -231,8 +232,9 @@ def tables_apply(new: bytes, ranges: Ranges) -> bool:
                    + [(off, off + size) for off, size in elftables.regions(new)])
     if shstrndx >= shnum or any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
         return False
-    normal = bytearray(new)
-    elftables.normalise_new(normal)
+    if normal is None:
+        normal = bytearray(new)
+        elftables.normalise_new(normal)
     if elftables.regions(normal) != elftables.regions(new):
         return False
     return all(new[off : off + len(part)] == part for off, part in elftables.restored(bytes(normal)))
@@ -285,16 +287,21 @@ def get_map(buf: Buf) -> Map:
 
 def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple[int, int]],
          diff: Callable[[bytes, bytes], bytes]) -> bytes:
-    """Header + `diff(normalised old, normalised new)`; `segments` (start, shift) is the map."""
+    """Header + `diff(normalised old, normalised new)`; `segments` (start, shift) is the map.
+    A TABLES mode falls back to its code-only mode where `tables_apply` says no."""
     if mode not in MODES + FILTERED_MODES:
         raise ValueError(f"unknown mode {mode}")
     old_ranges, new_ranges = code_ranges(old), code_ranges(new)
+    normal_new = normalise_new(new, new_ranges, mode)
+    if mode & TABLES and not tables_apply(new, new_ranges, normal_new):
+        mode &= ~TABLES  # tables this transform would not restore exactly: the code only
+        normal_new = normalise_new(new, new_ranges, mode)
     out = bytearray([inner, mode])
     _put_ranges(out, old_ranges)
     _put_ranges(out, new_ranges)
     put_map(out, segments)
     normal_old = normalise_old(old, old_ranges, mode, Map(segments))
-    return bytes(out) + diff(bytes(normal_old), bytes(normalise_new(new, new_ranges, mode)))
+    return bytes(out) + diff(bytes(normal_old), bytes(normal_new))
 
 
 def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
