@@ -249,3 +249,24 @@ def test_pack_falls_back_to_the_code_where_tables_would_not_invert(
     patch = mapped(old, new, Codec.HDIFFPATCH, elfmap.CALLS_RIP_TABLES)
     assert patch[1] == elfmap.CALLS_RIP_FILTERED
     assert applied(old, patch, len(new)) == new
+
+
+def _strings_program(extra: int) -> str:
+    """Functions printing string literals (no symbols); `extra` literals come first in the new build."""
+    out = ["#include <stdio.h>"]
+    out += [f'void e{k}(void) {{ puts("inserted literal number {k} {"y" * k}"); }}' for k in range(extra)]
+    out += [f'void p{i}(void) {{ puts("literal {i} of the program, long enough"); }}' for i in range(200)]
+    return "\n".join(out)
+
+
+def test_string_literals_move_with_the_map(tmp_path: Path) -> None:
+    old, new = gcc_pair(tmp_path, _strings_program(0), _strings_program(30))
+    where = elfmap.Map(layout.symbol_map(old, new))
+    _, off_old, _ = _section(old, b".rodata")
+    _, off_new, _ = _section(new, b".rodata")
+    addr_old, addr_new = _section(old, b".rodata")[0], _section(new, b".rodata")[0]
+    for i in (5, 100, 199):
+        text = f"literal {i} of the program".encode()
+        at_old = old.index(text, off_old) - off_old + addr_old
+        at_new = new.index(text, off_new) - off_new + addr_new
+        assert where(at_old) == at_new

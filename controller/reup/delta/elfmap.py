@@ -13,7 +13,8 @@ one dictionary over ~1% of the positions (0.2 s on a 30 MB binary).
 
 Where both files have symbols (reup.delta.elfsyms: functions, objects, PLT stubs and
 GOT slots) and these give the finer map, they are the anchors instead, each exact: a
-segment starts at each paired symbol. A segment no reference of the old file points into costs map bytes and changes
+segment starts at each paired symbol; unique 16-byte strings after a zero byte in the
+data sections add anchors for string literals and tables, which have no symbols. A segment no reference of the old file points into costs map bytes and changes
 nothing, so it is merged into the one before it (libzstd 1.5.5 -> 1.5.6: the symbol map
 made the patch 1% smaller with the pruning, its own cost eaten without).
 Called by reup.delta.codecs.
@@ -83,12 +84,32 @@ def symbol_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
         return []
     new_sections = _sections(new)
     pairs += [(addr, new_sections[name] - addr) for name, addr in _sections(old).items() if name in new_sections]
-    pairs.sort()
+    new_data = _data_keys(new)
+    shifts = {va: new_data[key] - va for key, va in _data_keys(old).items() if key in new_data}
+    shifts.update(pairs)  # a symbol outranks a content anchor at the same address
     segments: list[tuple[int, int]] = []
-    for va, shift in pairs:
+    for va, shift in sorted(shifts.items()):
         if not segments or segments[-1][1] != shift:
             segments.append((va, shift))
     return segments
+
+
+_DATA_ANCHOR = re.compile(rb"\0(?=[^\0])")
+
+
+def _data_keys(data: bytes) -> dict[bytes, int]:
+    """Unique 16-byte strings after a zero byte in `.rodata*`/`.data*` -> their addresses:
+    string literals and tables have no symbols, yet the code points at them."""
+    seen: dict[bytes, int] = {}
+    for name, _, addr, off, size in elftables.sections(data):
+        if name.startswith((b".rodata", b".data")):
+            for m in _DATA_ANCHOR.finditer(data, off, off + size - _DATA_KEY):
+                key = data[m.end() : m.end() + _DATA_KEY]
+                seen[key] = -1 if key in seen else addr + m.end() - off
+    return {key: va for key, va in seen.items() if va >= 0}
+
+
+_DATA_KEY = 16
 
 
 def targets(data: bytes, mode: int) -> list[int]:
