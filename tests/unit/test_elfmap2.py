@@ -270,3 +270,20 @@ def test_string_literals_move_with_the_map(tmp_path: Path) -> None:
         at_old = old.index(text, off_old) - off_old + addr_old
         at_new = new.index(text, off_new) - off_new + addr_new
         assert where(at_old) == at_new
+
+
+def test_relative_map_round_trips() -> None:
+    from reup_receiver.format.wire import Buf
+
+    segments = [(0x1000, -300), (0x1400, -296), (0x9000, 12), (0x9010, -(1 << 40)), (1 << 50, 7)]
+    for relative in (False, True):
+        out = bytearray()
+        elfmap.put_map(out, segments, relative)
+        got = elfmap.get_map(Buf(bytes(out), "t"), relative)
+        assert list(zip(got.starts, got.shifts, strict=True)) == segments
+    # Functions that grew a little each: three-byte shifts, one-byte steps.
+    growing = [(0x1000 * k, -70000 + 5 * k) for k in range(1, 50)]
+    plain, steps = bytearray(), bytearray()
+    elfmap.put_map(plain, growing)
+    elfmap.put_map(steps, growing, True)
+    assert len(steps) < len(plain)

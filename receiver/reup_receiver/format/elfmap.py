@@ -35,9 +35,10 @@ branches E8/E9/0F 8x rel32; 6: and the calls E8 only; 11 and 14: 3 and 6 with th
 branches filtered), old ranges, new ranges
 (each: count varint, then offset, length and virtual address varints of an
 executable section), the map (count varint, then per segment the start address as
-a varint delta from the previous start and the shift as a zigzag varint), then the
-inner patch. Memory on the receiver (`apply`): the normalised old file, the inner
-codec's output and a write buffer; the new file is restored while it is written.
+a varint delta from the previous start and the shift as a zigzag varint, in the
+FILTERED modes its difference from the previous shift), then the inner patch.
+Memory on the receiver (`apply`): the normalised old file, the inner codec's output
+and a write buffer; the new file is restored while it is written.
 Encoder: reup.delta.elfmap (`pack` with its map); receiver: patches.apply_patch (`apply`).
 """
 
@@ -263,25 +264,33 @@ def _get_ranges(buf: Buf, limit: int) -> Ranges:
     return out
 
 
-def put_map(out: bytearray, segments: Sequence[tuple[int, int]]) -> None:
+def put_map(out: bytearray, segments: Sequence[tuple[int, int]], relative: bool = False) -> None:
+    """`relative` (the ELF_MAP2 modes): each shift as the difference from the previous one,
+    which is a function's change in size, most often one byte where the shift takes three."""
     put_varint(out, len(segments))
-    last = 0
+    last = last_shift = 0
     for start, shift in segments:
         put_varint(out, start - last)
-        put_varint(out, (shift << 1) ^ (shift >> 63))
+        step = shift - last_shift
+        put_varint(out, (step << 1) ^ (step >> 63))
         last = start
+        if relative:
+            last_shift = shift
 
 
-def get_map(buf: Buf) -> Map:
+def get_map(buf: Buf, relative: bool = False) -> Map:
     n = buf.varint()
     if n > MAX_SEGMENTS:
         raise Corrupt("elf-map patch: too many map segments")
     segments = []
-    start = 0
+    start = last_shift = 0
     for _ in range(n):
         start += buf.varint()
         z = buf.varint()
-        segments.append((start, (z >> 1) ^ -(z & 1)))
+        shift = last_shift + ((z >> 1) ^ -(z & 1))
+        segments.append((start, shift))
+        if relative:
+            last_shift = shift
     return Map(segments)
 
 
@@ -299,7 +308,7 @@ def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple
     out = bytearray([inner, mode])
     _put_ranges(out, old_ranges)
     _put_ranges(out, new_ranges)
-    put_map(out, segments)
+    put_map(out, segments, bool(mode & FILTERED))
     normal_old = normalise_old(old, old_ranges, mode, Map(segments))
     return bytes(out) + diff(bytes(normal_old), bytes(normal_new))
 
@@ -376,7 +385,7 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
         raise Corrupt(f"elf-map patch: unknown mode {mode}")
     old_ranges = _get_ranges(buf, len(old))
     new_ranges = _get_ranges(buf, MAX_FILE)
-    layout = get_map(buf)
+    layout = get_map(buf, bool(mode & FILTERED))
     header = buf.pos
     del buf  # releases its view of `patch`, which may now shrink
     if isinstance(patch, bytearray):
