@@ -222,23 +222,8 @@ def _tables(data: bytes, ranges: Ranges, mode: int) -> list[tuple[int, bytes]]:
 
 
 def tables_apply(new: bytes, ranges: Ranges, normal: bytes | bytearray | None = None) -> bool:
-    """Whether mode bit TABLES inverts exactly on `new` (the encoder's check): the section
-    headers, their names and the tables lie outside the code (so the receiver reads them
-    alike from the normalised file) and the tables' transform restores their bytes;
-    `normal`: `new` normalised in a TABLES mode, if already at hand."""
-    shoff, = struct.unpack_from("<Q", new, 0x28) if len(new) >= 64 else (0,)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", new, 0x3A) if len(new) >= 64 else (0, 0, 0)
-    names = [(off, off + size) for name, _, _, off, size in elftables.sections(new) if name == b".shstrtab"]
-    spans = sorted([(off, off + size) for off, size, _ in ranges] + [(shoff, shoff + shnum * shentsize)] + names
-                   + [(off, off + size) for off, size in elftables.regions(new)])
-    if shstrndx >= shnum or any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
-        return False
-    if normal is None:
-        normal = bytearray(new)
-        elftables.normalise_new(normal)
-    if elftables.regions(normal) != elftables.regions(new):
-        return False
-    return all(new[off : off + len(part)] == part for off, part in elftables.restored(bytes(normal)))
+    """Whether mode bit TABLES inverts exactly on `new` (elftables.invertible)."""
+    return elftables.invertible(new, [(off, size) for off, size, _ in ranges], normal)
 
 
 def _put_ranges(out: bytearray, ranges: Ranges) -> None:

@@ -213,3 +213,25 @@ def restored(data: bytes) -> list[tuple[int, bytes]]:
             _new(copy, section, off, -1)
             out.append((off, bytes(copy)))
     return out
+
+
+def invertible(new: bytes, code: list[tuple[int, int]], normal: bytes | bytearray | None = None) -> bool:
+    """Whether the tables' transform inverts exactly on `new` (the encoder's check): the
+    section headers, their names and the tables lie outside the `code` (offset, size)
+    ranges (so the receiver reads them alike from the normalised file) and `restored`
+    gives their bytes back; `normal`: `new` normalised (code and tables), if at hand."""
+    if not sections(new):
+        return False  # also: the header table lies inside the file
+    shoff, = struct.unpack_from("<Q", new, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", new, 0x3A)
+    names_off, names_size = struct.unpack_from("<QQ", new, shoff + shstrndx * shentsize + 0x18)
+    spans = sorted([(off, off + size) for off, size in code] + [(shoff, shoff + shnum * shentsize)]
+                   + [(names_off, names_off + names_size)] + [(off, off + size) for off, size in regions(new)])
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)):
+        return False
+    if normal is None:
+        normal = bytearray(new)
+        normalise_new(normal)
+    if regions(normal) != regions(new):
+        return False
+    return all(new[off : off + len(part)] == part for off, part in restored(bytes(normal)))
