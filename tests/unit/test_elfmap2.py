@@ -252,15 +252,18 @@ def test_pack_falls_back_to_the_code_where_tables_would_not_invert(
 
 
 def _strings_program(extra: int) -> str:
-    """Functions printing string literals (no symbols); `extra` literals come first in the new build."""
+    """Functions printing string literals (no symbols); the new build has `extra` more, one
+    before every 20th of the others, so the literals move by different amounts."""
     out = ["#include <stdio.h>"]
-    out += [f'void e{k}(void) {{ puts("inserted literal number {k} {"y" * k}"); }}' for k in range(extra)]
-    out += [f'void p{i}(void) {{ puts("literal {i} of the program, long enough"); }}' for i in range(200)]
+    for i in range(200):
+        if i % 20 == 0 and i // 20 < extra:
+            out.append(f'void e{i}(void) {{ puts("inserted literal number {i} {"y" * (i // 10)}"); }}')
+        out.append(f'void p{i}(void) {{ puts("literal {i} of the program, long enough"); }}')
     return "\n".join(out)
 
 
 def test_string_literals_move_with_the_map(tmp_path: Path) -> None:
-    old, new = gcc_pair(tmp_path, _strings_program(0), _strings_program(30))
+    old, new = gcc_pair(tmp_path, _strings_program(0), _strings_program(10))
     where = elfmap.Map(layout.symbol_map(old, new))
     _, off_old, _ = _section(old, b".rodata")
     _, off_new, _ = _section(new, b".rodata")
@@ -287,3 +290,16 @@ def test_relative_map_round_trips() -> None:
     elfmap.put_map(plain, growing)
     elfmap.put_map(steps, growing, True)
     assert len(steps) < len(plain)
+
+
+def test_data_anchors_do_not_decide_between_the_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Symbols against content anchors is decided on the symbols alone; the data anchors
+    then refine the symbol map (they would outnumber the content anchors of a Rust library)."""
+    old, new = gcc_pair(tmp_path, _strings_program(0), _strings_program(10))
+    symbols_only, with_data = layout.symbol_map(old, new, data=False), layout.symbol_map(old, new)
+    assert len(with_data) > len(symbols_only)
+    content = [(k, 0) for k in range(len(symbols_only) + 1)]
+    monkeypatch.setattr(layout, "content_map", lambda old, new: content)
+    assert layout.layout_map(old, new) == content
+    monkeypatch.setattr(layout, "content_map", lambda old, new: content[:-2])
+    assert layout.layout_map(old, new) == with_data

@@ -77,15 +77,18 @@ MIN_SYMBOLS = 16  # fewer paired symbols: the content anchors
 SYMBOLS_MAX = 16 << 20
 
 
-def symbol_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
-    """(start, shift) segments from paired symbols and sections; [] with too few symbols."""
+def symbol_map(old: bytes, new: bytes, data: bool = True) -> list[tuple[int, int]]:
+    """(start, shift) segments from paired symbols and sections (and with `data`, the data
+    sections' content anchors); [] with too few symbols."""
     pairs = elfsyms.pairs(old, new)
     if len(pairs) < MIN_SYMBOLS:
         return []
     new_sections = _sections(new)
     pairs += [(addr, new_sections[name] - addr) for name, addr in _sections(old).items() if name in new_sections]
-    new_data = _data_keys(new)
-    shifts = {va: new_data[key] - va for key, va in _data_keys(old).items() if key in new_data}
+    shifts: dict[int, int] = {}
+    if data:
+        new_data = _data_keys(new)
+        shifts.update((va, new_data[key] - va) for key, va in _data_keys(old).items() if key in new_data)
     shifts.update(pairs)  # a symbol outranks a content anchor at the same address
     segments: list[tuple[int, int]] = []
     for va, shift in sorted(shifts.items()):
@@ -179,9 +182,11 @@ def layout_map(old: bytes, new: bytes, mode: int | None = None) -> list[tuple[in
     content = content_map(old, new)
     if max(len(old), len(new)) > SYMBOLS_MAX:
         return content
-    segments = symbol_map(old, new)
-    if len(segments) <= len(content):
+    # Symbols against content anchors, without the data anchors: counting those picked the
+    # symbol map for pydantic-core 2.23.3 -> 2.23.4, 43% larger than the content one (71 KB).
+    if len(symbol_map(old, new, data=False)) <= len(content):
         return content
+    segments = symbol_map(old, new)
     if mode is not None:
         segments = prune(segments, targets(old, mode))
     return segments[: elfmap.MAX_SEGMENTS]
