@@ -27,6 +27,7 @@ from reup_receiver.errors import (
 from reup_receiver.format import pyc
 from reup_receiver.format.literal import LiteralStream
 from reup_receiver.format.model import (
+    ELF_MAP_CODECS,
     F_EXECUTABLE,
     F_REWRITE,
     F_SOLID_TREE,
@@ -392,7 +393,7 @@ class PathBuilder:
         buf = self.file.patch
         self.file = None  # frees the patch buffer: the decoders get the bytes copy
         # ... except ELF_MAP, which takes the buffer over (and its base): one copy, not two.
-        patch = buf if e.method == Method.PATCH and e.codec == Codec.ELF_MAP else bytes(buf)
+        patch = buf if e.method == Method.PATCH and e.codec in ELF_MAP_CODECS else bytes(buf)
         del buf
         try:
             if e.method == Method.COPY:
@@ -445,11 +446,11 @@ class PathBuilder:
             old = rewrite_bytes(old, self.rewrites)
         assert e.codec is not None
         # ELF_MAP takes its base over (and empties it): the device holds one copy of it, not two.
-        base: bytes | bytearray = bytearray(old) if e.codec == Codec.ELF_MAP else old
+        base: bytes | bytearray = bytearray(old) if e.codec in ELF_MAP_CODECS else old
         del old
         try:
             if isinstance(base, bytearray):
-                apply_elf_map(base, patch, sink, e.size)
+                apply_elf_map(base, patch, sink, e.size, e.codec)
             else:
                 apply_patch(e.codec, base, bytes(patch), sink, e.size)  # bytes already: no copy
         except (Oversized, HashMismatch, Unsupported):

@@ -12,13 +12,14 @@ import zstandard
 from reup_receiver.errors import Corrupt, Oversized, Unsupported
 from reup_receiver.format import pyc
 from reup_receiver.format.literal import MAX_WINDOW, MemorySink, Sink, zstd_feed
-from reup_receiver.format.model import PATCH_CODECS, SOLID_CODECS, Codec, Entry
+from reup_receiver.format.model import ELF_MAP_CODECS, PATCH_CODECS, SOLID_CODECS, Codec, Entry
 
 
 def available_codecs() -> list[Codec]:
     """Patch codecs this device can apply (HDiffPatch is an optional dependency)."""
     # The standard library and zstandard suffice for these.
-    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF, Codec.ELF_MAP, Codec.LZMA_PREFIX]
+    out = [Codec.ZSTD_PREFIX, Codec.ELF_X86, *SOLID_CODECS, Codec.LITERAL_ELF, *ELF_MAP_CODECS,
+           Codec.LZMA_PREFIX]
     if not pyc.usable():  # SOLID_PYC compiles with this receiver's own interpreter
         out.remove(Codec.SOLID_PYC)
     for codec, module in ((Codec.BSDIFF4, "bsdiff4"), (Codec.BSDIFF_LZMA, "bsdiff4"),
@@ -72,8 +73,8 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
 
         # The inner patch makes the normalised new file, of the new file's length.
         sink.write(bytes(elfx86.apply(old, patch, lambda inner, o, p: _apply_inner(inner, o, p, size))))
-    elif codec == Codec.ELF_MAP:
-        apply_elf_map(old, patch, sink, declared)
+    elif codec in ELF_MAP_CODECS:
+        apply_elf_map(old, patch, sink, declared, codec)
     elif codec == Codec.LZMA_PREFIX:
         from reup_receiver.format import lzmaprefix
 
@@ -87,15 +88,17 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
         raise Unsupported(f"unknown codec {codec}")
 
 
-def apply_elf_map(old: bytes | bytearray, patch: bytes | bytearray, sink: Sink, size: int | None = None) -> None:
-    """ELF_MAP (format/elfmap.py); a bytearray base or patch is taken over and emptied, so
-    neither the base nor the whole patch is held twice while the inner patch runs."""
+def apply_elf_map(old: bytes | bytearray, patch: bytes | bytearray, sink: Sink, size: int | None = None,
+                  codec: Codec = Codec.ELF_MAP) -> None:
+    """ELF_MAP or ELF_MAP2 (format/elfmap.py); a bytearray base or patch is taken over and
+    emptied, so neither the base nor the whole patch is held twice while the inner patch runs."""
     from reup_receiver.format import elfmap
 
     limit = MAX_WHOLE_OUTPUT if size is None else size
     if limit > MAX_WHOLE_OUTPUT:
         raise Oversized(f"patch output of {limit} bytes exceeds the receiver's limit")
-    elfmap.apply(old, patch, lambda inner, o, p: _inner_bytes(inner, o, p, limit), sink, size)
+    modes = elfmap.MODES + elfmap.FILTERED_MODES if codec == Codec.ELF_MAP2 else elfmap.MODES
+    elfmap.apply(old, patch, lambda inner, o, p: _inner_bytes(inner, o, p, limit), sink, size, modes)
 
 
 def _bz2_bounded(data: bytes, limit: int) -> bytes:
@@ -127,7 +130,7 @@ def _bsdiff4_bounded(old: bytes, patch: bytes, size: int) -> bytes:
 
 
 # What an ELF codec's inner patch may be: a plain patch codec, never another ELF codec.
-_INNER_CODECS = frozenset(int(c) for c in PATCH_CODECS if c not in (Codec.ELF_X86, Codec.ELF_MAP))
+_INNER_CODECS = frozenset(int(c) for c in PATCH_CODECS if c not in (Codec.ELF_X86, *ELF_MAP_CODECS))
 
 
 def _apply_inner(inner: int, old: bytes, patch: bytes, size: int) -> bytearray:

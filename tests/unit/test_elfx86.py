@@ -60,9 +60,11 @@ def test_real_elf_round_trips(elves: tuple[bytes, bytes], inner: Codec, mode: in
 
 def test_best_of_offers_elf_x86_for_executables(elves: tuple[bytes, bytes]) -> None:
     old, new = elves
-    # ELF_X86 is for receivers without ELF_MAP (which subsumes it).
+    # ELF_X86 is for receivers without ELF_MAP or ELF_MAP2 (which subsume it).
     assert not [c for c, _ in candidates(old, new) if c == Codec.ELF_X86]
-    older = [c for c in PATCH_CODECS if c != Codec.ELF_MAP]
+    assert not [c for c, _ in candidates(old, new, allowed=[c for c in PATCH_CODECS if c != Codec.ELF_MAP])
+                if c == Codec.ELF_X86]
+    older = [c for c in PATCH_CODECS if c not in (Codec.ELF_MAP, Codec.ELF_MAP2)]
     offered = [(c, p) for c, p in candidates(old, new, allowed=older) if c == Codec.ELF_X86]
     assert len(offered) == 1  # RIP-relative mode, HDiffPatch inside
     assert all(applied(old, p, len(new)) == new for _, p in offered)

@@ -10,16 +10,26 @@ calls point at function entries, and the next anchor is then in the same
 function. Section starts with the same name in both files are anchors too, so
 references into data and .bss move with their sections. Sampling keeps this to
 one dictionary over ~1% of the positions (0.2 s on a 30 MB binary).
+
+Where both files have symbols (reup.delta.elfsyms: functions, objects, PLT stubs and
+GOT slots) and these give the finer map, they are the anchors instead, each exact: a
+segment starts at each paired symbol; unique 16-byte strings after a zero byte in the
+data sections add anchors for string literals and tables, which have no symbols. A segment no reference of the old file points into costs map bytes and changes
+nothing, so it is merged into the one before it (libzstd 1.5.5 -> 1.5.6: the symbol map
+made the patch 1% smaller with the pruning, its own cost eaten without).
 Called by reup.delta.codecs.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 from collections.abc import Callable
 
-from reup_receiver.format import elfmap
+from reup_receiver.format import elfmap, elftables
+
+from reup.delta import elfsyms
 
 _ANCHOR = re.compile(rb"\xc3", re.DOTALL)
 _KEY = 24
@@ -60,8 +70,85 @@ def _sections(data: bytes) -> dict[bytes, int]:
         return {}
 
 
-def layout_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
-    """(start, shift) segments, sorted by start: old address -> new address."""
+MIN_SYMBOLS = 16  # fewer paired symbols: the content anchors
+# Above: the content anchors only. Reading the symbols and relocations and pruning by the
+# references cost ~1.5 s on a 30 MB executable (ruff), whose Rust names pair few (the
+# mangled names carry a hash that changes between versions).
+SYMBOLS_MAX = 16 << 20
+
+
+def symbol_map(old: bytes, new: bytes, data: bool = True) -> list[tuple[int, int]]:
+    """(start, shift) segments from paired symbols and sections (and with `data`, the data
+    sections' content anchors); [] with too few symbols."""
+    pairs = elfsyms.pairs(old, new)
+    if len(pairs) < MIN_SYMBOLS:
+        return []
+    new_sections = _sections(new)
+    pairs += [(addr, new_sections[name] - addr) for name, addr in _sections(old).items() if name in new_sections]
+    shifts: dict[int, int] = {}
+    if data:
+        new_data = _data_keys(new)
+        shifts.update((va, new_data[key] - va) for key, va in _data_keys(old).items() if key in new_data)
+    shifts.update(pairs)  # a symbol outranks a content anchor at the same address
+    segments: list[tuple[int, int]] = []
+    for va, shift in sorted(shifts.items()):
+        if not segments or segments[-1][1] != shift:
+            segments.append((va, shift))
+    return segments
+
+
+_DATA_ANCHOR = re.compile(rb"\0(?=[^\0])")
+
+
+def _data_keys(data: bytes) -> dict[bytes, int]:
+    """Unique 16-byte strings after a zero byte in `.rodata*`/`.data*` -> their addresses:
+    string literals and tables have no symbols, yet the code points at them."""
+    seen: dict[bytes, int] = {}
+    for name, _, addr, off, size in elftables.sections(data):
+        if name.startswith((b".rodata", b".data")):
+            for m in _DATA_ANCHOR.finditer(data, off, off + size - _DATA_KEY):
+                key = data[m.end() : m.end() + _DATA_KEY]
+                seen[key] = -1 if key in seen else addr + m.end() - off
+    return {key: va for key, va in seen.items() if va >= 0}
+
+
+_DATA_KEY = 16
+
+
+def targets(data: bytes, mode: int) -> list[int]:
+    """Sorted addresses the references of `data` point to, as elfmap.map_old reads them."""
+    rx = elfmap._FIELDS[mode]
+    out = []
+    for start, length, va in elfmap.code_ranges(data):
+        bias = va - start
+        for m in rx.finditer(data, start, start + length):
+            end = m.end()
+            if mode & elfmap.FILTERED and data[end - 5] in elfmap._BRANCH_LAST and data[end - 1] not in (0, 0xFF):
+                continue
+            out.append(end + bias + struct.unpack_from("<i", data, end - 4)[0])
+    if mode & elfmap.TABLES:  # and every address the tables hold, as map_old asks for them
+        def record(va: int) -> int:
+            out.append(va)
+            return va
+        elftables.map_old(bytearray(data), record)
+    out.sort()
+    return out
+
+
+def prune(segments: list[tuple[int, int]], points: list[int]) -> list[tuple[int, int]]:
+    """`segments` without those no point falls in (their range joins the segment before)."""
+    out: list[tuple[int, int]] = []
+    for i, (start, shift) in enumerate(segments):
+        stop = segments[i + 1][0] if i + 1 < len(segments) else 1 << 64
+        k = bisect.bisect_left(points, start)
+        referenced = k < len(points) and points[k] < stop
+        if not out or (referenced and out[-1][1] != shift):
+            out.append((start, shift))
+    return out
+
+
+def content_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    """(start, shift) segments from content anchors, sorted by start: old address -> new."""
     old_segs, new_segs = elfmap.loads(old), elfmap.loads(new)
     new_keys = _unique_keys(new)
     pairs: list[tuple[int, int]] = []
@@ -86,6 +173,25 @@ def layout_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
     return segments[: elfmap.MAX_SEGMENTS]
 
 
+def layout_map(old: bytes, new: bytes, mode: int | None = None) -> list[tuple[int, int]]:
+    """The map ELF_MAP sends: from symbols where they give more segments than the content
+    anchors (pruned to the segments `mode`'s references point into), else from content.
+
+    Rust's mangled names carry a hash that changes between versions: ruff 0.6.8 -> 0.6.9
+    pairs 188 segments that way against 1,371 from content, whose map is the better one."""
+    content = content_map(old, new)
+    if max(len(old), len(new)) > SYMBOLS_MAX:
+        return content
+    # Symbols against content anchors, without the data anchors: counting those picked the
+    # symbol map for pydantic-core 2.23.3 -> 2.23.4, 43% larger than the content one (71 KB).
+    if len(symbol_map(old, new, data=False)) <= len(content):
+        return content
+    segments = symbol_map(old, new)
+    if mode is not None:
+        segments = prune(segments, targets(old, mode))
+    return segments[: elfmap.MAX_SEGMENTS]
+
+
 def pack(old: bytes, new: bytes, inner: int, mode: int, diff: Callable[[bytes, bytes], bytes]) -> bytes:
     """An ELF_MAP patch with `inner` between the normalised files (None if either is no ELF)."""
-    return elfmap.pack(old, new, inner, mode, layout_map(old, new), diff)
+    return elfmap.pack(old, new, inner, mode, layout_map(old, new, mode), diff)
