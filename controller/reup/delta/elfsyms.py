@@ -15,29 +15,18 @@ from __future__ import annotations
 import re
 import struct
 
+from reup_receiver.format import elftables
+from reup_receiver.format.elftables import Header
+
 _SHT_SYMTAB, _SHT_RELA, _SHT_DYNSYM = 2, 4, 11
 _STT_OBJECT, _STT_FUNC = 1, 2
 _SHF_EXECINSTR = 0x4
 _JMP_GOT = re.compile(rb"\xff\x25(....)", re.DOTALL)  # jmp *slot(%rip), the core of every PLT stub
 
-Header = tuple[bytes, int, int, int, int, int, int, int]  # name, type, flags, addr, offset, size, link, entsize
-
-
 def _headers(data: bytes) -> list[Header]:
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return []
-    shoff, = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
-        return []
-    raw = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    names = raw[shstrndx][4]
-    out = []
-    for name, sh_type, flags, addr, off, size, link, _info, _align, entsize in raw:
-        end = data.find(b"\0", names + name)
-        label = data[names + name : end] if end >= 0 else b""
-        out.append((label, sh_type, flags, addr, off, min(size, max(0, len(data) - off)), link, entsize))
-    return out
+    """The section headers, sizes cut to the file."""
+    return [(name, sh_type, flags, addr, off, min(size, max(0, len(data) - off)), link, entsize)
+            for name, sh_type, flags, addr, off, size, link, entsize in elftables.section_headers(data)]
 
 
 def _cstr(data: bytes, start: int) -> bytes:

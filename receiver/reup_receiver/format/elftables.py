@@ -33,6 +33,7 @@ _M32, _M64 = 0xFFFFFFFF, (1 << 64) - 1
 _HDR_ENCODINGS = b"\x01\x1b\x03\x3b"  # version 1, pcrel sdata4 pointer, udata4 count, datarel sdata4 table
 
 Section = tuple[bytes, int, int, int, int]  # name, type, addr, offset, size (within the file)
+Header = tuple[bytes, int, int, int, int, int, int, int]  # name, type, flags, addr, offset, size, link, entsize
 _PT_LOAD = 1
 
 
@@ -52,23 +53,33 @@ def loads(data: bytes | bytearray) -> list[tuple[int, int, int]]:
     return out
 
 
-def sections(data: bytes | bytearray) -> list[Section]:
-    """A little-endian ELF64's sections that lie inside the file; [] for anything else."""
+def section_headers(data: bytes | bytearray, in_file: bool = False) -> list[Header]:
+    """The section headers of a little-endian ELF64 (sizes as declared; `in_file`: only sections
+    with content inside the file and a name that is); [] for anything else."""
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return []
     shoff, = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
     if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
         return []
-    raw = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    raw = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
     names = raw[shstrndx][4]
     out = []
-    for name, sh_type, _flags, addr, off, size in raw:
-        if sh_type == 8 or off + size > len(data) or names + name >= len(data):
+    for name, sh_type, flags, addr, off, size, link, _info, _align, entsize in raw:
+        if in_file and (sh_type == 8 or off + size > len(data) or names + name >= len(data)):
             continue  # NOBITS, or not in the file
         end = data.find(b"\0", names + name)
-        out.append((bytes(data[names + name : end if end >= 0 else len(data)]), sh_type, addr, off, size))
+        if end < 0:  # no terminator: to the end of the file (in_file), or no name
+            end = len(data) if in_file else names + name
+        label = bytes(data[names + name : end])
+        out.append((label, sh_type, flags, addr, off, size, link, entsize))
     return out
+
+
+def sections(data: bytes | bytearray) -> list[Section]:
+    """A little-endian ELF64's sections that lie inside the file; [] for anything else."""
+    return [(name, sh_type, addr, off, size) for name, sh_type, _flags, addr, off, size, _link, _entsize
+            in section_headers(data, in_file=True)]
 
 
 def _changed(name: bytes, sh_type: int) -> bool:
