@@ -6,7 +6,6 @@ receiver memory bounded, and only offered to receivers that list it."""
 from __future__ import annotations
 
 import contextlib
-import random
 import shutil
 import subprocess
 import tracemalloc
@@ -23,7 +22,7 @@ from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import Buf, put_varint
 from reup_receiver.patches import apply_elf_map, apply_patch, available_codecs
-from support.elves import gcc_pair
+from support.elves import gcc_pair, random_ranges
 
 
 def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> bytes:
@@ -123,14 +122,7 @@ def test_offered_only_to_receivers_that_list_it(elves: tuple[bytes, bytes]) -> N
 @settings(max_examples=60, deadline=None)
 @given(st.binary(min_size=0, max_size=3000), st.integers(0, 2**32), st.sampled_from(elfmap.MODES))
 def test_normalise_is_exactly_inverted(data: bytes, seed: int, mode: int) -> None:
-    rnd = random.Random(seed)
-    ranges: elfmap.Ranges = []
-    pos = 0
-    while pos < len(data) and len(ranges) < 4:
-        start = rnd.randrange(pos, len(data))
-        size = rnd.randrange(0, len(data) - start + 1)
-        ranges.append((start, size, rnd.randrange(0, 1 << 40)))
-        pos = start + size + 1
+    ranges = random_ranges(len(data), seed)
     sink = MemorySink()
     elfmap.write_restored(bytes(elfmap.normalise_new(data, ranges, mode)), ranges, mode, sink)
     assert bytes(sink.out) == data

@@ -23,7 +23,7 @@ from reup_receiver.format import elfmap, elftables
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.patches import apply_elf_map, apply_patch, available_codecs
-from support.elves import gcc_pair
+from support.elves import gcc_pair, random_ranges
 
 
 def applied(old: bytes | bytearray, patch: bytes, size: int | None = None, codec: Codec = Codec.ELF_MAP2) -> bytes:
@@ -87,14 +87,7 @@ _ALPHABET = st.sampled_from([0x00, 0xFF, 0xE8, 0xE9, 0x0F, 0x85, 0x48, 0x8B, 0x8
        st.sampled_from(elfmap.FILTERED_MODES))
 def test_filtered_normalise_is_exactly_inverted(raw: list[int], seed: int, mode: int) -> None:
     data = bytes(raw)
-    rnd = random.Random(seed)
-    ranges: elfmap.Ranges = []
-    pos = 0
-    while pos < len(data) and len(ranges) < 4:
-        start = rnd.randrange(pos, len(data))
-        size = rnd.randrange(0, len(data) - start + 1)
-        ranges.append((start, size, rnd.randrange(0, 1 << 40)))
-        pos = start + size + 1
+    ranges = random_ranges(len(data), seed)
     normal = elfmap.normalise_new(data, ranges, mode)
     sink = MemorySink()
     elfmap.write_restored(bytes(normal), ranges, mode, sink)
