@@ -211,8 +211,8 @@ def test_device_compiling_otherwise_blames_the_base(gens: tuple[str, str], root_
         base = real_regenerate(source, dfile, optimize, flags, want)  # the device's is one byte shorter
         return base[:16] + b"\0" + base[16:]
 
-    def other_name(target: bytes, source: bytes, optimize: int) -> bytes | None:
-        r = real_recipe(target, source, optimize)  # the device compiles another co_filename
+    def other_name(target: bytes, source: bytes, optimize: int, name: str) -> bytes | None:
+        r = real_recipe(target, source, optimize, name)  # the device compiles another co_filename
         return None if r is None else r[: pyc.HEADER.size + 1] + b"m" + r[pyc.HEADER.size + 2 :]
 
     if how == "same length":

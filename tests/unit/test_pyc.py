@@ -59,7 +59,7 @@ def _decode(prefix: bytes, parts: list[bytes], sizes: list[int], is_pyc: list[bo
 
 def _frame(old: bytes, target: bytes, source: bytes, optimize: int = 0) -> tuple[bytes, list[bytes]]:
     """A frame of [the pyc as a recipe, its source], as the encoder makes it."""
-    r = pycsolid.recipe(target, source, optimize)
+    r = pycsolid.recipe(target, source, optimize, DFILE)
     assert r is not None
     parts = enc.lzma_parts(old, [r, source])
     assert parts is not None
@@ -96,8 +96,11 @@ def test_a_build_that_compiled_otherwise_gets_a_fix_up() -> None:
 def test_not_a_compile_of_the_source_gets_no_recipe() -> None:
     src = _source(random.Random(5), 20)
     other = _built(_source(random.Random(6), 20))
-    assert pycsolid.recipe(other, src, 0) is None
-    assert pycsolid.recipe(b"\0" * 4 + _built(src)[4:], src, 0) is None  # another magic
+    assert pycsolid.recipe(other, src, 0, DFILE) is None
+    assert pycsolid.recipe(b"\0" * 4 + _built(src)[4:], src, 0, DFILE) is None  # another magic
+    # Bytes that are no marshal stream at all are compared, never unmarshalled (marshal is not safe
+    # against crafted input: a package's .pyc must not crash the controller).
+    assert pycsolid.recipe(_built(src)[:16] + b"\xe3\xff\xff\xff\x7f" * 400, src, 0, DFILE) is None
     assert pycsolid.source_relpath(b"a/__pycache__/m.%s.opt-2.pyc" % sys.implementation.cache_tag.encode()) \
         == (b"a/m.py", 2)
     assert pycsolid.source_relpath(b"a/__pycache__/m.cpython-27.pyc") is None

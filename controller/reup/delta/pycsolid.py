@@ -11,7 +11,6 @@ compiler identity equals this interpreter's. Called by strategy.py, cache.py and
 
 from __future__ import annotations
 
-import marshal
 import os
 import re
 import sys
@@ -54,18 +53,22 @@ def source_relpath(relpath: bytes) -> tuple[bytes, int] | None:
     return m.group(1) + m.group(2) + b".py", int(m.group(4) or 0)
 
 
-def recipe(target: bytes, source: bytes, optimize: int) -> bytes | None:
-    """The recipe that rebuilds `target` from `source`, or None if it is not its compile."""
-    magic = pyc.MAGIC
-    if len(target) < 16 or target[:4] != magic or len(source) > pyc.MAX_SOURCE:
+def recipe(target: bytes, source: bytes, optimize: int, name: str) -> bytes | None:
+    """The recipe that rebuilds `target` from `source` compiled as `name`, or None if it is not
+    its compile.
+
+    `name` is the source's own store path, where builds compile their modules (compileall in
+    `$out`). The target is never unmarshalled here: marshal is not safe against crafted bytes, and
+    a package's .pyc must not be able to crash the controller. A build that compiled under
+    another name differs in that one string, which the fix-up carries.
+    """
+    if len(target) < 16 or target[:4] != pyc.MAGIC or len(source) > pyc.MAX_SOURCE:
         return None
     flags = int.from_bytes(target[4:8], "little")
+    dfile = name.encode()
     try:
-        code = marshal.loads(target[16:])  # the controller's own store: trusted bytes
-        name: str = code.co_filename
-        dfile = name.encode()
         base = pyc.regenerate(source, name, optimize, flags if flags in pyc.HASH_FLAGS else 1)
-    except (Corrupt, ValueError, EOFError, TypeError, AttributeError, UnicodeError):
+    except Corrupt:
         return None
     if not 1 <= len(dfile) <= pyc.MAX_DFILE:
         return None
@@ -97,5 +100,5 @@ def recipes(new_path: str, relpaths: Sequence[bytes], contents: Sequence[bytes])
             continue
         with open(src_host, "rb") as fh:
             source = fh.read(pyc.MAX_SOURCE + 1)
-        out.append(recipe(content, source, found[1]))
+        out.append(recipe(content, source, found[1], os.fsdecode(src_host)))
     return out

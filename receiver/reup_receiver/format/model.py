@@ -45,6 +45,8 @@ SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA, Codec.SOLID_PYC)
 def solid_frame_codec(codec: Codec) -> Codec:
     """The frame a solid file's codec belongs to: SOLID_PYC files are parts of a SOLID_LZMA frame."""
     return Codec.SOLID_LZMA if codec == Codec.SOLID_PYC else codec
+
+
 # The codecs a single patch may use; the SOLID ones code a mirror's files together, and
 # LITERAL_ELF is only a capability in --status.
 PATCH_CODECS = tuple(c for c in Codec if c not in (*SOLID_CODECS, Codec.LITERAL_ELF))
