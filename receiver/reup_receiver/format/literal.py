@@ -104,6 +104,15 @@ class LzmaCutter:
                 break
         return left
 
+    def cut_exact(self, sink: Sink, size: int, what: str, undecodable: type[Corrupt] = Corrupt) -> None:
+        """`cut` exactly `size` bytes, else Corrupt; data that does not decompress raises `undecodable`."""
+        try:
+            left = self.cut(sink, size)
+        except lzma.LZMAError as exc:
+            raise undecodable(f"{what} does not decompress: {exc}") from exc
+        if left:
+            raise Corrupt(f"{what} ended {left} bytes early")
+
     def used_up(self) -> bool:
         """Whether the data ended exactly with the last file cut: no byte decodes beyond it."""
         unread = self.src[self.pos :]
@@ -167,12 +176,7 @@ class LiteralStream:
 
     def _cut(self, sink: Sink, size: int) -> None:
         assert self.group is not None
-        try:
-            left = self.group.cut(sink, size)
-        except lzma.LZMAError as exc:
-            raise Corrupt(f"literal group does not decompress: {exc}") from exc
-        if left:
-            raise Corrupt(f"literal group ended {left} bytes early")
+        self.group.cut_exact(sink, size, "literal group")
 
     def _end_group(self) -> None:
         group = self.group

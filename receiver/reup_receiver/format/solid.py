@@ -137,12 +137,7 @@ class SolidLzma:
 
     def _cut(self, sink: Sink, size: int) -> None:
         assert self.frame is not None
-        try:
-            left = self.frame.cut(sink, size)
-        except lzma.LZMAError as exc:
-            raise DoesNotDecode(f"solid LZMA frame does not decompress: {exc}") from exc
-        if left:
-            raise Corrupt(f"solid LZMA frame ended {left} bytes early")
+        self.frame.cut_exact(sink, size, "solid LZMA frame", DoesNotDecode)
 
     def finish(self) -> None:
         """The path ends: the frame must be used up exactly."""
