@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -21,18 +20,13 @@ from reup_receiver.format import elfmap, elfx86
 from reup_receiver.format.literal import MemorySink
 from reup_receiver.format.model import PATCH_CODECS, Codec
 from reup_receiver.format.wire import Buf, put_varint
-from reup_receiver.patches import apply_elf_map, apply_patch, available_codecs
-from support.elves import gcc_pair, random_ranges
+from reup_receiver.patches import available_codecs
+from support.elves import applied as elves_applied
+from support.elves import applied_to_file, gcc_pair, random_ranges
 
 
 def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> bytes:
-    """As the receiver applies it, with the output size the stream's entry declares."""
-    sink = MemorySink()
-    if isinstance(old, bytearray):
-        apply_elf_map(old, patch, sink, size)  # as the builder calls it
-    else:
-        apply_patch(Codec.ELF_MAP, old, patch, sink, size)
-    return bytes(sink.out)
+    return elves_applied(old, patch, size, Codec.ELF_MAP)
 
 
 def mapped(old: bytes, new: bytes, inner: Codec, mode: int = elfmap.CALLS_RIP) -> bytes:
@@ -194,13 +188,6 @@ def test_apply_memory_is_bounded(elves: tuple[bytes, bytes], tmp_path: Path) -> 
     out = tmp_path / "out"
     base = bytearray(old)
     del old
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        with out.open("wb") as fh:
-            apply_elf_map(base, patch, fh, len(new))
-        peak = tracemalloc.get_traced_memory()[1] - start
-    finally:
-        tracemalloc.stop()
+    peak = applied_to_file(base, patch, len(new), Codec.ELF_MAP, out)
     assert out.read_bytes() == new
     assert peak <= 2 * len(new) + elfmap.STEP + (2 << 20), peak
