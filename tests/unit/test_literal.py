@@ -122,14 +122,19 @@ def test_elf_round_trip_smaller_than_x86(tmp_path: os.PathLike[str]) -> None:
     assert elf_whole < x86_wire
 
 
-def test_elf_corruption_is_refused_or_differs(tmp_path: os.PathLike[str]) -> None:
-    exe = _x86_64_elf()[: 1 << 20]
-    p = os.fsencode(os.path.join(tmp_path, "exe"))
+def _encoded_alone(d: str, exe: bytes) -> tuple[LiteralEncoder, bytes]:
+    """The literal encoder after one file `exe` (its group: the whole DATA)."""
+    p = os.fsencode(os.path.join(d, "exe"))
     with open(p, "wb") as fh:
         fh.write(exe)
     enc = LiteralEncoder()
     enc.plan([(p, len(exe), b"")])
-    chunk = enc.data(p)
+    return enc, enc.data(p)
+
+
+def test_elf_corruption_is_refused_or_differs(tmp_path: os.PathLike[str]) -> None:
+    exe = _x86_64_elf()[: 1 << 20]
+    enc, chunk = _encoded_alone(str(tmp_path), exe)
     for pos in (2, len(chunk) // 3, len(chunk) - 3):
         bad = bytearray(chunk)
         bad[pos] ^= 0x40
@@ -148,12 +153,7 @@ def test_elf_output_in_bounded_steps(tmp_path: os.PathLike[str]) -> None:
     """A restored executable is written in STEP pieces as it is decoded: the receiver holds
     the group's compressed bytes and the LZMA2 dictionary, never the file."""
     exe = _x86_64_elf()
-    p = os.fsencode(os.path.join(tmp_path, "exe"))
-    with open(p, "wb") as fh:
-        fh.write(exe)
-    enc = LiteralEncoder()
-    enc.plan([(p, len(exe), b"")])
-    chunk = enc.data(p)
+    enc, chunk = _encoded_alone(str(tmp_path), exe)
     writes: list[bytes] = []
 
     class Recording:
