@@ -199,7 +199,7 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
     cpu0, child0 = proc_cpu(pid)
     fake0 = proc_cpu(fake_pid)[0]
     m0 = scrape_or_empty(base)
-    log0 = encodes_in_log(work)
+    log0 = len(encode_lines(log_lines(work)))
     ev0 = os.path.getsize(events) if os.path.exists(events) else 0
     settled = None
     failures = 0
@@ -234,10 +234,12 @@ def measure(pid: int, fake_pid: int, base: str, events: str, work: str, name: st
     def delta(key: str) -> int:
         return int(m1.get(key, 0) - m0.get(key, 0))
 
-    cpus = encode_cpu_ms(encode_lines(work)[log0:])
-    evaluated, built, builds = eval_and_builds(work, commit, start)
+    lines = log_lines(work)  # read once for the phase's encodes, evaluation and builds
+    encodes = encode_lines(lines)[log0:]
+    cpus = encode_cpu_ms(encodes)
+    evaluated, built, builds = eval_and_builds(lines, commit, start)
     return Phase(name, min(acks) if acks else None, max(acks) if acks else None, settled, cpu1 - cpu0,
-                 child1 - child0, delta("reup_reconcile_passes_total"), encodes_in_log(work) - log0,
+                 child1 - child0, delta("reup_reconcile_passes_total"), len(encodes),
                  delta('reup_device_updates_total{result="committed"}'), rollbacks,
                  delta('reup_device_updates_total{result="timed_out"}'),
                  {"acks": len(acks), "fake_cpu": fake1 - fake0, "encode_cpu_ms": cpus, "load": loadavg(),
@@ -250,14 +252,10 @@ def log_time(line: str) -> float:
     return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
 
 
-def eval_and_builds(work: str, commit: str, start: float) -> tuple[float | None, float | None, int]:
+def eval_and_builds(lines: list[str], commit: str, start: float) -> tuple[float | None, float | None, int]:
     """(seconds from `start` to `commit`'s targets recorded, to the last build of the phase finished,
     derivations built in the phase), from the controller's log."""
     evaluated, built, builds = None, None, 0
-    try:
-        lines = Path(work, "controller.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return None, None, 0
     for line in lines:
         if f"revision {commit[:12]}: " in line and line.endswith(" devices"):
             evaluated = log_time(line) - start
@@ -289,16 +287,16 @@ def scrape_or_empty(base: str) -> dict[str, float]:
     return {}
 
 
-def encode_lines(work: str) -> list[str]:
+def log_lines(work: str) -> list[str]:
+    """The controller's log so far."""
     try:
-        return [line for line in Path(work, "controller.log").read_text(errors="replace").splitlines()
-                if "delta encoded:" in line]
+        return Path(work, "controller.log").read_text(errors="replace").splitlines()
     except OSError:
         return []
 
 
-def encodes_in_log(work: str) -> int:
-    return len(encode_lines(work))
+def encode_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if "delta encoded:" in line]
 
 
 def encode_cpu_ms(lines: list[str]) -> list[float]:
