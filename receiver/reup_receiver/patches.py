@@ -90,15 +90,17 @@ def apply_patch(codec: Codec, old: bytes, patch: bytes, sink: Sink, size: int | 
 
 def apply_elf_map(old: bytes | bytearray, patch: bytes | bytearray, sink: Sink, size: int | None = None,
                   codec: Codec = Codec.ELF_MAP) -> None:
-    """ELF_MAP or ELF_MAP2 (format/elfmap.py); a bytearray base or patch is taken over and
-    emptied, so neither the base nor the whole patch is held twice while the inner patch runs."""
+    """ELF_MAP, ELF_MAP2 or ELF_SPLIT (format/elfmap.py); a bytearray base or patch is taken over
+    and emptied, so neither the base nor the whole patch is held twice while the inner patch runs."""
     from reup_receiver.format import elfmap
 
     limit = MAX_WHOLE_OUTPUT if size is None else size
     if limit > MAX_WHOLE_OUTPUT:
         raise Oversized(f"patch output of {limit} bytes exceeds the receiver's limit")
-    modes = elfmap.MODES + elfmap.FILTERED_MODES if codec == Codec.ELF_MAP2 else elfmap.MODES
-    elfmap.apply(old, patch, lambda inner, o, p: _inner_bytes(inner, o, p, limit), sink, size, modes)
+    modes = {Codec.ELF_MAP: elfmap.MODES, Codec.ELF_MAP2: elfmap.MODES + elfmap.FILTERED_MODES,
+             Codec.ELF_SPLIT: elfmap.MODES + elfmap.FILTERED_MODES + elfmap.SPLIT_MODES}[codec]
+    elfmap.apply(old, patch, lambda inner, o, p, n: _inner_bytes(inner, o, p, limit if n is None else n),
+                 sink, size, modes)
 
 
 def _bz2_bounded(data: bytes, limit: int) -> bytes:

@@ -30,7 +30,7 @@ def applied(old: bytes | bytearray, patch: bytes, size: int | None = None) -> by
 
 
 def mapped(old: bytes, new: bytes, inner: Codec, mode: int = elfmap.CALLS_RIP) -> bytes:
-    return layout.pack(old, new, int(inner), mode, lambda o, n: make_patch(inner, o, n))
+    return layout.pack(old, new, int(inner), mode, lambda o, n, _part: make_patch(inner, o, n))
 
 
 def _program(n: int, shift: int) -> str:

@@ -192,6 +192,7 @@ def layout_map(old: bytes, new: bytes, mode: int | None = None) -> list[tuple[in
     return segments[: elfmap.MAX_SEGMENTS]
 
 
-def pack(old: bytes, new: bytes, inner: int, mode: int, diff: Callable[[bytes, bytes], bytes]) -> bytes:
-    """An ELF_MAP patch with `inner` between the normalised files (None if either is no ELF)."""
+def pack(old: bytes, new: bytes, inner: int, mode: int, diff: Callable[[bytes, bytes, int], bytes]) -> bytes:
+    """An ELF_MAP patch with `inner` between the normalised files (or, in a SPLIT mode, their
+    x86split parts: `diff(old, new, part)`, part -1 for the whole file)."""
     return elfmap.pack(old, new, inner, mode, layout_map(old, new, mode), diff)

@@ -16,9 +16,11 @@ PRESET = 6  # measured on libzstd 1.5.5 -> 1.5.6: as small as 9e (the dictionary
 AVAILABLE = xzdict.available()
 
 
-def pack(old: bytes, new: bytes) -> bytes:
-    """The LZMA_PREFIX patch: dictionary size, then raw LZMA2 of `new` with `old` preloaded."""
+def pack(old: bytes, new: bytes, props: tuple[int, int, int] = (3, 0, 2)) -> bytes:
+    """The LZMA_PREFIX patch: dictionary size, then raw LZMA2 of `new` with `old` preloaded;
+    `props` (lc, lp, pb) travel in the LZMA2 chunk headers, so the receiver needs no word of them."""
     dsize = lzmaprefix.dict_size(len(old), len(new))
     head = bytearray()
     put_varint(head, dsize)
-    return bytes(head) + xzdict.compress(new, old, dsize, lc=3, lp=0, pb=2, preset=PRESET)
+    lc, lp, pb = props
+    return bytes(head) + xzdict.compress(new, old, dsize, lc=lc, lp=lp, pb=pb, preset=PRESET)

@@ -30,13 +30,17 @@ byte and the receiver's scan takes the same decisions on the normalised file; ev
 matched opcode still consumes its 4-byte field, converted or not. On libzstd 1.5.5 ->
 1.5.6 this made normalising the calls pay (mode 14: 4% smaller than mode 2).
 
+Mode bit 32 (codec ELF_SPLIT only, `SPLIT_MODES`): the inner patches are x86split's
+streams, each kind of instruction field against the same kind in the old file.
+
 Layout: inner codec u8, mode u8 (2: RIP-relative operands as in elfx86; 3: and the
 branches E8/E9/0F 8x rel32; 6: and the calls E8 only; 11 and 14: 3 and 6 with the
-branches filtered), old ranges, new ranges
+branches filtered; +16 the address tables; +32 split), old ranges, new ranges
 (each: count varint, then offset, length and virtual address varints of an
 executable section), the map (count varint, then per segment the start address as
 a varint delta from the previous start and the shift as a zigzag varint, in the
-FILTERED modes its difference from the previous shift), then the inner patch.
+FILTERED modes its difference from the previous shift), then the inner patch (SPLIT:
+x86split's payload of inner patches).
 Memory on the receiver (`apply`): the normalised old file, the inner codec's output
 and a write buffer; the new file is restored while it is written.
 Encoder: reup.delta.elfmap (`pack` with its map); receiver: patches.apply_patch (`apply`).
@@ -51,7 +55,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from reup_receiver.errors import Corrupt
-from reup_receiver.format import elftables, elfx86
+from reup_receiver.format import elftables, elfx86, x86split
 from reup_receiver.format.literal import Sink
 from reup_receiver.format.wire import Buf, put_varint
 
@@ -98,13 +102,15 @@ FILTERED = 8  # mode bit: branch fields only where their top byte is 00/FF, 25-b
 TABLES = 16  # mode bit: and the address tables of elftables.py
 BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED = BRANCHES_RIP | FILTERED, CALLS_RIP | FILTERED
 CALLS_RIP_TABLES = CALLS_RIP_FILTERED | TABLES
+SPLIT = 32  # mode bit: the normalised files coded as x86split's streams (codec ELF_SPLIT)
 MODES = (RIP, BRANCHES_RIP, CALLS_RIP)  # codec ELF_MAP
 FILTERED_MODES = (BRANCHES_RIP_FILTERED, CALLS_RIP_FILTERED, CALLS_RIP_TABLES)  # codec ELF_MAP2 takes these too
+SPLIT_MODES = tuple(mode | SPLIT for mode in FILTERED_MODES)  # and codec ELF_SPLIT these
 _OPCODES = {RIP: elfx86._RIP, BRANCHES_RIP: elfx86._BRANCH + b"|" + elfx86._RIP, CALLS_RIP: b"\xe8|" + elfx86._RIP}
 _FIELDS = {mode: re.compile(b"(?:" + pattern + b")....", re.DOTALL) for mode, pattern in _OPCODES.items()}
 # Filtered modes scan as their unfiltered ones. A branch's last opcode byte (E8, E9, 80..8F)
 # is never a RIP operand's (FF 15/25, or a ModRM 05..3D), so it tells the two apart.
-_FIELDS.update({mode: _FIELDS[mode & (FILTERED - 1)] for mode in FILTERED_MODES})
+_FIELDS.update({mode: _FIELDS[mode & (FILTERED - 1)] for mode in FILTERED_MODES + SPLIT_MODES})
 _BRANCH_LAST = frozenset(b"\xe8\xe9" + bytes(range(0x80, 0x90)))
 _HALF25, _MASK25 = 1 << 24, (1 << 25) - 1
 
@@ -280,10 +286,11 @@ def get_map(buf: Buf, relative: bool = False) -> Map:
 
 
 def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple[int, int]],
-         diff: Callable[[bytes, bytes], bytes]) -> bytes:
-    """Header + `diff(normalised old, normalised new)`; `segments` (start, shift) is the map.
+         diff: Callable[[bytes, bytes, int], bytes]) -> bytes:
+    """Header + `diff(normalised old, normalised new, -1)`, in a SPLIT mode x86split's payload
+    of `diff(old part, new part, part)`; `segments` (start, shift) is the map.
     A TABLES mode falls back to its code-only mode where `tables_apply` says no."""
-    if mode not in MODES + FILTERED_MODES:
+    if mode not in MODES + FILTERED_MODES + SPLIT_MODES:
         raise ValueError(f"unknown mode {mode}")
     old_ranges, new_ranges = code_ranges(old), code_ranges(new)
     normal_new = normalise_new(new, new_ranges, mode)
@@ -295,10 +302,12 @@ def pack(old: bytes, new: bytes, inner: int, mode: int, segments: Sequence[tuple
     _put_ranges(out, new_ranges)
     put_map(out, segments, bool(mode & FILTERED))
     normal_old = normalise_old(old, old_ranges, mode, Map(segments))
-    return bytes(out) + diff(bytes(normal_old), bytes(normal_new))
+    if mode & SPLIT:
+        return bytes(out) + x86split.pack(normal_old, normal_new, old_ranges, new_ranges, diff)
+    return bytes(out) + diff(bytes(normal_old), bytes(normal_new), -1)
 
 
-def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
+def write_restored(data: bytes | bytearray, ranges: Ranges, mode: int, sink: Sink) -> None:
     """`restore_new` streamed: write `data` with its references turned back into displacements.
 
     Reads only `data` (the scan never looks behind a field it rewrote, so the values it
@@ -351,11 +360,13 @@ def write_restored(data: bytes, ranges: Ranges, mode: int, sink: Sink) -> None:
         sink.write(bytes(pending))
 
 
-def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callable[[int, bytes, bytes], bytes],
+def apply(old: bytes | bytearray, patch: bytes | bytearray,
+          apply_inner: Callable[[int, bytes, bytes, int | None], bytes],
           sink: Sink, size: int | None = None, modes: Sequence[int] = MODES) -> None:
-    """Write the new file to `sink`; `apply_inner(codec, old, patch)` applies the inner patch;
-    `size`, the size the entry declares, must be the result's exactly; `modes`: those the
-    codec allows (ELF_MAP: `MODES`, ELF_MAP2: and `FILTERED_MODES`).
+    """Write the new file to `sink`; `apply_inner(codec, old, patch, size)` applies an inner
+    patch (`size` None: the whole file's, bounded by the caller); `size`, the size the entry
+    declares, must be the result's exactly; `modes`: those the codec allows (ELF_MAP: `MODES`,
+    ELF_MAP2: and `FILTERED_MODES`, ELF_SPLIT: and `SPLIT_MODES`).
 
     A bytearray `old` is taken over: normalised in place, copied to bytes for the inner
     codec and emptied, so the base and its normalised copy are never both held while
@@ -381,12 +392,22 @@ def apply(old: bytes | bytearray, patch: bytes | bytearray, apply_inner: Callabl
         inner_patch = patch[header:]
     if isinstance(old, bytearray):
         map_old(old, old_ranges, mode, layout)
-        normal_old = bytes(old)
-        old.clear()
+        normal = old
     else:
-        normal_old = bytes(normalise_old(old, old_ranges, mode, layout))
-    out = apply_inner(inner, normal_old, inner_patch)
-    del normal_old
+        normal = normalise_old(old, old_ranges, mode, layout)
+    out: bytes | bytearray
+    if mode & SPLIT:
+        if len(normal) > x86split.SPLIT_MAX:
+            raise Corrupt("elf-split patch: base file above the split streams' size limit")
+        parts = x86split.split(normal, old_ranges)
+        normal.clear()
+        limit = x86split.SPLIT_MAX if size is None else min(size, x86split.SPLIT_MAX)
+        out = x86split.apply(parts, inner_patch, new_ranges, limit, lambda o, p, n: apply_inner(inner, o, p, n))
+    else:
+        normal_old = bytes(normal)
+        normal.clear()
+        out = apply_inner(inner, normal_old, inner_patch, None)
+        del normal_old
     if len(out) > MAX_FILE:
         raise Corrupt("elf-map patch: result above the codec's size limit")
     if size is not None and len(out) != size:

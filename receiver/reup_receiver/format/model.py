@@ -37,6 +37,7 @@ class Codec(enum.IntEnum):
     LZMA_PREFIX = 10  # raw LZMA2 with the source preloaded as dictionary (lzmaprefix.py)
     SOLID_PYC = 11  # not a patch: a .pyc compiled on the device from a recipe in the SOLID_LZMA frame (pyc.py)
     ELF_MAP2 = 12  # ELF_MAP that may also use the filtered-branch modes (elfmap.FILTERED_MODES)
+    ELF_SPLIT = 13  # ELF_MAP2 that may also code x86 instruction fields as streams (elfmap.SPLIT_MODES)
 
 
 SOLID_CODECS = (Codec.SOLID, Codec.SOLID_LZMA, Codec.SOLID_PYC)
@@ -50,7 +51,7 @@ def solid_frame_codec(codec: Codec) -> Codec:
 # The codecs a single patch may use; the SOLID ones code a mirror's files together, and
 # LITERAL_ELF is only a capability in --status.
 PATCH_CODECS = tuple(c for c in Codec if c not in (*SOLID_CODECS, Codec.LITERAL_ELF))
-ELF_MAP_CODECS = (Codec.ELF_MAP, Codec.ELF_MAP2)  # one container (elfmap.py), ELF_MAP2 with more modes
+ELF_MAP_CODECS = (Codec.ELF_MAP, Codec.ELF_MAP2, Codec.ELF_SPLIT)  # one container (elfmap.py), growing modes
 
 
 KIND_DIR, KIND_SYMLINK, KIND_FILE = 1, 2, 3
