@@ -215,7 +215,7 @@ def restore_new(buf: bytearray, ranges: Ranges, mode: int) -> None:
         buf[off : off + len(part)] = part
 
 
-def _tables(data: bytes, ranges: Ranges, mode: int) -> list[tuple[int, bytes]]:
+def _tables(data: bytes | bytearray, ranges: Ranges, mode: int) -> list[tuple[int, bytes]]:
     """The restored table sections (mode bit TABLES); Corrupt where they overlap each other
     or the code ranges (the encoder never sends such a file)."""
     if not mode & TABLES:

@@ -214,7 +214,7 @@ def normalise_new(buf: bytearray) -> None:
             _new(buf, section, 0, 1)
 
 
-def restored(data: bytes) -> list[tuple[int, bytes]]:
+def restored(data: bytes | bytearray) -> list[tuple[int, bytes]]:
     """(offset, bytes) of the changed sections as they were before `normalise_new`, in file order."""
     out = []
     for section in sorted(sections(data), key=lambda s: s[3]):
