@@ -24,7 +24,7 @@ from support.fleetkeys import with_real_keys
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 TEMPLATE = os.path.join(ROOT, "fleet-repo-template")
 BOARD_LSMOD = os.path.join(TEMPLATE, "hosts", "board.lsmod")
-SKIP_DIRS = {".venv", "node_modules", "__pycache__"}
+SKIP_DIRS = {".venv", "node_modules", "__pycache__", "build"}
 
 # Flags of nixpkgs' systemd package (pkgs/os-specific/linux/systemd/default.nix, nixos-24.11 and
 # 25.05) that reup.minify.systemd may pass to `pkgs.systemd.override`.
@@ -41,8 +41,13 @@ SYSTEMD_FLAGS = {
 
 
 def nix_files() -> list[str]:
-    """Every .nix file of the work tree (relative paths), hidden directories and .venv skipped."""
-    found = []
+    """Every .nix file of the work tree (relative paths) that git does not ignore: not the copies
+    a wheel build leaves in controller/build/, which made the count differ from run to run."""
+    proc = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "*.nix"],
+                          cwd=ROOT, capture_output=True, check=False)
+    if proc.returncode == 0:
+        return sorted({f for f in proc.stdout.decode().split("\0") if f and os.path.exists(os.path.join(ROOT, f))})
+    found = []  # not a git checkout: walk it, hidden directories, .venv and build outputs skipped
     for top, dirs, files in os.walk(ROOT):
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         found += [os.path.relpath(os.path.join(top, f), ROOT) for f in files if f.endswith(".nix")]
