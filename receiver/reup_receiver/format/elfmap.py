@@ -42,7 +42,8 @@ a varint delta from the previous start and the shift as a zigzag varint, in the
 FILTERED modes its difference from the previous shift), then the inner patch (SPLIT:
 x86split's payload of inner patches).
 Memory on the receiver (`apply`): the normalised old file, the inner codec's output
-and a write buffer; the new file is restored while it is written.
+and a write buffer (SPLIT: the old file's parts, the new file's parts and the joined
+file); the new file is restored while it is written.
 Encoder: reup.delta.elfmap (`pack` with its map); receiver: patches.apply_patch (`apply`).
 """
 
