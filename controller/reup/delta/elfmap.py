@@ -51,23 +51,13 @@ def _vaddr(segs: list[tuple[int, int, int]], off: int) -> int | None:
     return None
 
 
-def _sections(data: bytes) -> dict[bytes, int]:
-    """Section name -> address, for allocated sections (those with an address)."""
-    try:
-        shoff, = struct.unpack_from("<Q", data, 0x28)
-        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-        if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
-            return {}
-        headers = [struct.unpack_from("<IIQQQ", data, shoff + i * shentsize) for i in range(shnum)]
-        names = headers[shstrndx][4]
-        out = {}
-        for name, _type, _flags, addr, _off in headers:
-            if addr:
-                start = names + name
-                out[data[start : data.index(b"\0", start)]] = addr
-        return out
-    except (struct.error, ValueError):
-        return {}
+def _section_shifts(old: bytes, new: bytes) -> list[tuple[int, int]]:
+    """(old address, shift) of each allocated section the new file has by the same name."""
+    def addresses(data: bytes) -> dict[bytes, int]:
+        return {name: addr for name, _type, _flags, addr, *_ in elftables.section_headers(data) if addr}
+
+    new_addrs = addresses(new)
+    return [(addr, new_addrs[name] - addr) for name, addr in addresses(old).items() if name in new_addrs]
 
 
 MIN_SYMBOLS = 16  # fewer paired symbols: the content anchors
@@ -83,8 +73,7 @@ def symbol_map(old: bytes, new: bytes, data: bool = True) -> list[tuple[int, int
     pairs = elfsyms.pairs(old, new)
     if len(pairs) < MIN_SYMBOLS:
         return []
-    new_sections = _sections(new)
-    pairs += [(addr, new_sections[name] - addr) for name, addr in _sections(old).items() if name in new_sections]
+    pairs += _section_shifts(old, new)
     shifts: dict[int, int] = {}
     if data:
         new_data = _data_keys(new)
@@ -159,8 +148,7 @@ def content_map(old: bytes, new: bytes) -> list[tuple[int, int]]:
         va_old, va_new = _vaddr(old_segs, pos), _vaddr(new_segs, other)
         if va_old is not None and va_new is not None:
             pairs.append((va_old, va_new - va_old))
-    new_sections = _sections(new)
-    pairs += [(addr, new_sections[name] - addr) for name, addr in _sections(old).items() if name in new_sections]
+    pairs += _section_shifts(old, new)
     pairs.sort()
     kept = [p for i, p in enumerate(pairs)
             if (i and pairs[i - 1][1] == p[1]) or (i + 1 < len(pairs) and pairs[i + 1][1] == p[1])]
