@@ -162,11 +162,8 @@ def _parts(patch: bytes) -> tuple[bytes, list[tuple[int, bytes]]]:
     """The ELF_SPLIT patch as (header, [(new part size, inner patch)])."""
     buf = Buf(patch, "test")
     buf.u8(), buf.u8()
-    for _ in range(2):  # old and new ranges
-        for _ in range(3 * buf.varint()):
-            buf.varint()
-    for _ in range(2 * buf.varint()):  # the map
-        buf.varint()
+    elfmap._get_ranges(buf, elfmap.MAX_FILE), elfmap._get_ranges(buf, elfmap.MAX_FILE)  # old, new
+    elfmap.get_map(buf, relative=True)
     header = patch[: buf.pos]
     parts = []
     while buf.pos < len(patch):
